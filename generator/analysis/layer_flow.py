@@ -1,0 +1,346 @@
+"""Residual segments of a decoder layer, read as data flow.
+
+A residual join is an addition (`a + b`, `+=`, `dropout_add(b, a, ...)`) where one operand `a`
+is an ancestor of the other `b` through at least one child-module call: `a` is the residual and
+the calls on the paths from `a` to `b` form the segment. Following the returned value back to
+the input gives the main stream: its joins in order, and the calls applied to the stream itself
+(post-norms), which belong to the segment whose join they follow.
+
+A segment is the attention (token-mixing) subblock when its core module receives context besides
+the hidden states (mask, position embeddings, cache: any other forward argument); otherwise it is
+the FFN subblock. A segment with two cores is a parallel layout: attention and MLP read the same
+input and join the residual once; modules feeding only one core belong to it, modules feeding
+both are shared and stay in place on a no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..errors import InferenceError
+from .dataflow import Call, FlowGraph, FlowInterpreter, Input, Item, Node, Op, Phi
+from .source_index import SourceIndex
+
+ATTENTION, FFN = "attention", "ffn"
+_MIXER_NAME = re.compile(r"attn|attention|mixer|mamba|ssm|retention|time_?mix|conv", re.I)
+_FFN_NAME = re.compile(r"mlp|ffn|feed_?forward|moe|expert|channel_?mix", re.I)
+
+
+@dataclass(frozen=True)
+class ChildInfo:
+    """What the probe knows about one direct child module of the decoder layer."""
+
+    name: str
+    class_name: str
+    has_params: bool
+    has_matrix: bool  # owns a parameter with two or more dimensions (a projection)
+
+
+@dataclass
+class Subblock:
+    kind: str
+    cores: list[str]  # children whose output the no-op replaces with zeros
+    members: list[str]  # every child of the subblock in data-flow order (cores included)
+    joins: list[str] = field(default_factory=list)  # where its residual joins are
+    evidence: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LayerFlow:
+    class_name: str
+    layout: str  # "sequential" | "parallel"
+    subblocks: dict[str, Subblock]
+    shared: list[str]  # children used by both subblocks (left in place on a no-op)
+    arity: dict[str, int | None]  # child -> tuple size at its call sites (None: a tensor)
+    indexed: dict[str, bool]  # child -> call site indexes into the result (size unknown)
+    called: list[str]  # every child called, in first-call order
+    sites: dict[str, str]  # child -> "file:line `code`" of its first call
+    returns_tuple: bool
+    evidence: list[str]
+
+
+def analyze_layer(
+    cls: type, instance: object, children: dict[str, ChildInfo], index: SourceIndex
+) -> LayerFlow:
+    """Analyse `cls.forward` with `self` bound to the probed `instance`."""
+    parsed, owner, func = index.find_method(cls, "forward")
+
+    def is_child(path: str) -> bool:
+        return path.split(".")[0] in children
+
+    def method_source(name: str):
+        if name in children or not callable(getattr(type(instance), name, None)):
+            return None
+        try:
+            p, _, f = index.find_method(type(instance), name)
+        except InferenceError:
+            return None
+        return p, f
+
+    graph = FlowInterpreter(parsed, instance, is_child, method_source).run(func)
+    fact = f"residual segments of {cls.__name__}.forward ({parsed.where(func)})"
+    if graph.returned is None:
+        raise InferenceError(fact, "forward returns nothing")
+    return _segments(cls.__name__, graph, children, fact)
+
+
+def _top(call: Call) -> str:
+    return call.target.split(".")[0]
+
+
+def _as_join(graph: FlowGraph, op: Op) -> tuple[Node, Node] | None:
+    """(residual, branch) when `op` adds a value to something derived from it through calls.
+
+    `residual + f(residual)` is the plain case. A sum of three terms (`residual + attn + mlp`,
+    Cohere and GPT-NeoX parallel layers) is read by flattening nested additions, unless an inner
+    sum is itself the residual of another term (two sequential segments).
+    """
+    for terms in (list(op.inputs), _flatten_sum(graph, op)):
+        derived = [x for x in terms if graph.derived(x)]
+        for r in derived:
+            others = [b for b in derived if b is not r]
+            if not others or not all(id(r) in graph.ancestors(b) for b in others):
+                continue
+            branch = others[0] if len(others) == 1 else op
+            if _calls_between(graph, r, branch):
+                return r, branch
+    return None
+
+
+def _flatten_sum(graph: FlowGraph, op: Op) -> list[Node]:
+    terms: list[Node] = []
+    for x in op.inputs:
+        inner_is_residual = any(
+            id(x) in graph.ancestors(y) for y in op.inputs if y is not x
+        )
+        if isinstance(x, Op) and x.additive and len(x.inputs) == 2 and not inner_is_residual:
+            terms.extend(_flatten_sum(graph, x))
+        else:
+            terms.append(x)
+    return terms
+
+
+def _calls_between(graph: FlowGraph, start: Node, end: Node) -> list[Call]:
+    anc_end = graph.ancestors(end)
+    return [
+        c
+        for c in graph.calls
+        if (c is end or id(c) in anc_end) and id(start) in graph.ancestors(c)
+    ]
+
+
+def _segments(class_name, graph: FlowGraph, children, fact) -> LayerFlow:
+    # 1. walk the main stream back from the output to the input
+    # ("join", op, residual, branch) | ("stream", call, None, None)
+    events: list[tuple[str, Node, Node | None, Node | None]] = []
+    node = graph.returned
+    guard = 0
+    while node is not graph.input:
+        guard += 1
+        if guard > 10_000:
+            raise InferenceError(fact, "the main stream does not reach the input")
+        if isinstance(node, Op) and node.additive and (join := _as_join(graph, node)):
+            events.append(("join", node, join[0], join[1]))
+            node = join[0]
+            continue
+        derived = [x for x in node.inputs if graph.derived(x)]
+        if isinstance(node, Call):
+            if len(derived) != 1:
+                raise InferenceError(fact, f"{node.target} combines several streams", [node.where])
+            events.append(("stream", node, None, None))
+            node = derived[0]
+            continue
+        if len(derived) != 1:
+            kind = "a branch merge" if isinstance(node, Phi) else f"`{node.code or node.kind}`"
+            raise InferenceError(
+                fact,
+                f"cannot follow the hidden states through {kind}",
+                [node.where] if node.where else [],
+            )
+        node = derived[0]
+    events.reverse()
+    joins = [e for e in events if e[0] == "join"]
+    if not joins:
+        raise InferenceError(fact, "no residual join found (expected `residual + ...`)")
+
+    # 2. calls per segment: between the residual and the join, plus stream calls
+    seg_calls: list[list[Call]] = [[] for _ in joins]
+    seg_evidence: list[list[str]] = [[] for _ in joins]
+    seg_joins: list[list[str]] = [[] for _ in joins]
+    k = 0
+    for kind, n, residual, branch in events:
+        if kind == "join":
+            between = _calls_between(graph, residual, branch)
+            seg_calls[k].extend(c for c in between if c not in seg_calls[k])
+            seg_evidence[k].append(f"{n.where} residual join `{n.code}`")
+            seg_joins[k].append(n.where)
+            k += 1
+        else:
+            j = max(0, k - 1)
+            seg_calls[j].append(n)
+            where = "after the join" if k > 0 else "before the first segment"
+            seg_evidence[j].append(f"{n.where} `{n.code}` on the residual stream {where}")
+    # context calls (not on the hidden-state path) feeding a segment belong to it
+    for c in graph.calls:
+        if graph.derived(c) or any(c in s for s in seg_calls):
+            continue
+        for s in seg_calls:
+            if any(id(c) in graph.ancestors(x) for x in s):
+                s.append(c)
+                break
+
+    # 3. cores and kinds
+    def is_core(c: Call) -> bool:
+        info = children.get(_top(c))
+        return bool(info and info.has_matrix)
+
+    def context_fed(c: Call) -> bool:
+        return any(not graph.derived(x) and graph.depends_on_context(x) for x in c.inputs)
+
+    def kind_of(c: Call) -> str | None:
+        if context_fed(c):
+            return ATTENTION
+        return FFN
+
+    def name_hint(c: Call) -> str | None:
+        info = children.get(_top(c))
+        text = f"{_top(c)} {info.class_name if info else ''}"
+        if _MIXER_NAME.search(text) and not _FFN_NAME.search(text):
+            return ATTENTION
+        if _FFN_NAME.search(text) and not _MIXER_NAME.search(text):
+            return FFN
+        return None
+
+    subblocks: dict[str, Subblock] = {}
+    shared: list[str] = []
+    parallel = False
+    call_kind: dict[str, str] = {}
+    for calls, evidence, join_sites in zip(seg_calls, seg_evidence, seg_joins):
+        cores = _sink_cores(graph, [c for c in calls if is_core(c)])
+        if not cores:
+            raise InferenceError(fact, "a residual segment calls no module with weights", evidence)
+        core_calls = {name: [c for c in calls if _top(c) == name] for name in cores}
+        kinds = {name: kind_of(cs[0]) for name, cs in core_calls.items()}
+        if len(cores) == 1:
+            (name,) = cores
+            kind = kinds[name]
+            if kind in subblocks:
+                kind = name_hint(core_calls[name][0]) or kind
+            assignments = {name: kind}
+        else:
+            assignments = _split_parallel(cores, core_calls, kinds, name_hint, fact, evidence)
+            parallel = True
+        for name, kind in assignments.items():
+            if kind in subblocks:
+                raise InferenceError(
+                    fact,
+                    f"two {kind} segments in one layer ({subblocks[kind].cores[0]} and {name})",
+                    evidence,
+                )
+            why = "receives context besides the hidden states" if kind == ATTENTION else (
+                "receives only the hidden states"
+            )
+            first = core_calls[name][0]
+            subblocks[kind] = Subblock(
+                kind, [name], [], list(join_sites), [f"{first.where} `{first.code}` {why}"] + evidence
+            )
+        # every call of the segment joins the subblock of the cores it feeds or follows
+        for c in calls:
+            name = _top(c)
+            if name in assignments:
+                owners = {assignments[name]}
+            else:
+                owners = set()
+                for core_name, kind in assignments.items():
+                    for cc in core_calls[core_name]:
+                        if id(c) in graph.ancestors(cc) or id(cc) in graph.ancestors(c):
+                            owners.add(kind)
+                if not owners:
+                    owners = set(assignments.values())
+            prev = call_kind.get(name)
+            if len(owners) > 1 or (prev is not None and prev not in owners):
+                call_kind[name] = "shared"
+            else:
+                call_kind[name] = next(iter(owners))
+
+    order = _unique([_top(c) for c in graph.calls])
+    for name in order:
+        kind = call_kind.get(name)
+        if kind == "shared":
+            shared.append(name)
+        elif kind is not None:
+            sb = subblocks[kind]
+            if name not in sb.members:
+                sb.members.append(name)
+    for sb in subblocks.values():
+        sb.members.sort(key=order.index)
+
+    arity: dict[str, int | None] = {}
+    indexed: dict[str, bool] = {}
+    for c in graph.calls:
+        name = _top(c)
+        if name != c.target:
+            continue  # a call below a child (self.mlp.experts(...)) says nothing of the child
+        a = c.unpacked
+        if name in arity and arity[name] != a and not (c.indexed or indexed.get(name)):
+            raise InferenceError(
+                f"tuple arity of {name}", f"call sites disagree ({arity[name]} vs {a})", [c.where]
+            )
+        arity[name] = a if a is not None else arity.get(name)
+        indexed[name] = indexed.get(name, False) or c.indexed
+
+    return LayerFlow(
+        class_name=class_name,
+        layout="parallel" if parallel else "sequential",
+        subblocks=subblocks,
+        shared=shared,
+        arity=arity,
+        indexed=indexed,
+        called=order,
+        sites={
+            name: next(f"{c.where} `{c.code}`" for c in graph.calls if _top(c) == name)
+            for name in order
+        },
+        returns_tuple=graph.returns_tuple,
+        evidence=[e for ev in seg_evidence for e in ev],
+    )
+
+
+def _sink_cores(graph: FlowGraph, core_calls: list[Call]) -> list[str]:
+    """Cores whose output no other core consumes: in a chain (`fc2(act(fc1(x)))`) only the last
+    one becomes zeros (zeros shaped like fc2's input would have the wrong width); the others are
+    bypassed. Two sinks mean two parallel branches."""
+    sinks = [
+        c
+        for c in core_calls
+        if not any(d is not c and id(c) in graph.ancestors(d) for d in core_calls)
+    ]
+    return _unique([_top(c) for c in sinks])
+
+
+def _split_parallel(cores, core_calls, kinds, name_hint, fact, evidence) -> dict[str, str]:
+    if len(cores) != 2:
+        raise InferenceError(
+            fact, f"a residual segment has {len(cores)} modules with weights: {cores}", evidence
+        )
+    a, b = cores
+    if kinds[a] != kinds[b]:
+        return {a: kinds[a], b: kinds[b]}
+    ha, hb = name_hint(core_calls[a][0]), name_hint(core_calls[b][0])
+    if ha and hb and ha != hb:
+        return {a: ha, b: hb}
+    raise InferenceError(
+        fact, f"cannot tell which of {a} and {b} is the attention (both {kinds[a]}-like)", evidence
+    )
+
+
+def _unique(items):
+    out = []
+    for x in items:
+        if x not in out:
+            out.append(x)
+    return out
+
+
+__all__ = ["ATTENTION", "FFN", "ChildInfo", "LayerFlow", "Subblock", "analyze_layer", "Input", "Item"]

@@ -1,0 +1,41 @@
+"""User-facing errors. The CLI prints them as one line on stderr and exits with `exit_code`."""
+
+from __future__ import annotations
+
+
+class PuzzleGenError(Exception):
+    """A user error: bad input, or a fact that cannot be inferred."""
+
+    exit_code = 1
+
+
+class UnknownModelType(PuzzleGenError):
+    """The model type is not a causal LM transformers knows."""
+
+    exit_code = 2
+
+    def __init__(self, model_type: str, close: list[str]):
+        hint = f"; closest known types: {', '.join(close)}" if close else ""
+        super().__init__(f"unknown model type {model_type!r}{hint}")
+        self.model_type = model_type
+        self.close = close
+
+
+class InferenceError(PuzzleGenError):
+    """A fact of the descriptor could not be inferred; names the fact and the evidence seen."""
+
+    def __init__(self, fact: str, reason: str, evidence: list[str] | tuple[str, ...] = ()):
+        seen = f" (evidence: {'; '.join(evidence)})" if evidence else ""
+        super().__init__(f"cannot infer {fact}: {reason}{seen}")
+        self.fact = fact
+        self.reason = reason
+        self.evidence = tuple(evidence)
+
+
+class ProbeMismatch(InferenceError):
+    """A static finding disagrees with the probed module tree."""
+
+    def __init__(self, fact: str, static: str, probed: str):
+        super().__init__(fact, f"static analysis says {static}, but the probe finds {probed}")
+        self.static = static
+        self.probed = probed

@@ -1,0 +1,519 @@
+"""Stage 4: combine static analysis and the probe into a DescriptorSpec.
+
+Static findings come first; the probe confirms each of them and generation stops, naming both
+findings, when they disagree. Every fact records its evidence.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import __version__, predicates
+from .analysis import layer_flow, model_structure
+from .analysis.layer_flow import ATTENTION, FFN, LayerFlow
+from .analysis.source_index import SourceIndex, dotted
+from .errors import InferenceError, ProbeMismatch
+from .probe import Probe
+from .source import ModelSource, resolve
+from .spec import (
+    BufferArg,
+    BufferModule,
+    ClassRef,
+    ConfigOverride,
+    DescriptorSpec,
+    DummyBlock,
+    Fact,
+    ModuleReplacement,
+    Subblock,
+    is_dotted_path,
+    is_identifier,
+)
+
+# Config fields a block config can override, in order of preference; the model's own
+# __init__ reads decide which one applies, and a probe build confirms it changes the right shapes.
+KV_HEAD_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
+FFN_WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff")
+OVERRIDES = {
+    ATTENTION: ("attention.num_key_value_heads", KV_HEAD_FIELDS),
+    FFN: ("ffn.intermediate_size", FFN_WIDTH_FIELDS),
+}
+_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "Model")
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+@dataclass
+class _Context:
+    source: ModelSource
+    index: SourceIndex
+    probe: Probe
+    facts: list[Fact]
+
+    def fact(self, name: str, value: object, evidence) -> None:
+        self.facts.append(Fact(name, str(value), tuple(evidence)))
+
+
+def infer(model_type: str) -> DescriptorSpec:
+    """Infer the descriptor of `model_type` (raises PuzzleGenError subclasses on failure)."""
+    import transformers
+
+    source = resolve(model_type)
+    ctx = _Context(source, SourceIndex(display=source.relpath), Probe(source), [])
+    probe = ctx.probe
+
+    stack_path, stack_at, layer_classes = _layer_stack(ctx)
+    if len(layer_classes) != 1:
+        names = ", ".join(c.__name__ for c in layer_classes)
+        raise InferenceError(
+            "the decoder layer class", f"the stack mixes several classes ({names}); hybrid "
+            "stacks are not supported yet"
+        )
+    layer = probe.module(f"{stack_path}.0")
+    children = probe_children = _children(layer)
+    flow = layer_flow.analyze_layer(type(layer), layer, probe_children, ctx.index)
+    arity = _confirm_calls(ctx, flow, f"{stack_path}.0")
+
+    owner_path = stack_path.rpartition(".")[0]
+    owner = probe.module(owner_path)
+    loop = model_structure.analyze_loop(
+        ctx.index, type(owner), stack_path.rpartition(".")[2], {n for n, _ in owner.named_children()}
+    )
+    final_norm = _join(owner_path, loop.final_norm) if loop.final_norm else None
+    ctx.fact("final norm", final_norm, loop.evidence[-1:] if final_norm else ["no child is called on the hidden states after the loop"])
+    dummy = _dummy_block(ctx, loop, layer)
+
+    input_embedding = probe.input_embedding()
+    output_embedding = probe.output_embedding()
+    ctx.fact("input embedding", input_embedding, ["probe: get_input_embeddings()"])
+    ctx.fact("output embedding", output_embedding, ["probe: get_output_embeddings()"])
+    ctx.fact("tied embeddings", probe.tied(), ["probe: the default config's LM head shares the embedding weight" if probe.tied() else "probe: separate LM head weight in the default config"])
+
+    subblocks = {
+        kind: _subblock(ctx, flow, kind, arity, layer, stack_path) for kind in (ATTENTION, FFN)
+    }
+    _check_coverage(ctx, flow, layer, subblocks)
+    if flow.shared:
+        ctx.fact(
+            "shared modules",
+            ", ".join(flow.shared),
+            [f"used by both subblocks of the {flow.layout} layout: left in place on a no-op; "
+             "their weights are grouped with the attention subblock"],
+        )
+
+    embeddings = _unique([input_embedding] + [
+        _join(owner_path, name) for name in loop.before_loop
+        if _has_params(probe.module(_join(owner_path, name)))
+    ])
+    lm_head = _unique(([final_norm] if final_norm else []) + [output_embedding])
+    attention_weights = list(subblocks[ATTENTION].weight_modules) + [
+        s for s in flow.shared if _has_params(getattr(layer, s))
+    ]
+    preds = predicates.build(
+        embeddings, lm_head, stack_path, attention_weights, subblocks[FFN].weight_modules
+    )
+    predicates.validate(preds, probe.state_keys, probe.num_layers, "the default model's state dict")
+    tiny = probe.tiny_model()
+    predicates.validate(
+        preds, tiny.state_dict().keys(), int(tiny.config.get_text_config().num_hidden_layers),
+        "the tiny model's state dict",
+    )
+
+    buffers = _buffer_modules(ctx, stack_path, tiny)
+    causal = source.causal_lm_cls
+    layer_cls = layer_classes[0]
+    return DescriptorSpec(
+        model_type=model_type,
+        package=_package_name(model_type),
+        class_name=_class_name(causal.__name__),
+        generator_version=__version__,
+        transformers_version=transformers.__version__,
+        modeling_module=source.modeling_module,
+        config_class=ClassRef(source.config_cls.__module__, source.config_cls.__name__),
+        causal_lm_class=ClassRef(causal.__module__, causal.__name__),
+        decoder_layer_classes=(ClassRef(layer_cls.__module__, layer_cls.__name__),),
+        layer_stack=stack_path,
+        layer_stack_at=stack_at,
+        num_layers_field="num_hidden_layers",
+        text_config_attr=probe.text_config_attr,
+        input_embedding=input_embedding,
+        output_embedding=output_embedding,
+        final_norm=final_norm,
+        final_norm_at=loop.final_norm_at if final_norm else None,
+        tied_embeddings=probe.tied(),
+        layout=flow.layout,
+        attention=subblocks[ATTENTION],
+        ffn=subblocks[FFN],
+        shared_modules=tuple(flow.shared),
+        buffer_modules=tuple(buffers),
+        dummy_block=dummy,
+        predicates=preds,
+        facts=tuple(ctx.facts),
+    )
+
+
+# -- layer stack ------------------------------------------------------------------------------
+def _layer_stack(ctx: _Context) -> tuple[str, list[type]]:
+    probe = ctx.probe
+    static = []
+
+    def visit(path: str, module: nn.Module, depth: int) -> None:
+        if depth > 5 or not type(module).__module__.startswith("transformers"):
+            return
+        try:
+            found = model_structure.find_stacks(ctx.index, type(module))
+        except InferenceError:
+            found = []
+        static.extend((_join(path, s.attr), s) for s in found)
+        for name, child in module.named_children():
+            if not isinstance(child, nn.ModuleList):
+                visit(_join(path, name), child, depth + 1)
+
+    visit("", probe.model, 0)
+    n = probe.num_layers
+    probed = [p for p, ml in probe.module_lists() if len(ml) == n]
+    matching = []
+    for path, finding in static:
+        try:
+            ml = probe.module(path)
+        except AttributeError:
+            raise ProbeMismatch(
+                "the layer stack", f"a ModuleList at {path} ({finding.where})", "no such module"
+            ) from None
+        if isinstance(ml, nn.ModuleList) and len(ml) == n:
+            matching.append((path, finding))
+    if not matching:
+        statics = ", ".join(f"{p} ({f.where})" for p, f in static) or "no ModuleList"
+        raise ProbeMismatch(
+            "the layer stack",
+            statics,
+            f"ModuleLists of num_hidden_layers={n} at: {', '.join(probed) or 'none'}",
+        )
+    if len(matching) > 1:
+        preferred = [(p, f) for p, f in matching if "num_hidden_layers" in f.count]
+        if len(preferred) == 1:
+            matching = preferred
+        else:
+            raise InferenceError(
+                "the layer stack",
+                "several ModuleLists hold num_hidden_layers modules",
+                [f"{p} ({f.where})" for p, f in matching],
+            )
+    path, finding = matching[0]
+    stack = probe.module(path)
+    classes: list[type] = []
+    for layer in stack:
+        if type(layer) not in classes:
+            classes.append(type(layer))
+    if finding.element_classes and {c.__name__ for c in classes} != set(finding.element_classes):
+        raise ProbeMismatch(
+            "the decoder layer class",
+            f"{', '.join(finding.element_classes)} ({finding.where})",
+            ", ".join(c.__name__ for c in classes),
+        )
+    ctx.fact(
+        "layer stack",
+        path,
+        [f"{finding.where} `{finding.code}`", f"probe: ModuleList of {n} = num_hidden_layers"],
+    )
+    ctx.fact(
+        "decoder layer class",
+        ", ".join(c.__name__ for c in classes),
+        [f"probe: type of every module in {path}"],
+    )
+    return path, finding.where, classes
+
+
+def _children(layer: nn.Module):
+    from .probe import layer_children
+
+    return layer_children(layer)
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+# -- layer calls ------------------------------------------------------------------------------
+def _confirm_calls(ctx: _Context, flow: LayerFlow, layer_path: str) -> dict[str, int | None]:
+    """Compare the static calls with a traced forward of a tiny model; return tuple sizes."""
+    trace = ctx.probe.trace_layer(layer_path)
+    layer = ctx.probe.module(layer_path)
+    weighted = {n for n, c in layer.named_children() if _has_params(c)}
+    static_called = set(flow.called) & weighted
+    traced_called = set(trace) & weighted
+    if static_called != traced_called:
+        raise ProbeMismatch(
+            f"the modules {flow.class_name}.forward calls",
+            ", ".join(sorted(static_called)) or "none",
+            f"a traced forward calls {', '.join(sorted(traced_called)) or 'none'}",
+        )
+    arity: dict[str, int | None] = {}
+    for name in flow.called:
+        static = flow.arity.get(name)
+        traced = trace[name].tuple_size if name in trace else static
+        if static is not None and traced is not None and static != traced and not flow.indexed.get(name):
+            raise ProbeMismatch(
+                f"what {name} returns", f"a tuple of {static} (unpacked at its call site)",
+                f"a traced call returns {traced} values",
+            )
+        if static is None and traced is not None and not flow.indexed.get(name):
+            raise ProbeMismatch(
+                f"what {name} returns", "a tensor (used directly at its call site)",
+                f"a traced call returns a tuple of {traced}",
+            )
+        arity[name] = traced if traced is not None else static
+    return arity
+
+
+def _subblock(ctx, flow: LayerFlow, kind: str, arity, layer: nn.Module, stack_path: str) -> Subblock:
+    sb = flow.subblocks.get(kind)
+    if sb is None:
+        raise InferenceError(
+            f"the {kind} subblock of {flow.class_name}", "no residual segment of this kind",
+            flow.evidence,
+        )
+    replacements = []
+    for name in sb.members:
+        core = name in sb.cores
+        size = arity.get(name)
+        why = "core: its output joins the residual, so zeros make the subblock a no-op" if core else (
+            "passes its input through"
+        )
+        replacements.append(
+            ModuleReplacement(name, "MatchingZeros" if core else "Same", size, (why,))
+        )
+    weight_modules = tuple(n for n in sb.members if _has_params(getattr(layer, n)))
+    overrides = _overrides(ctx, flow, kind, sb, layer, stack_path)
+    ctx.fact(
+        f"{kind} subblock",
+        " -> ".join(sb.members),
+        sb.evidence,
+    )
+    for name in sb.cores:
+        size = arity.get(name)
+        ctx.fact(
+            f"{name} returns",
+            f"a tuple of {size}" if size else "a tensor",
+            [flow.sites[name], "probe: a traced forward of a tiny model agrees"],
+        )
+    return Subblock(
+        kind, tuple(replacements), weight_modules, overrides, tuple(sb.joins), tuple(sb.evidence)
+    )
+
+
+def _overrides(ctx, flow, kind, sb, layer, stack_path) -> tuple[ConfigOverride, ...]:
+    block_attr, candidates = OVERRIDES[kind]
+    classes = [type(layer)] + [type(getattr(layer, n)) for n in sb.members]
+    reads: dict[str, str] = {}
+    for cls in classes:
+        for field, where in model_structure.config_reads(ctx.index, cls):
+            reads.setdefault(field, where)
+    probe = ctx.probe
+    tiny_text = probe.tiny_config().get_text_config()
+    tried = []
+    for field in candidates:
+        if field not in reads:
+            continue
+        current = getattr(tiny_text, field, None)
+        value = _changed_value(kind, current, tiny_text)
+        if value is None:
+            continue
+        changed = probe.shape_change(field, value, f"{stack_path}.0")
+        tried.append(f"{field}={value} changes {sorted(changed) or 'nothing'}")
+        if changed and changed <= set(sb.members) and changed & set(sb.cores):
+            evidence = (
+                f"{reads[field]} reads config.{field}",
+                f"probe: setting {field}={value} changes the shapes of {', '.join(sorted(changed))} only",
+            )
+            ctx.fact(f"{kind} override", f"config.{field} <- block_config.{block_attr}", evidence)
+            return (ConfigOverride(field, block_attr, reads[field], evidence),)
+    ctx.fact(
+        f"{kind} override",
+        "none",
+        tried or [f"the {kind} modules read none of {', '.join(candidates)}"],
+    )
+    return ()
+
+
+def _changed_value(kind: str, current, config):
+    if kind == ATTENTION:
+        heads = getattr(config, "num_attention_heads", None)
+        if not isinstance(current, int) or not isinstance(heads, int):
+            return None
+        options = [d for d in range(1, heads + 1) if heads % d == 0 and d != current]
+        return options[0] if options else None
+    return current * 2 if isinstance(current, int) else 96
+
+
+def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
+    direct = [n for n, _ in layer.named_parameters(recurse=False)]
+    if direct:
+        raise InferenceError(
+            f"the subblock of {flow.class_name}'s own parameters",
+            f"parameters directly on the layer are not supported yet: {', '.join(direct)}",
+        )
+    assigned = set(flow.shared)
+    for sb in subblocks.values():
+        assigned |= {r.attr for r in sb.replacements}
+    lost = [n for n, c in layer.named_children() if _has_params(c) and n not in assigned]
+    if lost:
+        raise InferenceError(
+            f"the subblock of {', '.join(lost)}",
+            f"{flow.class_name}.forward does not use them in a residual segment",
+        )
+
+
+# -- model loop ---------------------------------------------------------------------------------
+def _dummy_block(ctx, loop, layer: nn.Module) -> DummyBlock:
+    attrs = []
+    for name in loop.layer_attributes:
+        value = getattr(layer, name, None)
+        if value is not None and not callable(value) and not isinstance(value, nn.Module):
+            attrs.append(name)
+    evidence = list(loop.evidence[:2])
+    ctx.fact(
+        "the model loop expects",
+        ("a tuple" if loop.returns_tuple else "a tensor")
+        + (f"; reads {', '.join(attrs)}" if attrs else ""),
+        evidence,
+    )
+    return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence))
+
+
+# -- buffers ------------------------------------------------------------------------------------
+def _buffer_modules(ctx: _Context, stack_path: str, tiny: nn.Module) -> list[BufferModule]:
+    out = []
+    for path, names in ctx.probe.buffer_modules():
+        module = ctx.probe.module(path)
+        if path.startswith(stack_path + "."):
+            raise InferenceError(
+                f"how to rebuild the buffers of {path}",
+                "buffers inside decoder layers are not supported yet",
+            )
+        if _has_params(module):
+            raise InferenceError(
+                f"how to rebuild {path}.{', '.join(names)}",
+                "the module also holds parameters, so it cannot be rebuilt by construction",
+            )
+        owner_path, _, attr = path.rpartition(".")
+        owner = ctx.probe.module(owner_path)
+        cons = model_structure.find_construction(ctx.index, type(owner), attr)
+        fact = f"how {type(owner).__name__} builds self.{attr}"
+        if cons is None:
+            raise InferenceError(fact, "no plain `self.%s = Class(...)` in its __init__" % attr)
+        if cons.callee.rpartition(".")[2] != type(module).__name__:
+            raise ProbeMismatch(fact, f"{cons.callee}(...) ({cons.where})", type(module).__name__)
+        args = tuple(_buffer_arg(fact, cons, kw, expr) for kw, expr in cons.args)
+        spec = BufferModule(
+            owner=owner_path,
+            attr=attr,
+            cls=ClassRef(type(module).__module__, type(module).__name__),
+            args=args,
+            buffers=tuple(names),
+            built_at=cons.where,
+            evidence=(f"{cons.where} `{cons.code}`",),
+        )
+        _check_rebuild(fact, spec, tiny)
+        ctx.fact(f"rebuilt buffers of {path}", ", ".join(names), spec.evidence + (
+            "probe: rebuilding on a tiny model reproduces the buffers exactly",))
+        out.append(spec)
+    return out
+
+
+def _buffer_arg(fact, cons, keyword, expr) -> BufferArg:
+    name = dotted(expr)
+    config_params = [p for p in cons.init_params[1:] if "config" in p]
+    if name is not None:
+        head, _, rest = name.partition(".")
+        if head in config_params:
+            if rest and not is_dotted_path(rest):
+                raise InferenceError(fact, f"unexpected attribute path {rest!r}")
+            return BufferArg(keyword, "owner_config", rest)
+        if head == "self" and rest and is_dotted_path(rest):
+            return BufferArg(keyword, "owner_attr", rest)
+    try:
+        value = ast.literal_eval(cons_code(expr))
+    except Exception:
+        raise InferenceError(
+            fact, f"argument `{cons_code(expr)}` is neither the config, an attribute nor a literal",
+            [cons.where],
+        ) from None
+    if keyword is not None and not is_identifier(keyword):
+        raise InferenceError(fact, f"bad keyword {keyword!r}")
+    return BufferArg(keyword, "literal", "", value)
+
+
+def cons_code(expr) -> str:
+    import libcst as cst
+
+    return cst.Module(body=[]).code_for_node(expr)
+
+
+def resolve_buffer_args(spec: BufferModule, owner: nn.Module):
+    """(args, kwargs) of a BufferModule's constructor for a concrete owner module."""
+    args, kwargs = [], {}
+    for a in spec.args:
+        if a.kind == "owner_config":
+            value = owner.config
+            for part in filter(None, a.path.split(".")):
+                value = getattr(value, part)
+        elif a.kind == "owner_attr":
+            value = owner
+            for part in a.path.split("."):
+                value = getattr(value, part)
+        else:
+            value = a.literal
+        if a.keyword is None:
+            args.append(value)
+        else:
+            kwargs[a.keyword] = value
+    return args, kwargs
+
+
+def _check_rebuild(fact: str, spec: BufferModule, tiny: nn.Module) -> None:
+    import importlib
+
+    owner = tiny.get_submodule(spec.owner) if spec.owner else tiny
+    original = getattr(owner, spec.attr)
+    cls = getattr(importlib.import_module(spec.cls.module), spec.cls.name)
+    args, kwargs = resolve_buffer_args(spec, owner)
+    rebuilt = cls(*args, **kwargs)
+    for name in spec.buffers:
+        a, b = getattr(original, name), getattr(rebuilt, name)
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+            raise InferenceError(fact, f"rebuilding does not reproduce buffer {name}")
+
+
+# -- names ----------------------------------------------------------------------------------------
+def _package_name(model_type: str) -> str:
+    name = re.sub(r"\W", "_", model_type)
+    if not is_identifier(name):
+        raise InferenceError("the package name", f"{model_type!r} does not map to an identifier")
+    return name
+
+
+def _class_name(causal_name: str) -> str:
+    stem = causal_name
+    for suffix in _CLASS_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    name = f"{stem}ModelDescriptor"
+    if not is_identifier(name):
+        raise InferenceError("the descriptor class name", f"{name!r} is not an identifier")
+    return name
+
+
+def _unique(items):
+    out = []
+    for x in items:
+        if x not in out:
+            out.append(x)
+    return out

@@ -1,0 +1,82 @@
+"""Stage 5: weight-group predicates built from probed names, validated as an exact partition.
+
+Each group is an anchored regex over state-dict names with one escaped alternative per module:
+`^<prefix>(?:name1\\..+|name2\\..+)$`. A module alternative covers every tensor below it (a
+`bias` that one config adds and another omits, or an old checkpoint's `rotary_emb.inv_freq`), so
+the descriptor is right for every config of the model type, not only the probed one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .errors import InferenceError
+from .spec import Predicates, is_module_name
+
+
+def module_alternative(name: str) -> str:
+    """Regex alternative for every tensor below module `name`."""
+    if not is_module_name(name):
+        raise InferenceError("a weight-group predicate", f"unexpected characters in {name!r}")
+    return re.escape(name) + r"\..+"
+
+
+def tensor_alternative(name: str) -> str:
+    """Regex alternative for exactly the tensor `name`."""
+    if not is_module_name(name):
+        raise InferenceError("a weight-group predicate", f"unexpected characters in {name!r}")
+    return re.escape(name)
+
+
+def build(
+    embeddings: Iterable[str],
+    lm_head: Iterable[str],
+    layer_stack: str,
+    attention: Iterable[str],
+    ffn: Iterable[str],
+) -> Predicates:
+    """Predicates from module names: full paths for embeddings / lm_head, layer-relative for the
+    subblocks."""
+    return Predicates(
+        embeddings=tuple(module_alternative(n) for n in embeddings),
+        lm_head=tuple(module_alternative(n) for n in lm_head),
+        layer_prefix=tensor_alternative(layer_stack),
+        attention=tuple(module_alternative(n) for n in attention),
+        ffn=tuple(module_alternative(n) for n in ffn),
+    )
+
+
+def compile_groups(pred: Predicates, num_layers: int) -> dict[str, re.Pattern]:
+    """The same regexes the rendered descriptor compiles (verbose whitespace aside)."""
+
+    def group(prefix: str, alternatives: tuple[str, ...]) -> re.Pattern:
+        return re.compile("^" + prefix + "(?:" + "|".join(alternatives) + ")$")
+
+    groups = {"embeddings": group("", pred.embeddings), "lm_head": group("", pred.lm_head)}
+    for i in range(num_layers):
+        prefix = rf"{pred.layer_prefix}\.{i}\."
+        groups[f"block_{i}_attention"] = group(prefix, pred.attention)
+        groups[f"block_{i}_ffn"] = group(prefix, pred.ffn)
+    return groups
+
+
+def validate(pred: Predicates, keys: Iterable[str], num_layers: int, what: str) -> None:
+    """Every key must land in exactly one group; otherwise name the offending keys."""
+    groups = compile_groups(pred, num_layers)
+    unmatched, overlapping = [], []
+    for key in keys:
+        hits = [g for g, p in groups.items() if p.match(key)]
+        if not hits:
+            unmatched.append(key)
+        elif len(hits) > 1:
+            overlapping.append(f"{key} in {' and '.join(hits)}")
+    if unmatched or overlapping:
+        problems = []
+        if unmatched:
+            problems.append(f"{len(unmatched)} in no group (first: {', '.join(unmatched[:5])})")
+        if overlapping:
+            problems.append(f"{len(overlapping)} in several ({'; '.join(overlapping[:3])})")
+        raise InferenceError(
+            "layer_name_predicates", f"the groups do not partition {what}: {'; '.join(problems)}"
+        )

@@ -1,0 +1,185 @@
+"""Stage 3: build the model for real (on the meta device, or tiny on CPU) and read what it is.
+
+The meta build of the default config gives the true module tree and state-dict names at full
+size; a tiny CPU model gives a dynamic trace (which child modules a layer calls, what each
+returns) and lets the inference check that a config override changes the shapes it should.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from .analysis.layer_flow import ChildInfo
+from .errors import InferenceError
+from .source import ModelSource
+from .tiny import tiny_config
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' logger (config warnings) while probing."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def build_model(cls: type, config: Any, device: str = "meta") -> nn.Module:
+    with quiet_transformers(), torch.device(device):
+        model = cls(config)
+    return model.eval()
+
+
+def text_config_attr(config: Any) -> str | None:
+    """The attribute holding the language-model config of a nested config, None when flat."""
+    text = config.get_text_config()
+    if text is config:
+        return None
+    for name, value in vars(config).items():
+        if value is text:
+            return name
+    raise InferenceError("the text config", "get_text_config() is not an attribute of the config")
+
+
+def layer_children(layer: nn.Module) -> dict[str, ChildInfo]:
+    out = {}
+    for name, child in layer.named_children():
+        params = list(child.parameters())
+        out[name] = ChildInfo(
+            name=name,
+            class_name=type(child).__name__,
+            has_params=bool(params),
+            has_matrix=any(p.dim() >= 2 for p in params),
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class CallTrace:
+    calls: int
+    tuple_size: int | None  # None: returned a tensor
+
+
+class Probe:
+    """The model of `source` built from its default config on the meta device."""
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        try:
+            with quiet_transformers():
+                self.config = source.config_cls()
+        except Exception as exc:
+            raise InferenceError(
+                "the default config", f"{source.config_cls.__name__}() fails: {exc}"
+            ) from None
+        self.text_config = self.config.get_text_config()
+        self.text_config_attr = text_config_attr(self.config)
+        try:
+            self.model = build_model(source.causal_lm_cls, self.config)
+        except Exception as exc:
+            raise InferenceError(
+                "the probed module tree",
+                f"{source.causal_lm_cls.__name__} does not build from its default config "
+                f"on the meta device: {type(exc).__name__}: {exc}",
+            ) from None
+        self.paths = {id(mod): name for name, mod in self.model.named_modules()}
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @cached_property
+    def state_keys(self) -> list[str]:
+        return list(self.model.state_dict().keys())
+
+    def path_of(self, module: nn.Module) -> str:
+        return self.paths[id(module)]
+
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path) if path else self.model
+
+    def module_lists(self) -> list[tuple[str, nn.ModuleList]]:
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.ModuleList)]
+
+    def input_embedding(self) -> str:
+        return self.path_of(self.model.get_input_embeddings())
+
+    def output_embedding(self) -> str:
+        out = self.model.get_output_embeddings()
+        if out is None:
+            raise InferenceError("the output embedding", "get_output_embeddings() returns None")
+        return self.path_of(out)
+
+    def tied(self) -> bool:
+        out = self.model.get_output_embeddings()
+        return out is not None and out.weight is self.model.get_input_embeddings().weight
+
+    def buffer_modules(self) -> list[tuple[str, list[str]]]:
+        """(module path, names) of modules holding non-persistent buffers directly."""
+        found = []
+        for name, mod in self.model.named_modules():
+            non_persistent = sorted(getattr(mod, "_non_persistent_buffers_set", set()))
+            if non_persistent:
+                found.append((name, non_persistent))
+        return found
+
+    # -- tiny model checks ------------------------------------------------------------------
+    def tiny_config(self, **extra: Any) -> Any:
+        with quiet_transformers():
+            return tiny_config(self.source.config_cls, **extra)
+
+    def tiny_model(self, config: Any | None = None, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_model(self.source.causal_lm_cls, config or self.tiny_config(), "cpu")
+
+    def trace_layer(self, layer_path: str) -> dict[str, CallTrace]:
+        """Run a tiny model and record how often each child of `layer_path` is called and what
+        it returns."""
+        model = self.tiny_model()
+        layer = model.get_submodule(layer_path)
+        seen: dict[str, list[int | None]] = {}
+        hooks = []
+        for name, child in layer.named_children():
+
+            def hook(_mod, _args, output, name=name):
+                size = len(output) if isinstance(output, (tuple, list)) else None
+                seen.setdefault(name, []).append(size)
+
+            hooks.append(child.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.arange(8).unsqueeze(0) % model.config.get_text_config().vocab_size)
+        finally:
+            for h in hooks:
+                h.remove()
+        out = {}
+        for name, sizes in seen.items():
+            if len(set(sizes)) != 1:
+                raise InferenceError(f"what {name} returns", f"varies between calls: {sizes}")
+            out[name] = CallTrace(len(sizes), sizes[0])
+        return out
+
+    def shape_change(self, field: str, value: Any, layer_path: str) -> set[str]:
+        """Children of the layer at `layer_path` whose parameter shapes change when the tiny
+        config sets `field` to `value` (built on the meta device)."""
+        base = build_model(self.source.causal_lm_cls, self.tiny_config())
+        changed_config = self.tiny_config()
+        target = changed_config.get_text_config()
+        setattr(target, field, value)
+        try:
+            changed = build_model(self.source.causal_lm_cls, changed_config)
+        except Exception:
+            return set()
+        a = {k: tuple(v.shape) for k, v in base.get_submodule(layer_path).named_parameters()}
+        b = {k: tuple(v.shape) for k, v in changed.get_submodule(layer_path).named_parameters()}
+        return {k.split(".")[0] for k in set(a) | set(b) if a.get(k) != b.get(k)}

@@ -1,0 +1,180 @@
+"""DescriptorSpec: every inferred fact of a descriptor and its evidence.
+
+The single contract between inference and rendering: templates read only this, inference never
+formats Python. Frozen and JSON-serialisable (`to_json` / `from_json` round-trip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import keyword
+import re
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")
+
+
+def is_identifier(text: str) -> bool:
+    return bool(_IDENT.match(text)) and not keyword.iskeyword(text)
+
+
+def is_dotted_path(text: str, allow_digits: bool = False) -> bool:
+    """`a.b.c` made of identifiers (and, with allow_digits, list indices like `layers.0`)."""
+    parts = text.split(".")
+    return bool(text) and all(is_identifier(p) or (allow_digits and p.isdigit()) for p in parts)
+
+
+def is_module_name(text: str) -> bool:
+    """A name safe to embed in a regex and in generated code: word characters and dots."""
+    return bool(_TENSOR_NAME.match(text))
+
+
+@dataclass(frozen=True)
+class ClassRef:
+    module: str  # e.g. transformers.models.llama.modeling_llama
+    name: str  # e.g. LlamaDecoderLayer
+
+
+@dataclass(frozen=True)
+class ModuleReplacement:
+    """On a no-op, the decoder layer's child `attr` is replaced by `replacement`."""
+
+    attr: str
+    replacement: str  # "Same" (passes its input through) | "MatchingZeros" (zeros like input)
+    tuple_size: int | None  # wrap in return_tuple_of_size(..., size) when the caller unpacks
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConfigOverride:
+    """block_config.<block_config_attr> is written to config.<config_field> for one layer."""
+
+    config_field: str
+    block_config_attr: str  # "attention.num_key_value_heads" | "ffn.intermediate_size"
+    read_at: str  # location of the config read that decided it (file:line)
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Subblock:
+    kind: str  # "attention" | "ffn"
+    replacements: tuple[ModuleReplacement, ...]  # the no-op plan, in data-flow order
+    weight_modules: tuple[str, ...]  # layer children whose tensors belong to this subblock
+    overrides: tuple[ConfigOverride, ...]
+    joins: tuple[str, ...]  # locations of the residual joins that close the subblock
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BufferArg:
+    """One argument of a buffer module's constructor, relative to the module that owns it."""
+
+    keyword: str | None
+    kind: str  # "owner_config" (owner.config[.path]) | "owner_attr" (owner.path) | "literal"
+    path: str = ""  # attribute path below the owner's config or the owner itself
+    literal: Any = None
+
+
+@dataclass(frozen=True)
+class BufferModule:
+    """A module whose buffers are not in the state dict (rotary inv_freq) and is rebuilt."""
+
+    owner: str  # path of the owning module below the model ("" for the model itself)
+    attr: str
+    cls: ClassRef
+    args: tuple[BufferArg, ...]
+    buffers: tuple[str, ...]
+    built_at: str  # location of the construction in the owner's __init__
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DummyBlock:
+    """What the model loop expects from a replaced (unowned) decoder block."""
+
+    returns_tuple: bool
+    attributes: tuple[str, ...]  # layer attributes the loop reads, copied onto the dummy
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Predicates:
+    """Weight-group regexes as data: escaped names, one alternative each."""
+
+    embeddings: tuple[str, ...]  # full module/tensor names (escaped regex)
+    lm_head: tuple[str, ...]
+    layer_prefix: str  # escaped layer-stack path, e.g. model\.layers
+    attention: tuple[str, ...]  # names relative to one layer (escaped regex)
+    ffn: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A named scalar fact with the evidence that decided it (for `inspect` and docstrings)."""
+
+    name: str
+    value: str
+    evidence: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DescriptorSpec:
+    model_type: str
+    package: str  # python package under generated/
+    class_name: str  # e.g. LlamaModelDescriptor
+    generator_version: str
+    transformers_version: str
+    modeling_module: str
+    config_class: ClassRef
+    causal_lm_class: ClassRef
+    decoder_layer_classes: tuple[ClassRef, ...]
+    layer_stack: str  # e.g. model.layers
+    layer_stack_at: str  # location of the ModuleList construction
+    num_layers_field: str  # e.g. num_hidden_layers
+    text_config_attr: str | None  # e.g. text_config for nested configs, None otherwise
+    input_embedding: str
+    output_embedding: str
+    final_norm: str | None
+    final_norm_at: str | None  # location of the call after the layer loop
+    tied_embeddings: bool
+    layout: str  # "sequential" | "parallel"
+    attention: Subblock
+    ffn: Subblock
+    shared_modules: tuple[str, ...]
+    buffer_modules: tuple[BufferModule, ...]
+    dummy_block: DummyBlock
+    predicates: Predicates
+    facts: tuple[Fact, ...] = field(default=())
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DescriptorSpec":
+        return _build(cls, json.loads(text))
+
+    def fact(self, name: str) -> Fact:
+        for f in self.facts:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+def _build(tp, data):
+    """Rebuild a (nested) frozen dataclass from its asdict() form."""
+    if data is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        hints = get_type_hints(tp)
+        return tp(**{f.name: _build(hints[f.name], data[f.name]) for f in dataclasses.fields(tp)})
+    origin = get_origin(tp)
+    if origin is tuple:
+        (inner, *_rest) = get_args(tp)
+        return tuple(_build(inner, x) for x in data)
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if args and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return _build(args[0], data)
+    return data

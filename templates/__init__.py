@@ -1,0 +1,1 @@
+"""Jinja templates of puzzle-gen (installed as the package ``generator.templates``)."""

@@ -1,0 +1,321 @@
+"""Small synthetic modeling code for the analysis tests.
+
+Each decoder layer here is a shape a real transformers family takes (pre-norm Llama, four-norm
+Gemma 2, post-norm OPT, parallel GPT-J / GPT-NeoX, Falcon's config branches, ...). The analysis
+reads this file's source with libcst; the tests build instances only so the analysis can look up
+children and config attributes, the way the probe does for real models.
+"""
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+
+def make_config(**overrides):
+    cfg = dict(hidden_size=8, intermediate_size=16, num_key_value_heads=2, num_hidden_layers=2)
+    cfg.update(overrides)
+    return SimpleNamespace(**cfg)
+
+
+class Norm(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.q = nn.Linear(config.hidden_size, config.hidden_size)
+        self.kv = nn.Linear(config.hidden_size, 2 * config.num_key_value_heads)
+        self.o = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        return self.o(self.q(hidden_states)), None
+
+
+class TripleAttention(Attention):
+    def forward(self, hidden_states, attention_mask=None):
+        return self.o(hidden_states), None, None
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.down(self.up(x))
+
+
+class PreNormLayer(nn.Module):
+    """Llama: input_layernorm -> attention; post_attention_layernorm -> MLP."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.input_layernorm = Norm(config.hidden_size)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = Norm(config.hidden_size)
+        self.mlp = MLP(config)
+        self.attention_type = "full_attention"
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
+class TripleArityLayer(PreNormLayer):
+    """The attention call unpacks three values."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__(config, layer_idx)
+        self.self_attn = TripleAttention(config)
+
+    def forward(self, hidden_states, attention_mask=None):
+        residual = hidden_states
+        attn_out, _weights, _cache = self.self_attn(self.input_layernorm(hidden_states), attention_mask)
+        hidden_states = residual + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return (hidden_states,)
+
+
+class IndexedOutputLayer(PreNormLayer):
+    """`outputs = self.attn(...)` then `outputs[0]`: a tuple whose size the call site hides."""
+
+    def forward(self, hidden_states, attention_mask=None):
+        residual = hidden_states
+        attn_outputs = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask)
+        attn_output = attn_outputs[0]
+        hidden_states = attn_output + residual
+        residual = hidden_states
+        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class FourNormLayer(nn.Module):
+    """Gemma 2: post_attention_layernorm normalises the attention *output* (attention segment)."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.input_layernorm = Norm(config.hidden_size)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = Norm(config.hidden_size)
+        self.pre_feedforward_layernorm = Norm(config.hidden_size)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = Norm(config.hidden_size)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+        )
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.pre_feedforward_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.post_feedforward_layernorm(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
+class PostNormLayer(nn.Module):
+    """OPT with do_layer_norm_before=False: norms run on the stream after each residual join."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.do_layer_norm_before = getattr(config, "do_layer_norm_before", False)
+        self.self_attn_layer_norm = Norm(config.hidden_size)
+        self.self_attn = Attention(config)
+        self.final_layer_norm = Norm(config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        residual = hidden_states
+        if self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        hidden_states, attn_weights = self.self_attn(hidden_states, attention_mask=attention_mask)
+        hidden_states = nn.functional.dropout(hidden_states, p=0.1, training=self.training)
+        hidden_states = residual + hidden_states
+        if not self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+
+        hidden_states_shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, hidden_states.size(-1))
+        residual = hidden_states
+        if self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        hidden_states = self.fc1(hidden_states)
+        hidden_states = torch.relu(hidden_states)
+        hidden_states = self.fc2(hidden_states)
+        hidden_states = (residual + hidden_states).view(hidden_states_shape)
+        if not self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        outputs = (hidden_states,)
+        if output_attentions:
+            outputs += (attn_weights,)
+        return outputs
+
+
+class ParallelLayer(nn.Module):
+    """GPT-J: one shared norm feeds attention and MLP; a single residual join."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.ln_1 = Norm(config.hidden_size)
+        self.attn = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden_states, attention_mask=None):
+        residual = hidden_states
+        hidden_states = self.ln_1(hidden_states)
+        attn_outputs, _ = self.attn(hidden_states=hidden_states, attention_mask=attention_mask)
+        feed_forward_hidden_states = self.mlp(hidden_states)
+        hidden_states = attn_outputs + feed_forward_hidden_states + residual
+        return hidden_states
+
+
+class ParallelTwoNormLayer(nn.Module):
+    """GPT-NeoX use_parallel_residual: decided by a config attribute; each branch its own norm."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = Norm(config.hidden_size)
+        self.post_attention_layernorm = Norm(config.hidden_size)
+        self.attention = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden_states, attention_mask=None):
+        attn_output, _ = self.attention(self.input_layernorm(hidden_states), attention_mask=attention_mask)
+        if self.use_parallel_residual:
+            mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
+            hidden_states = mlp_output + attn_output + hidden_states
+        else:
+            attn_output = attn_output + hidden_states
+            mlp_output = self.mlp(self.post_attention_layernorm(attn_output))
+            hidden_states = mlp_output + attn_output
+        return hidden_states
+
+
+def dropout_add(x, residual, prob, training):
+    return residual + nn.functional.dropout(x, p=prob, training=training)
+
+
+class DropoutAddLayer(nn.Module):
+    """Falcon: joins through a helper function and an in-place `+=`, config-dependent branches."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.config = config
+        self.self_attention = Attention(config)
+        self.mlp = MLP(config)
+        if config.parallel_attn:
+            self.input_layernorm = Norm(config.hidden_size)
+        else:
+            self.input_layernorm = Norm(config.hidden_size)
+            self.post_attention_layernorm = Norm(config.hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, layer_past=None):
+        residual = hidden_states
+        attention_layernorm_out = self.input_layernorm(hidden_states)
+        attention_output, _ = self.self_attention(attention_layernorm_out, attention_mask=attention_mask)
+        if self.config.parallel_attn:
+            mlp_layernorm_out = attention_layernorm_out
+        else:
+            residual = dropout_add(attention_output, residual, 0.0, training=self.training)
+            mlp_layernorm_out = self.post_attention_layernorm(residual)
+        mlp_output = self.mlp(mlp_layernorm_out)
+        if self.config.parallel_attn:
+            mlp_output += attention_output
+        output = dropout_add(mlp_output, residual, 0.0, training=self.training)
+        return output
+
+
+class HelperMethodLayer(PreNormLayer):
+    """The FFN segment is computed in a helper method of the layer, which is inlined."""
+
+    def _ff_block(self, x):
+        return self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, hidden_states, attention_mask=None):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask)
+        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + self._ff_block(hidden_states)
+        return hidden_states
+
+
+class NoResidualLayer(PreNormLayer):
+    def forward(self, hidden_states, attention_mask=None):
+        hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask)
+        return self.mlp(hidden_states)
+
+
+class ToyModel(nn.Module):
+    """A base model: embeddings before the loop, the loop reads `attention_type`, final norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(16, config.hidden_size)
+        self.embed_positions = nn.Embedding(16, config.hidden_size)
+        self.layers = nn.ModuleList([PreNormLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Norm(config.hidden_size)
+        self.masks = {"full_attention": None}
+
+    def forward(self, input_ids, position_ids):
+        hidden_states = self.embed_tokens(input_ids) + self.embed_positions(position_ids)
+        for decoder_layer in self.layers[: len(self.layers)]:
+            hidden_states = decoder_layer(
+                hidden_states, attention_mask=self.masks[decoder_layer.attention_type]
+            )
+        hidden_states = self.norm(hidden_states)
+        return hidden_states
+
+
+class TupleLoopModel(nn.Module):
+    """GPT-J style loop: `outputs = block(...)`, then `outputs[0]`; no final norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.wte = nn.Embedding(16, config.hidden_size)
+        self.h = nn.ModuleList([TripleArityLayer(config) for _ in range(config.num_hidden_layers)])
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, input_ids):
+        hidden_states = self.wte(input_ids)
+        for i, block in enumerate(self.h):
+            outputs = block(hidden_states, attention_mask=None)
+            hidden_states = outputs[0]
+        return self.proj(torch.tanh(hidden_states))
+
+
+class ZipLoopModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList([PreNormLayer(config) for _ in range(config.num_hidden_layers)])
+        self.final_layernorm = Norm(config.hidden_size)
+
+    def forward(self, hidden_states, masks):
+        for idx, (layer, mask) in enumerate(zip(self.layers, masks)):
+            hidden_states = layer(hidden_states=hidden_states, attention_mask=mask)
+        return self.final_layernorm(hidden_states)

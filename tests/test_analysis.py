@@ -1,0 +1,166 @@
+"""Static analysis on synthetic modeling sources (tests/synthetic_models.py)."""
+
+from pathlib import Path
+
+import pytest
+import synthetic_models as sm
+
+from generator.analysis import model_structure
+from generator.analysis.layer_flow import ATTENTION, FFN, analyze_layer
+from generator.analysis.source_index import SourceIndex
+from generator.errors import InferenceError
+from generator.probe import layer_children
+
+SOURCE = Path(sm.__file__).name
+
+
+def flow_of(layer_cls, **config):
+    layer = layer_cls(sm.make_config(**config))
+    return analyze_layer(layer_cls, layer, layer_children(layer), SourceIndex())
+
+
+def members(flow, kind):
+    return flow.subblocks[kind].members
+
+
+def test_pre_norm_layer_segments_and_arity():
+    flow = flow_of(sm.PreNormLayer)
+    assert flow.layout == "sequential"
+    assert members(flow, ATTENTION) == ["input_layernorm", "self_attn"]
+    assert members(flow, FFN) == ["post_attention_layernorm", "mlp"]
+    assert flow.subblocks[ATTENTION].cores == ["self_attn"]
+    assert flow.subblocks[FFN].cores == ["mlp"]
+    assert flow.arity["self_attn"] == 2
+    assert flow.arity["mlp"] is None
+    assert flow.shared == []
+    assert flow.returns_tuple is False
+    # evidence points at the residual joins in this file
+    assert all(j.startswith(f"{SOURCE}:") for j in flow.subblocks[FFN].joins)
+
+
+def test_tuple_unpacking_arity_of_three_and_tuple_return():
+    flow = flow_of(sm.TripleArityLayer)
+    assert flow.arity["self_attn"] == 3
+    assert flow.returns_tuple is True
+    assert members(flow, FFN) == ["post_attention_layernorm", "mlp"]
+
+
+def test_indexed_output_is_a_tuple_of_unknown_size():
+    flow = flow_of(sm.IndexedOutputLayer)
+    assert flow.indexed["self_attn"] is True
+    assert flow.arity["self_attn"] is None  # the trace decides the size
+    assert members(flow, ATTENTION) == ["input_layernorm", "self_attn"]
+
+
+def test_four_norm_layer_follows_data_flow_not_names():
+    flow = flow_of(sm.FourNormLayer)
+    # post_attention_layernorm normalises the attention output: attention segment
+    assert members(flow, ATTENTION) == ["input_layernorm", "self_attn", "post_attention_layernorm"]
+    assert members(flow, FFN) == ["pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"]
+
+
+def test_post_norm_layer_puts_stream_norms_in_the_segment_they_follow():
+    flow = flow_of(sm.PostNormLayer, do_layer_norm_before=False)
+    assert members(flow, ATTENTION) == ["self_attn", "self_attn_layer_norm"]
+    # fc1 -> fc2 is a chain: only fc2 (the sink) becomes zeros, fc1 is bypassed
+    assert members(flow, FFN) == ["fc1", "fc2", "final_layer_norm"]
+    assert flow.subblocks[FFN].cores == ["fc2"]
+    assert flow.returns_tuple is True
+
+
+def test_post_norm_layer_pre_norm_branch_is_decided_by_the_instance():
+    flow = flow_of(sm.PostNormLayer, do_layer_norm_before=True)
+    assert members(flow, ATTENTION) == ["self_attn_layer_norm", "self_attn"]
+    assert members(flow, FFN) == ["final_layer_norm", "fc1", "fc2"]
+
+
+def test_parallel_layer_with_shared_norm():
+    flow = flow_of(sm.ParallelLayer)
+    assert flow.layout == "parallel"
+    assert flow.shared == ["ln_1"]
+    assert members(flow, ATTENTION) == ["attn"]
+    assert members(flow, FFN) == ["mlp"]
+    assert flow.subblocks[ATTENTION].joins == flow.subblocks[FFN].joins  # one join
+
+
+def test_parallel_residual_decided_by_config_attribute():
+    parallel = flow_of(sm.ParallelTwoNormLayer, use_parallel_residual=True)
+    assert parallel.layout == "parallel"
+    assert parallel.shared == []
+    assert members(parallel, ATTENTION) == ["input_layernorm", "attention"]
+    assert members(parallel, FFN) == ["post_attention_layernorm", "mlp"]
+
+    sequential = flow_of(sm.ParallelTwoNormLayer, use_parallel_residual=False)
+    assert sequential.layout == "sequential"
+    assert members(sequential, ATTENTION) == ["input_layernorm", "attention"]
+    assert members(sequential, FFN) == ["post_attention_layernorm", "mlp"]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_dropout_add_joins_and_in_place_merge(parallel):
+    flow = flow_of(sm.DropoutAddLayer, parallel_attn=parallel)
+    if parallel:
+        assert flow.layout == "parallel"
+        assert flow.shared == ["input_layernorm"]
+        assert members(flow, ATTENTION) == ["self_attention"]
+    else:
+        assert flow.layout == "sequential"
+        assert members(flow, ATTENTION) == ["input_layernorm", "self_attention"]
+        assert members(flow, FFN) == ["post_attention_layernorm", "mlp"]
+
+
+def test_helper_method_is_inlined():
+    flow = flow_of(sm.HelperMethodLayer)
+    assert members(flow, FFN) == ["post_attention_layernorm", "mlp"]
+
+
+def test_layer_without_residual_is_an_inference_error():
+    with pytest.raises(InferenceError, match="residual"):
+        flow_of(sm.NoResidualLayer)
+
+
+def loop_of(model_cls, stack):
+    model = model_cls(sm.make_config())
+    children = {n for n, _ in model.named_children()}
+    return model_structure.analyze_loop(SourceIndex(), model_cls, stack, children)
+
+
+def test_model_loop_reads_layer_attribute_and_final_norm():
+    loop = loop_of(sm.ToyModel, "layers")
+    assert loop.loop_var == "decoder_layer"
+    assert loop.layer_attributes == ["attention_type"]
+    assert loop.returns_tuple is False
+    assert loop.final_norm == "norm"
+    assert loop.before_loop == ["embed_tokens", "embed_positions"]
+
+
+def test_tuple_loop_without_final_norm():
+    loop = loop_of(sm.TupleLoopModel, "h")
+    assert loop.loop_var == "block"
+    assert loop.returns_tuple is True
+    assert loop.final_norm is None
+    assert loop.layer_attributes == []
+
+
+def test_zip_loop_with_keyword_hidden_states():
+    loop = loop_of(sm.ZipLoopModel, "layers")
+    assert loop.loop_var == "layer"
+    assert loop.hidden_var == "hidden_states"
+    assert loop.final_norm == "final_layernorm"
+
+
+def test_find_stacks_reads_the_module_list_comprehension():
+    stacks = model_structure.find_stacks(SourceIndex(), sm.ToyModel)
+    assert [(s.attr, s.element_classes) for s in stacks] == [("layers", ("PreNormLayer",))]
+    assert "config.num_hidden_layers" in stacks[0].count
+
+
+def test_config_reads_of_init():
+    reads = [f for f, _ in model_structure.config_reads(SourceIndex(), sm.MLP)]
+    assert reads == ["hidden_size", "intermediate_size", "intermediate_size", "hidden_size"]
+
+
+def test_construction_of_a_child():
+    cons = model_structure.find_construction(SourceIndex(), sm.PreNormLayer, "mlp")
+    assert cons.callee == "MLP"
+    assert [kw for kw, _ in cons.args] == [None]
