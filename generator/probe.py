@@ -145,7 +145,13 @@ class Probe:
     def trace_layer(self, layer_path: str) -> dict[str, CallTrace]:
         """Run a tiny model and record how often each child of `layer_path` is called and what
         it returns."""
-        model = self.tiny_model()
+        try:
+            model = self.tiny_model()
+        except Exception as exc:
+            raise InferenceError(
+                "a traced forward of a tiny model",
+                f"the tiny config does not build: {type(exc).__name__}: {exc}",
+            ) from None
         layer = model.get_submodule(layer_path)
         seen: dict[str, list[int | None]] = {}
         hooks = []
@@ -156,9 +162,14 @@ class Probe:
                 seen.setdefault(name, []).append(size)
 
             hooks.append(child.register_forward_hook(hook))
+        vocab = model.config.get_text_config().vocab_size
         try:
             with torch.no_grad():
-                model(input_ids=torch.arange(8).unsqueeze(0) % model.config.get_text_config().vocab_size)
+                model(input_ids=torch.arange(8).unsqueeze(0) % vocab)
+        except Exception as exc:
+            raise InferenceError(
+                "a traced forward of a tiny model", f"it raises {type(exc).__name__}: {exc}"
+            ) from None
         finally:
             for h in hooks:
                 h.remove()

@@ -1,0 +1,218 @@
+"""load_model: build a (possibly heterogeneous, possibly partial) model and fill it from a
+safetensors checkpoint, reading only the tensors this shard owns.
+
+The model is built on the meta device through the descriptor's patcher; blocks another shard
+owns become parameter-free dummies (and so do the input embedding without block 0, and the
+final norm and LM head without the last block); then exactly the remaining tensors are read,
+shape-checked and assigned, tied weights are re-tied and buffers that are not in the state dict
+are rebuilt on the target device. One code path for CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .model_descriptor.model_descriptor_factory import ModelDescriptorFactory
+from .puzzformer.patcher import deci_x_patcher
+from .utils.dummy_modules import DummyInputEmbedding, DummyOutputHead
+
+__all__ = ["CheckpointError", "Runtime", "load_model"]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensor."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a loaded model lives; passed to ModelDescriptor.init_rotary_embedding."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(
+    descriptor: Any,
+    checkpoint_dir: str | Path,
+    owned_blocks: str | Iterable[int] = "all",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Load the blocks `owned_blocks` ("all" or a set of layer indices) of the checkpoint.
+
+    `descriptor` is a ModelDescriptor class or a name registered in ModelDescriptorFactory.
+    Raises CheckpointError for a missing config.json or safetensors file, an index naming a
+    missing shard, a tensor whose shape differs from the model's, and tensors the checkpoint
+    lacks (naming every parameter or buffer left on the meta device).
+    """
+    descriptor = ModelDescriptorFactory.get(descriptor)
+    checkpoint_dir = Path(checkpoint_dir)
+    device = torch.device(device)
+    config = _read_config(descriptor, checkpoint_dir)
+    num_layers = int(descriptor.get_language_model_config(config).num_hidden_layers)
+    owned = _owned(owned_blocks, num_layers)
+    weight_map = _weight_map(checkpoint_dir)
+
+    model = _build_meta(descriptor, config)
+    aliases = _tied_aliases(model)
+    _replace_unowned(descriptor, model, owned, num_layers)
+
+    wanted = model.state_dict(keep_vars=True)
+    sources = {name: _source_name(name, aliases, weight_map) for name in wanted}
+    missing = sorted(n for n, src in sources.items() if src is None)
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
+            + ", ".join(missing)
+        )
+    tensors = _read(checkpoint_dir, weight_map, sources, wanted, device, dtype)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    _retie(model, aliases)
+    descriptor.init_rotary_embedding(model, Runtime(device, dtype))
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    still_meta += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if still_meta:
+        raise CheckpointError(
+            f"{checkpoint_dir}: still on the meta device after loading: {', '.join(still_meta)}"
+        )
+    return model.eval()
+
+
+# -- steps --------------------------------------------------------------------------------------
+def _read_config(descriptor, checkpoint_dir: Path):
+    from transformers import AutoConfig
+
+    if not (checkpoint_dir / "config.json").is_file():
+        raise CheckpointError(f"{checkpoint_dir}: no config.json")
+    try:
+        return AutoConfig.from_pretrained(
+            str(checkpoint_dir),
+            trust_remote_code=descriptor.requires_trust_remote_code(),
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint_dir / 'config.json'}: {exc}") from None
+
+
+def _owned(owned_blocks, num_layers: int) -> set[int]:
+    if isinstance(owned_blocks, str):
+        if owned_blocks != "all":
+            raise ValueError(f"owned_blocks must be 'all' or a set of layer indices, got {owned_blocks!r}")
+        return set(range(num_layers))
+    owned = set(owned_blocks)
+    bad = sorted(i for i in owned if not isinstance(i, int) or not 0 <= i < num_layers)
+    if bad:
+        raise ValueError(f"owned_blocks {bad} are outside the {num_layers} layers of the model")
+    return owned
+
+
+def _weight_map(checkpoint_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index = checkpoint_dir / INDEX_FILE
+    single = checkpoint_dir / SINGLE_FILE
+    if index.is_file():
+        try:
+            names = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+        files = {f: checkpoint_dir / f for f in set(names.values())}
+        for name, path in sorted(files.items()):
+            if not path.is_file():
+                raise CheckpointError(f"{index} names shard {name}, which does not exist")
+        return {tensor: files[f] for tensor, f in names.items()}
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(
+        f"{checkpoint_dir}: no safetensors checkpoint ({SINGLE_FILE} or {INDEX_FILE})"
+    )
+
+
+def _build_meta(descriptor, config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), deci_x_patcher(descriptor, getattr(config, "block_configs", None)):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> every name of the same parameter object (tied weights)."""
+    by_id: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id[id(param)].append(name)
+    return {name: names for names in by_id.values() if len(names) > 1 for name in names}
+
+
+def _replace_unowned(descriptor, model: nn.Module, owned: set[int], num_layers: int) -> None:
+    for i in range(num_layers):
+        if i not in owned:
+            name = descriptor.layer_block_name(i)
+            model.set_submodule(name, descriptor.create_dummy_block(model.get_submodule(name), i))
+    if 0 not in owned:
+        model.set_submodule(descriptor.input_embedding_name(), DummyInputEmbedding())
+    if num_layers - 1 not in owned:
+        if descriptor.final_norm_name() is not None:
+            model.set_submodule(descriptor.final_norm_name(), DummyOutputHead())
+        model.set_submodule(descriptor.output_embedding_name(), DummyOutputHead())
+
+
+def _source_name(name: str, aliases: dict[str, list[str]], weight_map: dict[str, Path]) -> str | None:
+    """The checkpoint tensor that fills `name`: itself, or a tied alias of it."""
+    for candidate in [name, *aliases.get(name, [])]:
+        if candidate in weight_map:
+            return candidate
+    return None
+
+
+def _read(checkpoint_dir, weight_map, sources, wanted, device, dtype) -> dict[str, torch.Tensor]:
+    """Read each needed checkpoint tensor once (tied names share it), shard file by shard file."""
+    by_file: dict[Path, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for name, source in sources.items():
+        by_file[weight_map[source]][source].append(name)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, needed in sorted(by_file.items()):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for source, names in needed.items():
+                stored = tuple(f.get_slice(source).get_shape())
+                for name in names:
+                    expected = tuple(wanted[name].shape)
+                    if stored != expected:
+                        raise CheckpointError(
+                            f"{path.name}: tensor {source} has shape {stored}, "
+                            f"but the model's {name} has shape {expected}"
+                        )
+                tensor = f.get_tensor(source)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                for name in names:
+                    tensors[name] = tensor
+    return tensors
+
+
+def _retie(model: nn.Module, aliases: dict[str, list[str]]) -> None:
+    """Make names that were one parameter before loading one parameter again."""
+    present = dict(model.named_parameters(remove_duplicate=False))
+    done: set[str] = set()
+    for name, names in aliases.items():
+        if name in done:
+            continue
+        kept = [n for n in names if n in present]
+        done.update(names)
+        if len(kept) < 2:
+            continue
+        param = present[kept[0]]
+        for other in kept[1:]:
+            module_name, _, attr = other.rpartition(".")
+            owner = model.get_submodule(module_name) if module_name else model
+            setattr(owner, attr, param)

@@ -1,0 +1,85 @@
+"""Stand-ins that turn a subblock into a no-op.
+
+`Same` passes its input through (norms around a removed subblock); `MatchingZeros` returns zeros
+shaped like its input (the module whose output is added to the residual); and
+`return_tuple_of_size` wraps either for call sites that unpack a tuple
+(`hidden_states, _ = self.self_attn(...)`). None of them holds parameters or buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+__all__ = ["MatchingZeros", "Same", "find_hidden_states", "return_tuple_of_size"]
+
+# keyword names under which model code passes the hidden states to a submodule
+HIDDEN_STATE_KEYWORDS = (
+    "hidden_states",
+    "hidden_state",
+    "x",
+    "input",
+    "inputs",
+    "input_tensor",
+    "hidden",
+    "inputs_embeds",
+)
+
+
+def find_hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tensor a submodule was called on: the first positional argument, else a known
+    keyword (never another tensor keyword such as an attention mask)."""
+    if args and args[0] is not None:
+        return args[0]
+    for name in HIDDEN_STATE_KEYWORDS:
+        value = kwargs.get(name)
+        if value is not None:
+            return value
+    raise TypeError(
+        "no-op module called without hidden states: pass them positionally or as one of "
+        + ", ".join(HIDDEN_STATE_KEYWORDS)
+    )
+
+
+class Same(nn.Module):
+    """Returns its input unchanged."""
+
+    def forward(self, *args, **kwargs):
+        return find_hidden_states(args, kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty tensor, for model code that reads `.weight.dtype` of a replaced norm."""
+        return torch.empty(0)
+
+
+class MatchingZeros(nn.Module):
+    """Returns zeros like its input: added to the residual, it leaves the residual unchanged."""
+
+    def forward(self, *args, **kwargs):
+        return torch.zeros_like(find_hidden_states(args, kwargs))
+
+
+@functools.cache
+def return_tuple_of_size(cls: type[nn.Module], size: int) -> type[nn.Module]:
+    """A subclass of `cls` whose forward returns a tuple of `size`: the tensor, then Nones.
+
+    Cached, so the same (cls, size) always gives the same class.
+    """
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+
+    def forward(self, *args, **kwargs):
+        out = cls.forward(self, *args, **kwargs)
+        return (out,) + (None,) * (size - 1)
+
+    def extra_repr(self) -> str:
+        return f"returns a tuple of {size}"
+
+    return type(
+        f"{cls.__name__}TupleOf{size}",
+        (cls,),
+        {"forward": forward, "extra_repr": extra_repr, "__module__": __name__},
+    )

@@ -1,0 +1,140 @@
+"""deci_x_patcher: build a heterogeneous model from an unmodified transformers modeling file.
+
+While the context is active, each decoder-layer class of the descriptor builds layer i from a
+copy of its config updated with the overrides of block config i, then turns the subblocks that
+block i marks `no_op` into no-ops. The layer index is read from the constructor's bound
+arguments, never from the caller's stack frames.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from ..block_config import BlockConfig, maybe_cast_block_configs
+
+__all__ = ["LAYER_INDEX_ARGUMENTS", "deci_x_patcher"]
+
+# constructor argument names that carry a decoder layer's index, in order of preference
+LAYER_INDEX_ARGUMENTS = ("layer_idx", "layer_id", "layer_index", "layer_number", "idx")
+
+_LOCK = threading.RLock()
+_constructing = threading.local()
+
+
+def _in_progress() -> set[int]:
+    if not hasattr(_constructing, "ids"):
+        _constructing.ids = set()
+    return _constructing.ids
+
+
+def _config_argument(signature: inspect.Signature, bound: inspect.BoundArguments) -> str:
+    if "config" in bound.arguments:
+        return "config"
+    names = [n for n in signature.parameters][1:]  # after self
+    if names and names[0] in bound.arguments:
+        return names[0]
+    raise TypeError("the decoder layer was built without a config argument")
+
+
+def _layer_index(cls: type, signature: inspect.Signature, bound: inspect.BoundArguments) -> int:
+    for name in LAYER_INDEX_ARGUMENTS:
+        if name in bound.arguments:
+            value = bound.arguments[name]
+        elif name in signature.parameters:
+            value = signature.parameters[name].default
+        else:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise TypeError(
+        f"{cls.__name__}.__init__ received no layer index (one of "
+        f"{', '.join(LAYER_INDEX_ARGUMENTS)}), so block configs cannot be applied per layer"
+    )
+
+
+def _layer_config(config: Any, overrides: dict[str, Any]) -> Any:
+    layer_config = copy.deepcopy(config)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(layer_config, key, value)
+    return layer_config
+
+
+def _patched_init(descriptor: Any, cls: type, original, explicit: list[BlockConfig] | None):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        if id(self) in _in_progress():  # a patched base class inside a patched subclass
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        config_name = _config_argument(signature, bound)
+        config = bound.arguments[config_name]
+        block_configs = explicit
+        if block_configs is None:
+            block_configs = maybe_cast_block_configs(getattr(config, "block_configs", None))
+        if block_configs is None:
+            return original(self, *args, **kwargs)
+        index = _layer_index(cls, signature, bound)
+        if not 0 <= index < len(block_configs):
+            return original(self, *args, **kwargs)  # a layer outside the described stack
+        block = block_configs[index]
+        bound.arguments[config_name] = _layer_config(
+            config, descriptor.block_config_to_layer_overrides(block)
+        )
+        _in_progress().add(id(self))
+        try:
+            original(*bound.args, **bound.kwargs)
+        finally:
+            _in_progress().discard(id(self))
+        if block.attention.no_op:
+            if not descriptor.attn_no_op_supported():
+                raise NotImplementedError(
+                    f"{descriptor.__name__} does not support an attention no-op "
+                    "(it does not override attn_no_op_post_init)"
+                )
+            descriptor.attn_no_op_post_init(decoder_layer=self)
+        if block.ffn.no_op:
+            if not descriptor.mlp_no_op_supported():
+                raise NotImplementedError(
+                    f"{descriptor.__name__} does not support an FFN no-op "
+                    "(it does not override mlp_no_op_post_init)"
+                )
+            descriptor.mlp_no_op_post_init(decoder_layer=self)
+
+    return __init__
+
+
+@contextmanager
+def deci_x_patcher(
+    model_descriptor: Any, block_configs: list[BlockConfig | dict] | None = None
+) -> Iterator[None]:
+    """Patch the descriptor's decoder-layer classes for heterogeneous construction.
+
+    `block_configs` (BlockConfigs or config.json dicts, one per layer) default to the
+    `block_configs` of the config each layer is built with; without any, layers are built
+    unchanged. The original constructors are restored on exit, also when construction raises.
+    """
+    from ..model_descriptor.model_descriptor_factory import ModelDescriptorFactory
+
+    descriptor = ModelDescriptorFactory.get(model_descriptor)
+    classes = descriptor.decoder_layer_cls()
+    classes = list(classes) if isinstance(classes, (list, tuple)) else [classes]
+    explicit = maybe_cast_block_configs(block_configs)
+    with _LOCK:
+        saved = [(cls, cls.__dict__.get("__init__")) for cls in classes]
+        try:
+            for cls in classes:
+                cls.__init__ = _patched_init(descriptor, cls, cls.__init__, explicit)
+            yield
+        finally:
+            for cls, own in reversed(saved):
+                if own is None:
+                    del cls.__init__  # it was inherited
+                else:
+                    cls.__init__ = own

@@ -1,0 +1,57 @@
+"""Parameter-free placeholders for the parts of a model a shard does not own."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..puzzformer.no_op import find_hidden_states
+
+__all__ = ["DummyBlock", "DummyInputEmbedding", "DummyOutputHead"]
+
+
+class DummyBlock(nn.Module):
+    """Stands in for a decoder block owned by another shard: passes the hidden states through.
+
+    `returns_tuple` makes it return `(hidden_states,)` for model loops that index a layer's
+    output; `attributes` are copied on as plain attributes for loops that read them (e.g.
+    `attention_type` to choose a mask).
+    """
+
+    def __init__(
+        self,
+        block_index: int,
+        returns_tuple: bool = False,
+        attributes: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.block_index = block_index
+        self.returns_tuple = returns_tuple
+        for name, value in (attributes or {}).items():
+            setattr(self, name, value)
+
+    def forward(self, *args, **kwargs):
+        hidden_states = find_hidden_states(args, kwargs)
+        return (hidden_states,) if self.returns_tuple else hidden_states
+
+    def extra_repr(self) -> str:
+        return f"block_index={self.block_index}, returns_tuple={self.returns_tuple}"
+
+
+class DummyInputEmbedding(nn.Module):
+    """Stands in for the input embedding on a shard without block 0."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(
+            "this shard does not own the input embedding (block 0 lives on another shard): "
+            "feed it hidden states, not token ids"
+        )
+
+
+class DummyOutputHead(nn.Module):
+    """Stands in for the final norm or LM head on a shard without the last block: passes its
+    input through."""
+
+    def forward(self, *args, **kwargs):
+        return find_hidden_states(args, kwargs)
