@@ -1,0 +1,330 @@
+"""puzzletron_runtime: block configs, no-op modules, the factory, descriptor defaults, patcher."""
+
+import json
+import re
+
+import pytest
+import torch
+from runtime_llama_descriptor import HandLlamaDescriptor
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from puzzletron_runtime import (
+    AttentionConfig,
+    BlockConfig,
+    DummyBlock,
+    FFNConfig,
+    MatchingZeros,
+    ModelDescriptor,
+    ModelDescriptorFactory,
+    MoEConfig,
+    Same,
+    deci_x_patcher,
+    maybe_cast_block_configs,
+    return_tuple_of_size,
+)
+
+
+def tiny_llama_config(**kw):
+    base = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+    )
+    return LlamaConfig(**{**base, **kw})
+
+
+def block(kv=2, width=128, attn_no_op=False, ffn_no_op=False):
+    return {
+        "attention": {"no_op": attn_no_op, "num_key_value_heads": None if attn_no_op else kv},
+        "ffn": {"no_op": ffn_no_op, "intermediate_size": None if ffn_no_op else width},
+    }
+
+
+# -- block configs ---------------------------------------------------------------------------------
+def test_block_config_round_trips_through_dict_and_json():
+    b = BlockConfig.from_dict(
+        {
+            "attention": {"no_op": False, "num_key_value_heads": 4},
+            "ffn": {
+                "no_op": False,
+                "moe": {
+                    "num_local_experts": 8,
+                    "num_experts_per_tok": 2,
+                    "expert_intermediate_dim": 64,
+                    "shared_expert_intermediate_dim": 32,
+                },
+            },
+        }
+    )
+    assert isinstance(b.ffn.moe, MoEConfig)
+    assert BlockConfig.from_dict(b.to_dict()) == b
+    assert BlockConfig.from_dict(json.loads(json.dumps(b.to_dict()))) == b
+    assert BlockConfig(**b.to_dict()) == b
+
+
+def test_no_op_subblock_drops_its_sizes():
+    b = BlockConfig.from_dict(block(attn_no_op=True, ffn_no_op=True))
+    assert b.attention.num_key_value_heads is None and b.ffn.intermediate_size is None
+    assert BlockConfig(attention=AttentionConfig(no_op=True, num_key_value_heads=3), ffn=FFNConfig(no_op=True)).attention.num_key_value_heads is None
+
+
+@pytest.mark.parametrize(
+    "data,field",
+    [
+        ({"attention": {"num_key_value_heads": 2}, "ffn": {"no_op": False}}, "ffn.intermediate_size"),
+        ({"attention": {"no_op": False}, "ffn": {"intermediate_size": 8}}, "attention.num_key_value_heads"),
+        ({"attention": {"num_key_value_heads": 0}, "ffn": {"intermediate_size": 8}}, "attention.num_key_value_heads"),
+        ({"attention": {"num_key_value_heads": 2}, "ffn": {"intermediate_size": -1}}, "ffn.intermediate_size"),
+        ({"attention": {"num_key_value_heads": 2}, "ffn": {"intermediate_size": True}}, "ffn.intermediate_size"),
+        ({"attention": {"num_key_value_heads": 2, "heads": 3}, "ffn": {"intermediate_size": 8}}, "heads"),
+        ({"attention": {"num_key_value_heads": 2}, "ffn": {"moe": {"num_local_experts": 2, "num_experts_per_tok": 3, "expert_intermediate_dim": 8}}}, "num_experts_per_tok"),
+        ({"attention": {"num_key_value_heads": 2}, "ffn": {"moe": {"num_local_experts": 2}}}, "num_experts_per_tok"),
+        ({"attention": {"num_key_value_heads": 2}}, "ffn"),
+        ({"attention": {"no_op": "yes"}, "ffn": {"intermediate_size": 8}}, "attention.no_op"),
+    ],
+)
+def test_invalid_block_configs_name_the_field(data, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        BlockConfig.from_dict(data)
+
+
+def test_maybe_cast_block_configs():
+    assert maybe_cast_block_configs(None) is None
+    b = BlockConfig.from_dict(block())
+    assert maybe_cast_block_configs([block(), b]) == [b, b]
+    with pytest.raises(ValueError, match=r"block_configs\[1\]: ffn.intermediate_size"):
+        maybe_cast_block_configs([block(), {"attention": {"no_op": True}, "ffn": {}}])
+
+
+# -- no-op modules ------------------------------------------------------------------------------------
+def test_same_and_matching_zeros():
+    x = torch.randn(3, 5, 4)
+    mask = torch.ones(3, 5)
+    assert Same()(x) is x
+    assert Same()(hidden_states=x, attention_mask=mask) is x
+    z = MatchingZeros()(x=x)
+    assert torch.equal(z, torch.zeros_like(x)) and z.dtype == x.dtype
+    assert Same().weight.numel() == 0
+    for module in (Same(), MatchingZeros()):
+        assert list(module.parameters()) == [] and list(module.buffers()) == []
+    with pytest.raises(TypeError, match="hidden states"):
+        MatchingZeros()(attention_mask=mask)
+
+
+def test_return_tuple_of_size():
+    cls = return_tuple_of_size(MatchingZeros, 3)
+    assert return_tuple_of_size(MatchingZeros, 3) is cls  # cached
+    assert return_tuple_of_size(MatchingZeros, 2) is not cls
+    x = torch.randn(2, 4)
+    out = cls()(x, attention_mask=None)
+    assert isinstance(out, tuple) and len(out) == 3
+    assert torch.equal(out[0], torch.zeros_like(x)) and out[1] is None and out[2] is None
+    assert issubclass(cls, MatchingZeros) and "3" in repr(cls())
+
+
+# -- factory ------------------------------------------------------------------------------------------
+@pytest.fixture
+def clean_registry(monkeypatch):
+    monkeypatch.setattr(ModelDescriptorFactory, "_registry", {})
+
+
+def test_factory_register_get_and_resolve(clean_registry, tmp_path):
+    ModelDescriptorFactory.register(test_llama=HandLlamaDescriptor)
+    ModelDescriptorFactory.register(test_llama=HandLlamaDescriptor)  # same class: no-op
+    assert ModelDescriptorFactory.get("test_llama") is HandLlamaDescriptor
+    assert ModelDescriptorFactory.get(HandLlamaDescriptor) is HandLlamaDescriptor
+
+    @ModelDescriptorFactory.register_decorator("llama")
+    class Other(HandLlamaDescriptor):
+        pass
+
+    assert ModelDescriptorFactory.resolve(tiny_llama_config()) is Other
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert ModelDescriptorFactory.resolve(tmp_path) is Other
+    with pytest.raises(KeyError, match="HandLlamaDescriptor.*Other|Other.*HandLlamaDescriptor"):
+        ModelDescriptorFactory.register(llama=HandLlamaDescriptor)
+    with pytest.raises(KeyError, match="known: llama, test_llama"):
+        ModelDescriptorFactory.get("mistral")
+    with pytest.raises(KeyError, match="'gpt2'.*known: llama, test_llama"):
+        ModelDescriptorFactory.resolve(type("C", (), {"model_type": "gpt2"})())
+    with pytest.raises(TypeError):
+        ModelDescriptorFactory.register(bad=int)
+
+
+# -- descriptor defaults ------------------------------------------------------------------------------
+def test_no_op_support_follows_overrides():
+    class NoNoOps(HandLlamaDescriptor):
+        attn_no_op_post_init = ModelDescriptor.attn_no_op_post_init
+
+    assert HandLlamaDescriptor.attn_no_op_supported() and HandLlamaDescriptor.mlp_no_op_supported()
+    assert not NoNoOps.attn_no_op_supported() and NoNoOps.mlp_no_op_supported()
+    assert ModelDescriptor.get_language_model_config("cfg") == "cfg"
+    assert ModelDescriptor.requires_trust_remote_code() is False
+    assert ModelDescriptor.uses_autocast() is True
+
+
+def test_default_dummy_block_passes_input_through():
+    dummy = HandLlamaDescriptor.create_dummy_block(nn.Linear(2, 2), 3)
+    x = torch.randn(1, 2, 2)
+    assert dummy(x, attention_mask=None) is x
+    assert list(dummy.parameters()) == []
+    tup = DummyBlock(1, returns_tuple=True, attributes={"attention_type": "sliding_attention"})
+    assert tup(hidden_states=x) == (x,) and tup.attention_type == "sliding_attention"
+
+
+def test_get_weight_groups_partitions_a_tiny_llama():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_llama_config())
+    keys = list(model.state_dict())
+    groups = HandLlamaDescriptor.get_weight_groups(keys, 4)
+    assert sorted(k for v in groups.values() for k in v) == sorted(keys)
+    assert list(groups)[:4] == ["embeddings", "lm_head", "block_0_attention", "block_0_ffn"]
+    assert groups["lm_head"] == ["model.norm.weight", "lm_head.weight"]
+    assert "model.layers.3.mlp.up_proj.weight" in groups["block_3_ffn"]
+
+
+def test_get_weight_groups_first_match_and_unmatched_error():
+    class Overlapping(HandLlamaDescriptor):
+        @staticmethod
+        def layer_name_predicates(num_layers):
+            return {"a": re.compile(r"^x\."), "b": re.compile(r"^x\.y")}
+
+    assert Overlapping.get_weight_groups(["x.y", "x.z"], 1) == {"a": ["x.y", "x.z"]}
+    with pytest.raises(ValueError, match="'model.other.weight'"):
+        HandLlamaDescriptor.get_weight_groups(["lm_head.weight", "model.other.weight", "zzz"], 1)
+
+
+def test_get_weight_groups_builds_predicates_once(monkeypatch):
+    calls = []
+    real = HandLlamaDescriptor.layer_name_predicates
+
+    class Counting(HandLlamaDescriptor):
+        @staticmethod
+        def layer_name_predicates(num_layers):
+            calls.append(num_layers)
+            return real(num_layers)
+
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(40)]
+    Counting.get_weight_groups(names, 40)
+    assert calls == [40]
+
+
+# -- patcher ------------------------------------------------------------------------------------------
+def build(config, blocks=None, descriptor=HandLlamaDescriptor, device="meta"):
+    with torch.device(device), deci_x_patcher(descriptor, blocks):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def test_heterogeneous_shapes_change_exactly_the_requested_layers():
+    config = tiny_llama_config()
+    blocks = [block() for _ in range(4)]
+    blocks[1] = block(width=32)
+    blocks[2] = block(kv=1)
+    base = {k: v.shape for k, v in build(config).state_dict().items()}
+    het = {k: v.shape for k, v in build(config, blocks).state_dict().items()}
+    changed = {k: het[k] for k in het if het[k] != base[k]}
+    assert changed == {
+        "model.layers.1.mlp.gate_proj.weight": (32, 64),
+        "model.layers.1.mlp.up_proj.weight": (32, 64),
+        "model.layers.1.mlp.down_proj.weight": (64, 32),
+        "model.layers.2.self_attn.k_proj.weight": (16, 64),
+        "model.layers.2.self_attn.v_proj.weight": (16, 64),
+    }
+
+
+def test_block_configs_default_to_the_config_attribute():
+    config = tiny_llama_config()
+    config.block_configs = [block(width=16 * (i + 1)) for i in range(4)]
+    model = build(config)
+    assert [layer.mlp.up_proj.out_features for layer in model.model.layers] == [16, 32, 48, 64]
+    assert model.config.intermediate_size == 128  # the model's own config is untouched
+
+
+def test_both_no_op_layer_returns_its_input_exactly():
+    torch.manual_seed(0)
+    config = tiny_llama_config()
+    blocks = [block() for _ in range(4)]
+    blocks[2] = block(attn_no_op=True, ffn_no_op=True)
+    model = build(config, blocks, device="cpu").eval()
+    layer = model.model.layers[2]
+    assert list(layer.parameters()) == []
+    seen = {}
+    layer.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0]), with_kwargs=True)
+    layer.register_forward_hook(lambda m, a, o: seen.update(y=o))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (3, 7)))
+    assert torch.equal(seen["x"], seen["y"])
+
+
+def test_unsupported_no_op_names_the_descriptor():
+    class NoAttnNoOp(HandLlamaDescriptor):
+        attn_no_op_post_init = ModelDescriptor.attn_no_op_post_init
+
+    blocks = [block() for _ in range(4)]
+    blocks[0] = block(attn_no_op=True)
+    with pytest.raises(NotImplementedError, match="NoAttnNoOp"):
+        build(tiny_llama_config(), blocks, descriptor=NoAttnNoOp)
+
+
+def test_init_is_restored_on_exit():
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    original = LlamaDecoderLayer.__init__
+    build(tiny_llama_config(), [block() for _ in range(4)])
+    assert LlamaDecoderLayer.__init__ is original
+
+
+class ToyLayer(nn.Module):
+    def __init__(self, config, layer_id=None):
+        super().__init__()
+        self.width = config.width
+        self.layer_id = layer_id
+
+
+class ToyDescriptor(HandLlamaDescriptor):
+    @staticmethod
+    def decoder_layer_cls():
+        return [ToyLayer]
+
+    @staticmethod
+    def block_config_to_layer_overrides(block_config):
+        return {"width": block_config.ffn.intermediate_size}
+
+
+def test_layer_index_comes_from_bound_arguments():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(width=1)
+    blocks = [block(width=10), block(width=20), block(width=30)]
+    with deci_x_patcher(ToyDescriptor, blocks):
+        positional = ToyLayer(config, 2)
+        keyword = ToyLayer(config=config, layer_id=1)
+        outside = ToyLayer(config, 7)  # not a described layer: built as is
+        with pytest.raises(TypeError, match="ToyLayer.*layer index"):
+            ToyLayer(config)
+    assert (positional.width, keyword.width, outside.width) == (30, 20, 1)
+    assert config.width == 1
+    assert "__init__" in ToyLayer.__dict__ and ToyLayer(config).width == 1
+
+
+class ExplodingLayer(ToyLayer):
+    def __init__(self, config, layer_id=None):
+        raise RuntimeError("boom")
+
+
+class ExplodingDescriptor(ToyDescriptor):
+    @staticmethod
+    def decoder_layer_cls():
+        return [ExplodingLayer, ToyLayer]
+
+
+def test_init_is_restored_when_construction_raises():
+    from types import SimpleNamespace
+
+    exploding, toy = ExplodingLayer.__dict__["__init__"], ToyLayer.__dict__["__init__"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with deci_x_patcher(ExplodingDescriptor, [block(width=5)]):
+            assert ExplodingLayer.__dict__["__init__"] is not exploding
+            ExplodingLayer(SimpleNamespace(width=1), 0)
+    assert ExplodingLayer.__dict__["__init__"] is exploding
+    assert ToyLayer.__dict__["__init__"] is toy
