@@ -67,7 +67,8 @@ def main() -> int:
 
     t_ours = best_of(lambda: descriptor.get_weight_groups(names, args.layers), args.repeat)
     t_ref = best_of(
-        lambda: reference_get_weight_groups(descriptor, names, args.layers), max(1, args.repeat // 2)
+        lambda: reference_get_weight_groups(descriptor, names, args.layers),
+        max(1, args.repeat // 2),
     )
     print(f"get_weight_groups, {args.layers} layers, {len(names)} tensors (best of {args.repeat})")
     print(f"  reference (predicates per name): {t_ref * 1e3:9.1f} ms")

@@ -42,18 +42,26 @@ def plan(model_types: list[str], out: str, keep_existing: bool = True) -> dict[P
     out_dir = Path(out)
     out_flag = _out_arg(out)
     files: dict[Path, str] = {}
-    entries = {e.model_type: e for e in render.read_manifest(out_dir / "__init__.py")} if keep_existing else {}
+    entries = (
+        {e.model_type: e for e in render.read_manifest(out_dir / "__init__.py")}
+        if keep_existing
+        else {}
+    )
     for i, model_type in enumerate(model_types, 1):
         _progress(f"[{i}/{len(model_types)}] {model_type}: inferring")
         spec = infer(model_type)
         pkg = out_dir / spec.package
-        files[pkg / f"{render.descriptor_module(spec)}.py"] = render.render_descriptor(spec, out_flag)
+        files[pkg / f"{render.descriptor_module(spec)}.py"] = render.render_descriptor(
+            spec, out_flag
+        )
         files[pkg / "__init__.py"] = render.render_package_init(spec, out_flag)
         entries[model_type] = render.ManifestEntry(model_type, spec.package, spec.class_name)
     manifest = list(entries.values())
     version = transformers.__version__
     files[out_dir / "__init__.py"] = render.render_generated_init(manifest, version, out_flag)
-    files[out_dir / "COVERAGE.md"] = render.render_coverage(manifest, known_model_types(), version, out_flag)
+    files[out_dir / "COVERAGE.md"] = render.render_coverage(
+        manifest, known_model_types(), version, out_flag
+    )
     return files
 
 
@@ -99,16 +107,17 @@ def cmd_check(args) -> int:
     files = plan(sorted(e.model_type for e in manifest), args.out, keep_existing=False)
     stale = [p for p, text in files.items() if _read(p) != text]
     known = {p.parent for p in files}
-    strays = sorted(
-        p for p in out_dir.glob("*/*_model_descriptor.py") if p.parent not in known
-    )
+    strays = sorted(p for p in out_dir.glob("*/*_model_descriptor.py") if p.parent not in known)
     for p in stale:
         print(f"out of date: {p}", file=sys.stderr)
     for p in strays:
         print(f"not in the descriptor table: {p}", file=sys.stderr)
     if stale or strays:
-        print(f"puzzle-gen check: {len(stale) + len(strays)} file(s) differ; run "
-              f"`puzzle-gen generate {' '.join(e.model_type for e in manifest)}`", file=sys.stderr)
+        print(
+            f"puzzle-gen check: {len(stale) + len(strays)} file(s) differ; run "
+            f"`puzzle-gen generate {' '.join(e.model_type for e in manifest)}`",
+            file=sys.stderr,
+        )
         return 1
     _progress(f"puzzle-gen check: {len(files)} file(s) up to date")
     return 0
@@ -185,19 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="infer and write descriptors")
     g.add_argument("model_types", nargs="+", metavar="MODEL_TYPE", help="e.g. llama qwen3")
-    g.add_argument("--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)")
+    g.add_argument(
+        "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
+    )
     g.add_argument("--diff", action="store_true", help="print a unified diff instead of writing")
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("check", help="fail (exit 1) when a generated file is out of date")
-    c.add_argument("--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)")
+    c.add_argument(
+        "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
+    )
     c.set_defaults(func=cmd_check)
     i = sub.add_parser("inspect", help="print the inferred spec and its evidence")
     i.add_argument("model_type", metavar="MODEL_TYPE")
     i.add_argument("--json", action="store_true", help="print the spec as JSON")
     i.set_defaults(func=cmd_inspect)
-    v = sub.add_parser("verify", help="build tiny models through generated descriptors and check them")
+    v = sub.add_parser(
+        "verify", help="build tiny models through generated descriptors and check them"
+    )
     v.add_argument("model_types", nargs="+", metavar="MODEL_TYPE")
-    v.add_argument("--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)")
+    v.add_argument(
+        "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
+    )
     v.set_defaults(func=cmd_verify)
     return parser
 

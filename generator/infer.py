@@ -18,7 +18,7 @@ from .analysis import layer_flow, model_structure
 from .analysis.layer_flow import ATTENTION, FFN, LayerFlow
 from .analysis.source_index import SourceIndex, dotted
 from .errors import InferenceError, ProbeMismatch
-from .probe import Probe
+from .probe import Probe, layer_children
 from .source import ModelSource, resolve
 from .spec import (
     BufferArg,
@@ -72,28 +72,39 @@ def infer(model_type: str) -> DescriptorSpec:
     if len(layer_classes) != 1:
         names = ", ".join(c.__name__ for c in layer_classes)
         raise InferenceError(
-            "the decoder layer class", f"the stack mixes several classes ({names}); hybrid "
-            "stacks are not supported yet"
+            "the decoder layer class",
+            f"the stack mixes several classes ({names}); hybrid " "stacks are not supported yet",
         )
     layer = probe.module(f"{stack_path}.0")
-    children = probe_children = _children(layer)
-    flow = layer_flow.analyze_layer(type(layer), layer, probe_children, ctx.index)
+    flow = layer_flow.analyze_layer(type(layer), layer, layer_children(layer), ctx.index)
     arity = _confirm_calls(ctx, flow, f"{stack_path}.0")
 
     owner_path = stack_path.rpartition(".")[0]
     owner = probe.module(owner_path)
     loop = model_structure.analyze_loop(
-        ctx.index, type(owner), stack_path.rpartition(".")[2], {n for n, _ in owner.named_children()}
+        ctx.index,
+        type(owner),
+        stack_path.rpartition(".")[2],
+        {n for n, _ in owner.named_children()},
     )
     final_norm = _join(owner_path, loop.final_norm) if loop.final_norm else None
-    ctx.fact("final norm", final_norm, loop.evidence[-1:] if final_norm else ["no child is called on the hidden states after the loop"])
+    ctx.fact(
+        "final norm",
+        final_norm,
+        (
+            loop.evidence[-1:]
+            if final_norm
+            else ["nothing is called on the hidden states after the loop"]
+        ),
+    )
     dummy = _dummy_block(ctx, loop, layer)
 
     input_embedding = probe.input_embedding()
     output_embedding = probe.output_embedding()
     ctx.fact("input embedding", input_embedding, ["probe: get_input_embeddings()"])
     ctx.fact("output embedding", output_embedding, ["probe: get_output_embeddings()"])
-    ctx.fact("tied embeddings", probe.tied(), ["probe: the default config's LM head shares the embedding weight" if probe.tied() else "probe: separate LM head weight in the default config"])
+    tied_how = "shares the embedding weight" if probe.tied() else "has its own weight"
+    ctx.fact("tied embeddings", probe.tied(), [f"probe: the default config's LM head {tied_how}"])
 
     subblocks = {
         kind: _subblock(ctx, flow, kind, arity, layer, stack_path) for kind in (ATTENTION, FFN)
@@ -103,14 +114,20 @@ def infer(model_type: str) -> DescriptorSpec:
         ctx.fact(
             "shared modules",
             ", ".join(flow.shared),
-            [f"used by both subblocks of the {flow.layout} layout: left in place on a no-op; "
-             "their weights are grouped with the attention subblock"],
+            [
+                f"used by both subblocks of the {flow.layout} layout: left in place on a no-op; "
+                "their weights are grouped with the attention subblock"
+            ],
         )
 
-    embeddings = _unique([input_embedding] + [
-        _join(owner_path, name) for name in loop.before_loop
-        if _has_params(probe.module(_join(owner_path, name)))
-    ])
+    embeddings = _unique(
+        [input_embedding]
+        + [
+            _join(owner_path, name)
+            for name in loop.before_loop
+            if _has_params(probe.module(_join(owner_path, name)))
+        ]
+    )
     lm_head = _unique(([final_norm] if final_norm else []) + [output_embedding])
     attention_weights = list(subblocks[ATTENTION].weight_modules) + [
         s for s in flow.shared if _has_params(getattr(layer, s))
@@ -121,7 +138,9 @@ def infer(model_type: str) -> DescriptorSpec:
     predicates.validate(preds, probe.state_keys, probe.num_layers, "the default model's state dict")
     tiny = probe.tiny_model()
     predicates.validate(
-        preds, tiny.state_dict().keys(), int(tiny.config.get_text_config().num_hidden_layers),
+        preds,
+        tiny.state_dict().keys(),
+        int(tiny.config.get_text_config().num_hidden_layers),
         "the tiny model's state dict",
     )
 
@@ -230,12 +249,6 @@ def _layer_stack(ctx: _Context) -> tuple[str, list[type]]:
     return path, finding.where, classes
 
 
-def _children(layer: nn.Module):
-    from .probe import layer_children
-
-    return layer_children(layer)
-
-
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
@@ -258,33 +271,45 @@ def _confirm_calls(ctx: _Context, flow: LayerFlow, layer_path: str) -> dict[str,
     for name in flow.called:
         static = flow.arity.get(name)
         traced = trace[name].tuple_size if name in trace else static
-        if static is not None and traced is not None and static != traced and not flow.indexed.get(name):
+        if (
+            static is not None
+            and traced is not None
+            and static != traced
+            and not flow.indexed.get(name)
+        ):
             raise ProbeMismatch(
-                f"what {name} returns", f"a tuple of {static} (unpacked at its call site)",
+                f"what {name} returns",
+                f"a tuple of {static} (unpacked at its call site)",
                 f"a traced call returns {traced} values",
             )
         if static is None and traced is not None and not flow.indexed.get(name):
             raise ProbeMismatch(
-                f"what {name} returns", "a tensor (used directly at its call site)",
+                f"what {name} returns",
+                "a tensor (used directly at its call site)",
                 f"a traced call returns a tuple of {traced}",
             )
         arity[name] = traced if traced is not None else static
     return arity
 
 
-def _subblock(ctx, flow: LayerFlow, kind: str, arity, layer: nn.Module, stack_path: str) -> Subblock:
+def _subblock(
+    ctx, flow: LayerFlow, kind: str, arity, layer: nn.Module, stack_path: str
+) -> Subblock:
     sb = flow.subblocks.get(kind)
     if sb is None:
         raise InferenceError(
-            f"the {kind} subblock of {flow.class_name}", "no residual segment of this kind",
+            f"the {kind} subblock of {flow.class_name}",
+            "no residual segment of this kind",
             flow.evidence,
         )
     replacements = []
     for name in sb.members:
         core = name in sb.cores
         size = arity.get(name)
-        why = "core: its output joins the residual, so zeros make the subblock a no-op" if core else (
-            "passes its input through"
+        why = (
+            "core: its output joins the residual, so zeros make the subblock a no-op"
+            if core
+            else ("passes its input through")
         )
         replacements.append(
             ModuleReplacement(name, "MatchingZeros" if core else "Same", size, (why,))
@@ -421,8 +446,11 @@ def _buffer_modules(ctx: _Context, stack_path: str, tiny: nn.Module) -> list[Buf
             evidence=(f"{cons.where} `{cons.code}`",),
         )
         _check_rebuild(fact, spec, tiny)
-        ctx.fact(f"rebuilt buffers of {path}", ", ".join(names), spec.evidence + (
-            "probe: rebuilding on a tiny model reproduces the buffers exactly",))
+        ctx.fact(
+            f"rebuilt buffers of {path}",
+            ", ".join(names),
+            spec.evidence + ("probe: rebuilding on a tiny model reproduces the buffers exactly",),
+        )
         out.append(spec)
     return out
 
@@ -438,11 +466,13 @@ def _buffer_arg(fact, cons, keyword, expr) -> BufferArg:
             return BufferArg(keyword, "owner_config", rest)
         if head == "self" and rest and is_dotted_path(rest):
             return BufferArg(keyword, "owner_attr", rest)
+    code = _code(expr)
     try:
-        value = ast.literal_eval(cons_code(expr))
-    except Exception:
+        value = ast.literal_eval(code)
+    except (ValueError, SyntaxError):
         raise InferenceError(
-            fact, f"argument `{cons_code(expr)}` is neither the config, an attribute nor a literal",
+            fact,
+            f"argument `{code}` is neither the config, an attribute nor a literal",
             [cons.where],
         ) from None
     if keyword is not None and not is_identifier(keyword):
@@ -450,7 +480,7 @@ def _buffer_arg(fact, cons, keyword, expr) -> BufferArg:
     return BufferArg(keyword, "literal", "", value)
 
 
-def cons_code(expr) -> str:
+def _code(expr) -> str:
     import libcst as cst
 
     return cst.Module(body=[]).code_for_node(expr)

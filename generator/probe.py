@@ -82,7 +82,10 @@ class Probe:
             raise InferenceError(
                 "the default config", f"{source.config_cls.__name__}() fails: {exc}"
             ) from None
-        self.text_config = self.config.get_text_config()
+        try:
+            self.text_config = self.config.get_text_config()
+        except ValueError as exc:
+            raise InferenceError("the text config", str(exc)) from None
         self.text_config_attr = text_config_attr(self.config)
         try:
             self.model = build_model(source.causal_lm_cls, self.config)
@@ -135,8 +138,15 @@ class Probe:
 
     # -- tiny model checks ------------------------------------------------------------------
     def tiny_config(self, **extra: Any) -> Any:
-        with quiet_transformers():
-            return tiny_config(self.source.config_cls, **extra)
+        try:
+            with quiet_transformers():
+                return tiny_config(self.source.config_cls, **extra)
+        except Exception as exc:
+            raise InferenceError(
+                "a tiny config",
+                f"{self.source.config_cls.__name__} rejects the small sizes: "
+                f"{type(exc).__name__}: {exc}",
+            ) from None
 
     def tiny_model(self, config: Any | None = None, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)

@@ -167,8 +167,13 @@ def _header(command: str, source_module: str | None, transformers_version: str) 
 
 
 def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
-    for alt in (*spec.predicates.embeddings, *spec.predicates.lm_head, spec.predicates.layer_prefix,
-                *spec.predicates.attention, *spec.predicates.ffn):
+    for alt in (
+        *spec.predicates.embeddings,
+        *spec.predicates.lm_head,
+        spec.predicates.layer_prefix,
+        *spec.predicates.attention,
+        *spec.predicates.ffn,
+    ):
         if not _REGEX_ALT.match(alt):
             raise PuzzleGenError(f"refusing to render the regex alternative {alt!r}")
     for path in (spec.layer_stack, spec.input_embedding, spec.output_embedding):
@@ -177,18 +182,27 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
     if not is_identifier(spec.class_name):
         raise PuzzleGenError(f"refusing to render the class name {spec.class_name!r}")
     layer_types = [c.name for c in spec.decoder_layer_classes]
-    source = _env().get_template("descriptor.py.j2").render(
-        **_header(command_for(spec.model_type, out), spec.modeling_module, spec.transformers_version),
-        spec=spec,
-        imports=_import_lines(spec),
-        subblocks=[
-            _SubblockView("Attention", "attn_no_op_post_init", spec.attention),
-            _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
-        ],
-        overrides=[*spec.attention.overrides, *spec.ffn.overrides],
-        layer_type=layer_types[0] if len(layer_types) == 1 else "nn.Module",
-        top_groups=[("embeddings", spec.predicates.embeddings), ("lm_head", spec.predicates.lm_head)],
-        layer_groups=[("attention", spec.predicates.attention), ("ffn", spec.predicates.ffn)],
+    source = (
+        _env()
+        .get_template("descriptor.py.j2")
+        .render(
+            **_header(
+                command_for(spec.model_type, out), spec.modeling_module, spec.transformers_version
+            ),
+            spec=spec,
+            imports=_import_lines(spec),
+            subblocks=[
+                _SubblockView("Attention", "attn_no_op_post_init", spec.attention),
+                _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
+            ],
+            overrides=[*spec.attention.overrides, *spec.ffn.overrides],
+            layer_type=layer_types[0] if len(layer_types) == 1 else "nn.Module",
+            top_groups=[
+                ("embeddings", spec.predicates.embeddings),
+                ("lm_head", spec.predicates.lm_head),
+            ],
+            layer_groups=[("attention", spec.predicates.attention), ("ffn", spec.predicates.ffn)],
+        )
     )
     return _format(source, f"descriptor of {spec.model_type}")
 
@@ -198,10 +212,16 @@ def descriptor_module(spec: DescriptorSpec) -> str:
 
 
 def render_package_init(spec: DescriptorSpec, out: str | None = None) -> str:
-    source = _env().get_template("package_init.py.j2").render(
-        **_header(command_for(spec.model_type, out), spec.modeling_module, spec.transformers_version),
-        spec=spec,
-        module=descriptor_module(spec),
+    source = (
+        _env()
+        .get_template("package_init.py.j2")
+        .render(
+            **_header(
+                command_for(spec.model_type, out), spec.modeling_module, spec.transformers_version
+            ),
+            spec=spec,
+            module=descriptor_module(spec),
+        )
     )
     return _format(source, f"package of {spec.model_type}")
 
@@ -213,29 +233,48 @@ class ManifestEntry:
     class_name: str
 
 
-def render_generated_init(entries: list[ManifestEntry], transformers_version: str, out: str | None = None) -> str:
+def render_generated_init(
+    entries: list[ManifestEntry], transformers_version: str, out: str | None = None
+) -> str:
     for e in entries:
         if not (is_identifier(e.package) and is_identifier(e.class_name)):
             raise PuzzleGenError(f"bad manifest entry {e}")
-    source = _env().get_template("generated_init.py.j2").render(
-        **_header(_refresh_command(out), None, transformers_version),
-        entries=sorted(entries, key=lambda e: e.model_type),
+    source = (
+        _env()
+        .get_template("generated_init.py.j2")
+        .render(
+            **_header(_refresh_command(out), None, transformers_version),
+            entries=sorted(entries, key=lambda e: e.model_type),
+        )
     )
     return _format(source, "generated package")
 
 
-def render_coverage(entries: list[ManifestEntry], known: list[str], transformers_version: str, out: str | None = None) -> str:
+def render_coverage(
+    entries: list[ManifestEntry],
+    known: list[str],
+    transformers_version: str,
+    out: str | None = None,
+) -> str:
     done = {e.model_type for e in entries}
-    return _env().get_template("COVERAGE.md.j2").render(
-        **_header(_refresh_command(out), None, transformers_version),
-        entries=sorted(entries, key=lambda e: e.model_type),
-        known=known,
-        missing=[t for t in known if t not in done],
+    return (
+        _env()
+        .get_template("COVERAGE.md.j2")
+        .render(
+            **_header(_refresh_command(out), None, transformers_version),
+            entries=sorted(entries, key=lambda e: e.model_type),
+            known=known,
+            missing=[t for t in known if t not in done],
+        )
     )
 
 
 def _refresh_command(out: str | None) -> str:
-    return "puzzle-gen generate MODEL_TYPE..." + (f" --out {out}" if out else "") + " (any model type refreshes this file)"
+    return (
+        "puzzle-gen generate MODEL_TYPE..."
+        + (f" --out {out}" if out else "")
+        + " (any model type refreshes this file)"
+    )
 
 
 def read_manifest(init_path: Path) -> list[ManifestEntry]:
@@ -252,7 +291,9 @@ def read_manifest(init_path: Path) -> list[ManifestEntry]:
                 return [ManifestEntry(k, v[0], v[1]) for k, v in table.items()]
     except (SyntaxError, ValueError, IndexError, TypeError) as exc:
         raise PuzzleGenError(f"cannot read the descriptor table of {init_path}: {exc}") from None
-    raise PuzzleGenError(f"{init_path} has no _DESCRIPTORS table; is this a puzzle-gen output directory?")
+    raise PuzzleGenError(
+        f"{init_path} has no _DESCRIPTORS table; is this a puzzle-gen output directory?"
+    )
 
 
 def write_atomic(path: Path, text: str) -> None:

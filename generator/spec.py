@@ -172,7 +172,7 @@ def _build(tp, data):
         return tp(**{f.name: _build(hints[f.name], data[f.name]) for f in dataclasses.fields(tp)})
     origin = get_origin(tp)
     if origin is tuple:
-        (inner, *_rest) = get_args(tp)
+        inner, *_rest = get_args(tp)
         return tuple(_build(inner, x) for x in data)
     args = [a for a in get_args(tp) if a is not type(None)]
     if args and len(args) == 1 and dataclasses.is_dataclass(args[0]):

@@ -59,7 +59,9 @@ def load_descriptor(model_type: str, out: Path):
     try:
         return package.get_descriptor(model_type)
     except KeyError as exc:
-        raise PuzzleGenError(str(exc.args[0]) + f" (run `puzzle-gen generate {model_type}`)") from None
+        raise PuzzleGenError(
+            str(exc.args[0]) + f" (run `puzzle-gen generate {model_type}`)"
+        ) from None
 
 
 # -- building blocks (also used by the tests) ---------------------------------------------------
@@ -105,7 +107,10 @@ def _probe_block_config():
     from puzzletron_runtime import BlockConfig
 
     return BlockConfig.from_dict(
-        {"attention": {"no_op": False, "num_key_value_heads": 7}, "ffn": {"no_op": False, "intermediate_size": 11}}
+        {
+            "attention": {"no_op": False, "num_key_value_heads": 7},
+            "ffn": {"no_op": False, "intermediate_size": 11},
+        }
     )
 
 
@@ -203,14 +208,21 @@ def verify_descriptor(descriptor, config_cls) -> list[Check]:
         model = build(d, config, device="meta")
         paths = {id(m): n for n, m in model.named_modules()}
         n = int(d.get_language_model_config(config).num_hidden_layers)
-        _expect(paths[id(model.get_input_embeddings())] == d.input_embedding_name(), "input embedding")
-        _expect(paths[id(model.get_output_embeddings())] == d.output_embedding_name(), "output embedding")
+        _expect(
+            paths[id(model.get_input_embeddings())] == d.input_embedding_name(), "input embedding"
+        )
+        _expect(
+            paths[id(model.get_output_embeddings())] == d.output_embedding_name(),
+            "output embedding",
+        )
         if d.final_norm_name() is not None:
             model.get_submodule(d.final_norm_name())
         classes = d.decoder_layer_cls()
         classes = tuple(classes) if isinstance(classes, list) else (classes,)
         for i in range(n):
-            _expect(isinstance(model.get_submodule(d.layer_block_name(i)), classes), f"layer {i} class")
+            _expect(
+                isinstance(model.get_submodule(d.layer_block_name(i)), classes), f"layer {i} class"
+            )
         return f"embeddings, final norm, LM head and {n} layers resolve"
 
     def partition() -> str:
@@ -247,7 +259,10 @@ def verify_descriptor(descriptor, config_cls) -> list[Check]:
             _expect(hit, f"block {layer} {kind}: no shape changed")
             want |= hit
         _expect(changed == want, f"unexpected shape changes: {sorted(changed - want)[:4]}")
-        return "; ".join(f"block {i} {k}" for i, k in sorted(expected.items())) + " changed, nothing else"
+        return (
+            "; ".join(f"block {i} {k}" for i, k in sorted(expected.items()))
+            + " changed, nothing else"
+        )
 
     def no_op_identity() -> str:
         config = v.tiny()

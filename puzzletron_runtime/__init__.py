@@ -6,7 +6,13 @@ against this package becomes a Model Optimizer descriptor by changing only its i
 Depends on torch, transformers and safetensors only.
 """
 
-from .block_config import AttentionConfig, BlockConfig, FFNConfig, MoEConfig, maybe_cast_block_configs
+from .block_config import (
+    AttentionConfig,
+    BlockConfig,
+    FFNConfig,
+    MoEConfig,
+    maybe_cast_block_configs,
+)
 from .loading import CheckpointError, Runtime, load_model
 from .model_descriptor import ModelDescriptor, ModelDescriptorFactory
 from .puzzformer import MatchingZeros, Same, deci_x_patcher, return_tuple_of_size

@@ -136,7 +136,9 @@ class BlockConfig:
         if isinstance(self.ffn, Mapping):
             object.__setattr__(self, "ffn", FFNConfig.from_dict(self.ffn))
         if not isinstance(self.attention, AttentionConfig):
-            raise ValueError(f"attention must be an AttentionConfig or a mapping, got {self.attention!r}")
+            raise ValueError(
+                f"attention must be an AttentionConfig or a mapping, got {self.attention!r}"
+            )
         if not isinstance(self.ffn, FFNConfig):
             raise ValueError(f"ffn must be an FFNConfig or a mapping, got {self.ffn!r}")
 

@@ -108,7 +108,9 @@ def _read_config(descriptor, checkpoint_dir: Path):
 def _owned(owned_blocks, num_layers: int) -> set[int]:
     if isinstance(owned_blocks, str):
         if owned_blocks != "all":
-            raise ValueError(f"owned_blocks must be 'all' or a set of layer indices, got {owned_blocks!r}")
+            raise ValueError(
+                f"owned_blocks must be 'all' or a set of layer indices, got {owned_blocks!r}"
+            )
         return set(range(num_layers))
     owned = set(owned_blocks)
     bad = sorted(i for i in owned if not isinstance(i, int) or not 0 <= i < num_layers)
@@ -167,7 +169,9 @@ def _replace_unowned(descriptor, model: nn.Module, owned: set[int], num_layers: 
         model.set_submodule(descriptor.output_embedding_name(), DummyOutputHead())
 
 
-def _source_name(name: str, aliases: dict[str, list[str]], weight_map: dict[str, Path]) -> str | None:
+def _source_name(
+    name: str, aliases: dict[str, list[str]], weight_map: dict[str, Path]
+) -> str | None:
     """The checkpoint tensor that fills `name`: itself, or a tied alias of it."""
     for candidate in [name, *aliases.get(name, [])]:
         if candidate in weight_map:

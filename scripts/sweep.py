@@ -35,8 +35,12 @@ def main() -> int:
     tally = collections.Counter()
     for i, mt in enumerate(args.model_types, 1):
         try:
-            proc = subprocess.run([sys.executable, "-c", CODE, mt], capture_output=True, text=True,
-                                  timeout=args.timeout)
+            proc = subprocess.run(
+                [sys.executable, "-c", CODE, mt],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
             out = (proc.stdout.strip().splitlines() or [""])[-1]
             if not out:
                 err = proc.stderr.strip().splitlines()

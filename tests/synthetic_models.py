@@ -88,7 +88,9 @@ class TripleArityLayer(PreNormLayer):
 
     def forward(self, hidden_states, attention_mask=None):
         residual = hidden_states
-        attn_out, _weights, _cache = self.self_attn(self.input_layernorm(hidden_states), attention_mask)
+        attn_out, _weights, _cache = self.self_attn(
+            self.input_layernorm(hidden_states), attention_mask
+        )
         hidden_states = residual + attn_out
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return (hidden_states,)
@@ -99,7 +101,9 @@ class IndexedOutputLayer(PreNormLayer):
 
     def forward(self, hidden_states, attention_mask=None):
         residual = hidden_states
-        attn_outputs = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask)
+        attn_outputs = self.self_attn(
+            self.input_layernorm(hidden_states), attention_mask=attention_mask
+        )
         attn_output = attn_outputs[0]
         hidden_states = attn_output + residual
         residual = hidden_states
@@ -206,7 +210,9 @@ class ParallelTwoNormLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, hidden_states, attention_mask=None):
-        attn_output, _ = self.attention(self.input_layernorm(hidden_states), attention_mask=attention_mask)
+        attn_output, _ = self.attention(
+            self.input_layernorm(hidden_states), attention_mask=attention_mask
+        )
         if self.use_parallel_residual:
             mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
             hidden_states = mlp_output + attn_output + hidden_states
@@ -238,7 +244,9 @@ class DropoutAddLayer(nn.Module):
     def forward(self, hidden_states, attention_mask=None, layer_past=None):
         residual = hidden_states
         attention_layernorm_out = self.input_layernorm(hidden_states)
-        attention_output, _ = self.self_attention(attention_layernorm_out, attention_mask=attention_mask)
+        attention_output, _ = self.self_attention(
+            attention_layernorm_out, attention_mask=attention_mask
+        )
         if self.config.parallel_attn:
             mlp_layernorm_out = attention_layernorm_out
         else:
@@ -259,7 +267,9 @@ class HelperMethodLayer(PreNormLayer):
 
     def forward(self, hidden_states, attention_mask=None):
         residual = hidden_states
-        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), attention_mask=attention_mask)
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states), attention_mask=attention_mask
+        )
         hidden_states = residual + hidden_states
         hidden_states = hidden_states + self._ff_block(hidden_states)
         return hidden_states
@@ -278,7 +288,9 @@ class ToyModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(16, config.hidden_size)
         self.embed_positions = nn.Embedding(16, config.hidden_size)
-        self.layers = nn.ModuleList([PreNormLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [PreNormLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
         self.norm = Norm(config.hidden_size)
         self.masks = {"full_attention": None}
 

@@ -89,12 +89,18 @@ def groups_by_predicate(d, names, n):
 
 def test_weight_groups_partition_default_and_tiny_models(case):
     _, d, config_cls = case
-    for config in (config_cls(), tiny_config(config_cls), tiny_config(config_cls, tie_word_embeddings=True)):
+    for config in (
+        config_cls(),
+        tiny_config(config_cls),
+        tiny_config(config_cls, tie_word_embeddings=True),
+    ):
         model = build(d, config, device="meta")
         n = config.get_text_config().num_hidden_layers
         keys = list(model.state_dict().keys())
         hits = groups_by_predicate(d, keys, n)
-        assert all(len(h) == 1 for h in hits.values()), {k: h for k, h in hits.items() if len(h) != 1}
+        assert all(len(h) == 1 for h in hits.values()), {
+            k: h for k, h in hits.items() if len(h) != 1
+        }
         groups = d.get_weight_groups(keys, n)
         assert sorted(k for v in groups.values() for k in v) == sorted(keys)
         # each layer's tensors go to that layer's groups, split by the subblock modules
@@ -160,8 +166,10 @@ def test_both_no_op_layer_returns_its_input_exactly(case):
     _, d, config_cls = case
     config = tiny_config(config_cls)
     blocks = [
-        {"attention": {"num_key_value_heads": config.num_key_value_heads},
-         "ffn": {"intermediate_size": config.intermediate_size}}
+        {
+            "attention": {"num_key_value_heads": config.num_key_value_heads},
+            "ffn": {"intermediate_size": config.intermediate_size},
+        }
         for _ in range(config.num_hidden_layers)
     ]
     blocks[1] = {"attention": {"no_op": True}, "ffn": {"no_op": True}}

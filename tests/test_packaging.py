@@ -15,9 +15,21 @@ REPO = Path(__file__).resolve().parent.parent
 def test_wheel_ships_templates_and_generated_descriptors(tmp_path):
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(wheel_dir)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (wheel,) = wheel_dir.glob("puzzle_gen-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -28,8 +40,20 @@ def test_wheel_ships_templates_and_generated_descriptors(tmp_path):
 
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     code = (
         "import generator, generator.render as r, generator.infer as i; "
@@ -38,7 +62,12 @@ def test_wheel_ships_templates_and_generated_descriptors(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.splitlines()
     assert out[0].startswith(str(target))
     assert out[1] == str(target / "generator" / "templates")

@@ -33,7 +33,9 @@ def test_rendered_module_reads_top_to_bottom(spec):
     modules = [getattr(n, "module", None) or n.names[0].name for n in imports]
     # stdlib, then third party, then the runtime; each group sorted
     assert modules[:2] == ["re", "typing"]
-    assert modules[-3:] == sorted(modules[-3:]) and all(m.startswith("puzzletron_runtime") for m in modules[-3:])
+    assert modules[-3:] == sorted(modules[-3:]) and all(
+        m.startswith("puzzletron_runtime") for m in modules[-3:]
+    )
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef))
     methods = [f.name for f in cls.body if isinstance(f, ast.FunctionDef)]
     assert methods[:2] == ["decoder_layer_cls", "block_config_to_layer_overrides"]
@@ -92,7 +94,13 @@ def test_predicates_refuse_names_with_regex_or_quote_characters():
 
 def test_predicate_validation_names_unmatched_and_overlapping_keys():
     pred = predicates.build(["model.embed"], ["lm_head"], "model.layers", ["attn"], ["mlp", "attn"])
-    keys = ["model.embed.weight", "lm_head.weight", "model.layers.0.attn.w", "model.layers.0.mlp.w", "model.other.w"]
+    keys = [
+        "model.embed.weight",
+        "lm_head.weight",
+        "model.layers.0.attn.w",
+        "model.layers.0.mlp.w",
+        "model.other.w",
+    ]
     with pytest.raises(InferenceError) as err:
         predicates.validate(pred, keys, 1, "test keys")
     message = str(err.value)

@@ -27,8 +27,13 @@ from puzzletron_runtime import (
 
 def tiny_llama_config(**kw):
     base = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return LlamaConfig(**{**base, **kw})
 
@@ -65,20 +70,58 @@ def test_block_config_round_trips_through_dict_and_json():
 def test_no_op_subblock_drops_its_sizes():
     b = BlockConfig.from_dict(block(attn_no_op=True, ffn_no_op=True))
     assert b.attention.num_key_value_heads is None and b.ffn.intermediate_size is None
-    assert BlockConfig(attention=AttentionConfig(no_op=True, num_key_value_heads=3), ffn=FFNConfig(no_op=True)).attention.num_key_value_heads is None
+    assert (
+        BlockConfig(
+            attention=AttentionConfig(no_op=True, num_key_value_heads=3), ffn=FFNConfig(no_op=True)
+        ).attention.num_key_value_heads
+        is None
+    )
 
 
 @pytest.mark.parametrize(
     "data,field",
     [
-        ({"attention": {"num_key_value_heads": 2}, "ffn": {"no_op": False}}, "ffn.intermediate_size"),
-        ({"attention": {"no_op": False}, "ffn": {"intermediate_size": 8}}, "attention.num_key_value_heads"),
-        ({"attention": {"num_key_value_heads": 0}, "ffn": {"intermediate_size": 8}}, "attention.num_key_value_heads"),
-        ({"attention": {"num_key_value_heads": 2}, "ffn": {"intermediate_size": -1}}, "ffn.intermediate_size"),
-        ({"attention": {"num_key_value_heads": 2}, "ffn": {"intermediate_size": True}}, "ffn.intermediate_size"),
-        ({"attention": {"num_key_value_heads": 2, "heads": 3}, "ffn": {"intermediate_size": 8}}, "heads"),
-        ({"attention": {"num_key_value_heads": 2}, "ffn": {"moe": {"num_local_experts": 2, "num_experts_per_tok": 3, "expert_intermediate_dim": 8}}}, "num_experts_per_tok"),
-        ({"attention": {"num_key_value_heads": 2}, "ffn": {"moe": {"num_local_experts": 2}}}, "num_experts_per_tok"),
+        (
+            {"attention": {"num_key_value_heads": 2}, "ffn": {"no_op": False}},
+            "ffn.intermediate_size",
+        ),
+        (
+            {"attention": {"no_op": False}, "ffn": {"intermediate_size": 8}},
+            "attention.num_key_value_heads",
+        ),
+        (
+            {"attention": {"num_key_value_heads": 0}, "ffn": {"intermediate_size": 8}},
+            "attention.num_key_value_heads",
+        ),
+        (
+            {"attention": {"num_key_value_heads": 2}, "ffn": {"intermediate_size": -1}},
+            "ffn.intermediate_size",
+        ),
+        (
+            {"attention": {"num_key_value_heads": 2}, "ffn": {"intermediate_size": True}},
+            "ffn.intermediate_size",
+        ),
+        (
+            {"attention": {"num_key_value_heads": 2, "heads": 3}, "ffn": {"intermediate_size": 8}},
+            "heads",
+        ),
+        (
+            {
+                "attention": {"num_key_value_heads": 2},
+                "ffn": {
+                    "moe": {
+                        "num_local_experts": 2,
+                        "num_experts_per_tok": 3,
+                        "expert_intermediate_dim": 8,
+                    }
+                },
+            },
+            "num_experts_per_tok",
+        ),
+        (
+            {"attention": {"num_key_value_heads": 2}, "ffn": {"moe": {"num_local_experts": 2}}},
+            "num_experts_per_tok",
+        ),
         ({"attention": {"num_key_value_heads": 2}}, "ffn"),
         ({"attention": {"no_op": "yes"}, "ffn": {"intermediate_size": 8}}, "attention.no_op"),
     ],

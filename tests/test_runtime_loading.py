@@ -23,8 +23,13 @@ DEVICES = [
 
 def tiny_config(**kw):
     base = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return LlamaConfig(**{**base, **kw})
 
@@ -170,7 +175,9 @@ def test_shard_reads_only_its_blocks_and_the_embedding(checkpoint, counting):
     part = load_model(HandLlamaDescriptor, directory, owned_blocks={0, 1})
     expected = names_under(source, "model.embed_tokens.", "model.layers.0.", "model.layers.1.")
     assert sorted(counting.read) == sorted(expected)  # each read once, nothing else
-    assert isinstance(part.model.layers[2], DummyBlock) and isinstance(part.model.layers[3], DummyBlock)
+    assert isinstance(part.model.layers[2], DummyBlock) and isinstance(
+        part.model.layers[3], DummyBlock
+    )
     assert len(set(counting.opened)) == len(counting.opened)  # each shard opened at most once
     # the shard computes the first half of the network exactly
     with torch.no_grad():
@@ -184,7 +191,9 @@ def test_last_shard_reads_its_block_norm_and_head(checkpoint, tied_checkpoint, c
     directory, source = tied_checkpoint if tied else checkpoint[:2]
     part = load_model(HandLlamaDescriptor, directory, owned_blocks={3})
     head = {"model.embed_tokens.weight"} if tied else {"lm_head.weight"}
-    assert sorted(counting.read) == sorted(names_under(source, "model.layers.3.", "model.norm.") | head)
+    assert sorted(counting.read) == sorted(
+        names_under(source, "model.layers.3.", "model.norm.") | head
+    )
     with torch.no_grad():
         full = source(input_ids=IDS, output_hidden_states=True)
         with pytest.raises(RuntimeError, match="does not own the input embedding"):

@@ -354,7 +354,11 @@ class FlowInterpreter:
                 self._expr(idx, state)
             if isinstance(base, Call):
                 base.indexed = True
-            if isinstance(base, Pack) and isinstance(index, int) and -len(base.inputs) <= index < len(base.inputs):
+            if (
+                isinstance(base, Pack)
+                and isinstance(index, int)
+                and -len(base.inputs) <= index < len(base.inputs)
+            ):
                 return base.inputs[index]
             return Item(inputs=(base,), index=index, where=where)
         if isinstance(node, cst.Attribute) and node.attr.value in _META_ATTRS:
@@ -399,7 +403,9 @@ class FlowInterpreter:
         if name is not None and name.startswith("self.") and name.count(".") >= 1:
             path = name[len("self.") :]
             if self.is_child(path):
-                call = Call(inputs=all_inputs, target=path, where=where, code=self.parsed.code(node))
+                call = Call(
+                    inputs=all_inputs, target=path, where=where, code=self.parsed.code(node)
+                )
                 self.calls.append(call)
                 return call
             method = self.method_source(path) if "." not in path else None
@@ -460,9 +466,5 @@ class _State:
             self.env, self.known = live[0].env, live[0].known
             return
         names = set(a.env) | set(b.env)
-        self.env = {
-            n: phi([s.env[n] for s in live if n in s.env], where) for n in sorted(names)
-        }
-        self.known = {
-            k: v for k, v in a.known.items() if k in b.known and b.known[k] is v
-        }
+        self.env = {n: phi([s.env[n] for s in live if n in s.env], where) for n in sorted(names)}
+        self.known = {k: v for k, v in a.known.items() if k in b.known and b.known[k] is v}

@@ -111,9 +111,7 @@ def _as_join(graph: FlowGraph, op: Op) -> tuple[Node, Node] | None:
 def _flatten_sum(graph: FlowGraph, op: Op) -> list[Node]:
     terms: list[Node] = []
     for x in op.inputs:
-        inner_is_residual = any(
-            id(x) in graph.ancestors(y) for y in op.inputs if y is not x
-        )
+        inner_is_residual = any(id(x) in graph.ancestors(y) for y in op.inputs if y is not x)
         if isinstance(x, Op) and x.additive and len(x.inputs) == 2 and not inner_is_residual:
             terms.extend(_flatten_sum(graph, x))
         else:
@@ -124,9 +122,7 @@ def _flatten_sum(graph: FlowGraph, op: Op) -> list[Node]:
 def _calls_between(graph: FlowGraph, start: Node, end: Node) -> list[Call]:
     anc_end = graph.ancestors(end)
     return [
-        c
-        for c in graph.calls
-        if (c is end or id(c) in anc_end) and id(start) in graph.ancestors(c)
+        c for c in graph.calls if (c is end or id(c) in anc_end) and id(start) in graph.ancestors(c)
     ]
 
 
@@ -238,12 +234,18 @@ def _segments(class_name, graph: FlowGraph, children, fact) -> LayerFlow:
                     f"two {kind} segments in one layer ({subblocks[kind].cores[0]} and {name})",
                     evidence,
                 )
-            why = "receives context besides the hidden states" if kind == ATTENTION else (
-                "receives only the hidden states"
+            why = (
+                "receives context besides the hidden states"
+                if kind == ATTENTION
+                else ("receives only the hidden states")
             )
             first = core_calls[name][0]
             subblocks[kind] = Subblock(
-                kind, [name], [], list(join_sites), [f"{first.where} `{first.code}` {why}"] + evidence
+                kind,
+                [name],
+                [],
+                list(join_sites),
+                [f"{first.where} `{first.code}` {why}"] + evidence,
             )
         # every call of the segment joins the subblock of the cores it feeds or follows
         for c in calls:
@@ -343,4 +345,13 @@ def _unique(items):
     return out
 
 
-__all__ = ["ATTENTION", "FFN", "ChildInfo", "LayerFlow", "Subblock", "analyze_layer", "Input", "Item"]
+__all__ = [
+    "ATTENTION",
+    "FFN",
+    "ChildInfo",
+    "LayerFlow",
+    "Subblock",
+    "analyze_layer",
+    "Input",
+    "Item",
+]

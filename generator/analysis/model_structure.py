@@ -113,7 +113,10 @@ def find_construction(index: SourceIndex, cls: type, attr: str) -> Construction 
             if any(a.star for a in value.args):
                 return None
             found = Construction(
-                dotted(value.func), args, tuple(param_names(init)), parsed.where(stmt),
+                dotted(value.func),
+                args,
+                tuple(param_names(init)),
+                parsed.where(stmt),
                 parsed.code(stmt),
             )
     return found
@@ -160,9 +163,7 @@ def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[s
     attributes: list[str] = []
     call_targets: list[str] = []
     for node in _walk(loop.body):
-        if isinstance(node, cst.Assign) and m.matches(
-            node.value, m.Call(func=m.Name(loop_var))
-        ):
+        if isinstance(node, cst.Assign) and m.matches(node.value, m.Call(func=m.Name(loop_var))):
             call = node.value
             if call.args and isinstance(call.args[0].value, cst.Name) and not call.args[0].keyword:
                 hidden_var = call.args[0].value.value
@@ -183,11 +184,16 @@ def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[s
         for node in _walk(loop.body):
             if m.matches(node, m.Call(func=m.Name(loop_var))):
                 for a in node.args:
-                    if a.keyword and a.keyword.value == "hidden_states" and isinstance(a.value, cst.Name):
+                    if (
+                        a.keyword
+                        and a.keyword.value == "hidden_states"
+                        and isinstance(a.value, cst.Name)
+                    ):
                         hidden_var = a.value.value
     if hidden_var is None:
-        raise InferenceError(fact, "cannot tell which variable carries the hidden states",
-                             [parsed.where(loop)])
+        raise InferenceError(
+            fact, "cannot tell which variable carries the hidden states", [parsed.where(loop)]
+        )
 
     final_norm = final_norm_at = None
     for stmt in body[position + 1 :]:
@@ -213,7 +219,12 @@ def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[s
         for node in _walk(stmt):
             if isinstance(node, cst.Call):
                 name = dotted(node.func)
-                if name and name.startswith("self.") and name[5:] in children and name[5:] not in before:
+                if (
+                    name
+                    and name.startswith("self.")
+                    and name[5:] in children
+                    and name[5:] not in before
+                ):
                     before.append(name[5:])
     return LoopFinding(
         stack_attr=stack_attr,
@@ -229,7 +240,9 @@ def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[s
 
 
 def _mentions_stack(node: cst.CSTNode, stack_attr: str) -> bool:
-    return any(dotted(n) == f"self.{stack_attr}" for n in _walk(node) if isinstance(n, cst.Attribute))
+    return any(
+        dotted(n) == f"self.{stack_attr}" for n in _walk(node) if isinstance(n, cst.Attribute)
+    )
 
 
 def _find_loop(body, stack_attr):
@@ -244,7 +257,9 @@ def _find_loop(body, stack_attr):
 def _loop_var(loop: cst.For, stack_attr: str, parsed: ParsedFile):
     """The name bound to a layer: `for layer in self.h`, `for i, layer in enumerate(self.h)`,
     `for layer, x in zip(self.h, ...)`."""
-    evidence = [f"{parsed.where(loop)} `for {parsed.code(loop.target)} in {parsed.code(loop.iter)}`"]
+    evidence = [
+        f"{parsed.where(loop)} `for {parsed.code(loop.target)} in {parsed.code(loop.iter)}`"
+    ]
     target, it = loop.target, loop.iter
     if isinstance(target, cst.Name):
         return target.value, evidence
@@ -257,7 +272,11 @@ def _loop_var(loop: cst.For, stack_attr: str, parsed: ParsedFile):
         if isinstance(inner_target, cst.Name):
             return inner_target.value, evidence
         if isinstance(inner_target, (cst.Tuple, cst.List)) and isinstance(inner_iter, cst.Call):
-            elements, it, fname = [e.value for e in inner_target.elements], inner_iter, dotted(inner_iter.func)
+            elements, it, fname = (
+                [e.value for e in inner_target.elements],
+                inner_iter,
+                dotted(inner_iter.func),
+            )
     if fname == "zip":
         for element, arg in zip(elements, it.args):
             if _mentions_stack(arg.value, stack_attr) and isinstance(element, cst.Name):

@@ -58,9 +58,7 @@ class SourceIndex:
         wrapper = MetadataWrapper(cst.parse_module(text), unsafe_skip_copy=True)
         positions = wrapper.resolve(PositionProvider)
         module = wrapper.module
-        classes = {
-            stmt.name.value: stmt for stmt in module.body if isinstance(stmt, cst.ClassDef)
-        }
+        classes = {stmt.name.value: stmt for stmt in module.body if isinstance(stmt, cst.ClassDef)}
         return ParsedFile(Path(path), self._display(path), module, dict(positions), classes)
 
     def defining_class(self, cls: type, method_name: str) -> type:
@@ -75,7 +73,9 @@ class SourceIndex:
         klass = self.defining_class(cls, method_name)
         path = inspect.getsourcefile(klass)
         if path is None:
-            raise InferenceError(f"{klass.__name__}.{method_name}", "its source file is not available")
+            raise InferenceError(
+                f"{klass.__name__}.{method_name}", "its source file is not available"
+            )
         parsed = self.parse(str(Path(path).resolve()))
         func = parsed.method(klass.__name__, method_name)
         if func is None:
