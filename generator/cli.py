@@ -149,12 +149,15 @@ def format_spec(spec) -> str:
             lines.append(f"{'':{width}}    <- {wrapped[0]}")
             lines.extend(f"{'':{width}}       {w}" for w in wrapped[1:])
     lines.append("")
-    lines.append("weight groups (per layer i):")
+    lines.append("weight groups (regex alternatives; i is the layer index):")
     p = spec.predicates
-    lines.append(f"  embeddings       {' | '.join(p.embeddings)}")
-    lines.append(f"  lm_head          {' | '.join(p.lm_head)}")
-    lines.append(f"  block_i_attention {p.layer_prefix}\\.i\\.({' | '.join(p.attention)})")
-    lines.append(f"  block_i_ffn       {p.layer_prefix}\\.i\\.({' | '.join(p.ffn)})")
+    rows = [
+        ("embeddings", " | ".join(p.embeddings)),
+        ("lm_head", " | ".join(p.lm_head)),
+        ("block_i_attention", f"{p.layer_prefix}\\.i\\.({' | '.join(p.attention)})"),
+        ("block_i_ffn", f"{p.layer_prefix}\\.i\\.({' | '.join(p.ffn)})"),
+    ]
+    lines.extend(f"  {name:<17}  {value}" for name, value in rows)
     return "\n".join(lines)
 
 

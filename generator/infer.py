@@ -315,7 +315,6 @@ def _subblock(
             ModuleReplacement(name, "MatchingZeros" if core else "Same", size, (why,))
         )
     weight_modules = tuple(n for n in sb.members if _has_params(getattr(layer, n)))
-    overrides = _overrides(ctx, flow, kind, sb, layer, stack_path)
     ctx.fact(
         f"{kind} subblock",
         " -> ".join(sb.members),
@@ -328,6 +327,7 @@ def _subblock(
             f"a tuple of {size}" if size else "a tensor",
             [flow.sites[name], "probe: a traced forward of a tiny model agrees"],
         )
+    overrides = _overrides(ctx, flow, kind, sb, layer, stack_path)
     return Subblock(
         kind, tuple(replacements), weight_modules, overrides, tuple(sb.joins), tuple(sb.evidence)
     )
@@ -404,7 +404,7 @@ def _dummy_block(ctx, loop, layer: nn.Module) -> DummyBlock:
             attrs.append(name)
     evidence = list(loop.evidence[:2])
     ctx.fact(
-        "the model loop expects",
+        "model loop expects",
         ("a tuple" if loop.returns_tuple else "a tensor")
         + (f"; reads {', '.join(attrs)}" if attrs else ""),
         evidence,

@@ -24,14 +24,20 @@ from .tiny import tiny_config
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """Silence transformers' logger (config warnings) while probing."""
+    """Silence transformers' logger (config warnings) and progress bars while probing."""
+    from transformers.utils import logging as hf_logging
+
     logger = logging.getLogger("transformers")
     level = logger.level
+    bars = hf_logging.is_progress_bar_enabled()
     logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def build_model(cls: type, config: Any, device: str = "meta") -> nn.Module:
