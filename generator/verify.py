@@ -77,29 +77,38 @@ def build(descriptor, config, block_configs=None, device: str = "cpu", seed: int
     return model.eval()
 
 
-def heterogeneous_block_configs(descriptor, config) -> tuple[list[dict], dict[int, str]]:
-    """Block configs (config.json dicts) for a tiny model: layer 1 gets half the FFN width and
-    layer 2 a single KV head, for each size the descriptor maps onto the config. Returns the
-    configs and {layer: the weight group whose shapes must change}."""
+def uniform_block_configs(descriptor, config) -> list[dict]:
+    """One block config per layer, all alike, with the sizes the config has (or, for a size the
+    config leaves to a default such as GPT-2's n_inner=None, a concrete stand-in)."""
     text = descriptor.get_language_model_config(config)
-    ffn_field = _override_field(descriptor, "ffn")
     kv_field = _override_field(descriptor, "attention")
+    ffn_field = _override_field(descriptor, "ffn")
     kv = getattr(text, kv_field, None) if kv_field else None
     width = getattr(text, ffn_field, None) if ffn_field else None
-    configs = [
+    return [
         {
-            "attention": {"no_op": False, "num_key_value_heads": kv or 1},
-            "ffn": {"no_op": False, "intermediate_size": width or 1},
+            "attention": {"no_op": False, "num_key_value_heads": kv if isinstance(kv, int) else 1},
+            "ffn": {"no_op": False, "intermediate_size": width if isinstance(width, int) else 64},
         }
         for _ in range(int(text.num_hidden_layers))
     ]
+
+
+def heterogeneous_block_configs(descriptor, config) -> tuple[list[dict], dict[int, str]]:
+    """Uniform block configs except layer 1 (half the FFN width) and layer 2 (one KV head),
+    for each size the descriptor maps onto the config. Returns the configs and {layer: the
+    weight group whose shapes must change}."""
+    configs = uniform_block_configs(descriptor, config)
     expected: dict[int, str] = {}
-    if isinstance(width, int) and width > 1:
-        configs[1]["ffn"]["intermediate_size"] = width // 2
-        expected[1] = "ffn"
-    if isinstance(kv, int) and kv > 1:
-        configs[2]["attention"]["num_key_value_heads"] = 1
-        expected[2] = "attention"
+    if _override_field(descriptor, "ffn") is not None:
+        width = configs[1]["ffn"]["intermediate_size"]
+        if width > 1:
+            configs[1]["ffn"]["intermediate_size"] = width // 2
+            expected[1] = "ffn"
+    if _override_field(descriptor, "attention") is not None:
+        if configs[2]["attention"]["num_key_value_heads"] > 1:
+            configs[2]["attention"]["num_key_value_heads"] = 1
+            expected[2] = "attention"
     return configs, expected
 
 
@@ -246,7 +255,8 @@ def verify_descriptor(descriptor, config_cls) -> list[Check]:
         config = v.tiny()
         blocks, expected = heterogeneous_block_configs(d, config)
         _expect(expected, "the descriptor overrides no block-config size")
-        base = {k: tuple(t.shape) for k, t in build(d, config, device="meta").state_dict().items()}
+        uniform = build(d, config, uniform_block_configs(d, config), device="meta")
+        base = {k: tuple(t.shape) for k, t in uniform.state_dict().items()}
         het = build(d, config, blocks, device="meta")
         shapes = {k: tuple(t.shape) for k, t in het.state_dict().items()}
         n = int(d.get_language_model_config(config).num_hidden_layers)
