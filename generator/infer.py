@@ -541,9 +541,5 @@ def _class_name(causal_name: str) -> str:
     return name
 
 
-def _unique(items):
-    out = []
-    for x in items:
-        if x not in out:
-            out.append(x)
-    return out
+def _unique(items) -> list:
+    return list(dict.fromkeys(items))

@@ -2,6 +2,7 @@
 
 import re
 
+from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from puzzletron_runtime import MatchingZeros, ModelDescriptor, Same, return_tuple_of_size
@@ -63,3 +64,17 @@ class HandLlamaDescriptor(ModelDescriptor):
                 rf"^model\.layers\.{i}\.(post_attention_layernorm|mlp\.(gate|up|down)_proj)\.weight$"
             )
         return groups
+
+
+def tiny_llama_config(**overrides):
+    """A 4-layer Llama small enough to build and run in milliseconds."""
+    base = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    return LlamaConfig(**{**base, **overrides})

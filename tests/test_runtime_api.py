@@ -5,9 +5,9 @@ import re
 
 import pytest
 import torch
-from runtime_llama_descriptor import HandLlamaDescriptor
+from runtime_llama_descriptor import HandLlamaDescriptor, tiny_llama_config
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from puzzletron_runtime import (
     AttentionConfig,
@@ -23,19 +23,6 @@ from puzzletron_runtime import (
     maybe_cast_block_configs,
     return_tuple_of_size,
 )
-
-
-def tiny_llama_config(**kw):
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaConfig(**{**base, **kw})
 
 
 def block(kv=2, width=128, attn_no_op=False, ffn_no_op=False):

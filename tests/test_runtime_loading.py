@@ -6,9 +6,10 @@ import shutil
 import pytest
 import torch
 from runtime_llama_descriptor import HandLlamaDescriptor
+from runtime_llama_descriptor import tiny_llama_config as tiny_config
 from safetensors import safe_open as real_safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 import puzzletron_runtime.loading as loading
 from puzzletron_runtime import CheckpointError, DummyBlock, deci_x_patcher, load_model
@@ -19,19 +20,6 @@ DEVICES = [
     pytest.param("cuda", torch.float32, id="cuda-fp32", marks=pytest.mark.gpu),
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu),
 ]
-
-
-def tiny_config(**kw):
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaConfig(**{**base, **kw})
 
 
 def make_model(config, seed=0):

@@ -337,12 +337,8 @@ def _split_parallel(cores, core_calls, kinds, name_hint, fact, evidence) -> dict
     )
 
 
-def _unique(items):
-    out = []
-    for x in items:
-        if x not in out:
-            out.append(x)
-    return out
+def _unique(items) -> list:
+    return list(dict.fromkeys(items))
 
 
 __all__ = [

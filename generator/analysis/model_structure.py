@@ -197,35 +197,25 @@ def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[s
 
     final_norm = final_norm_at = None
     for stmt in body[position + 1 :]:
-        for node in _walk(stmt):
-            if isinstance(node, cst.Call):
-                name = dotted(node.func)
-                if (
-                    name
-                    and name.startswith("self.")
-                    and name[5:] in children
-                    and node.args
-                    and m.matches(node.args[0].value, m.Name(hidden_var))
-                ):
-                    final_norm = name[5:]
-                    final_norm_at = parsed.where(node)
-                    evidence.append(f"{parsed.where(node)} `{parsed.code(stmt)}` after the loop")
-                    break
-        if final_norm:
+        call = next(
+            (
+                (child, node)
+                for child, node in _child_calls(stmt, children)
+                if node.args and m.matches(node.args[0].value, m.Name(hidden_var))
+            ),
+            None,
+        )
+        if call is not None:
+            final_norm, node = call
+            final_norm_at = parsed.where(node)
+            evidence.append(f"{final_norm_at} `{parsed.code(stmt)}` after the loop")
             break
 
-    before: list[str] = []
-    for stmt in body[:position]:
-        for node in _walk(stmt):
-            if isinstance(node, cst.Call):
-                name = dotted(node.func)
-                if (
-                    name
-                    and name.startswith("self.")
-                    and name[5:] in children
-                    and name[5:] not in before
-                ):
-                    before.append(name[5:])
+    before = list(
+        dict.fromkeys(
+            child for stmt in body[:position] for child, _ in _child_calls(stmt, children)
+        )
+    )
     return LoopFinding(
         stack_attr=stack_attr,
         loop_var=loop_var,
@@ -237,6 +227,15 @@ def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[s
         before_loop=before,
         evidence=evidence,
     )
+
+
+def _child_calls(stmt: cst.CSTNode, children: set[str]):
+    """(child, Call) for every `self.<child>(...)` call in `stmt`, in source order."""
+    for node in _walk(stmt):
+        if isinstance(node, cst.Call):
+            name = dotted(node.func)
+            if name and name.startswith("self.") and name[5:] in children:
+                yield name[5:], node
 
 
 def _mentions_stack(node: cst.CSTNode, stack_attr: str) -> bool:

@@ -92,20 +92,18 @@ def _patched_init(descriptor: Any, cls: type, original, explicit: list[BlockConf
             original(*bound.args, **bound.kwargs)
         finally:
             _in_progress().discard(id(self))
-        if block.attention.no_op:
-            if not descriptor.attn_no_op_supported():
+        for subblock, kind, prefix in (
+            (block.attention, "attention", "attn"),
+            (block.ffn, "FFN", "mlp"),
+        ):
+            if not subblock.no_op:
+                continue
+            if not getattr(descriptor, f"{prefix}_no_op_supported")():
                 raise NotImplementedError(
-                    f"{descriptor.__name__} does not support an attention no-op "
-                    "(it does not override attn_no_op_post_init)"
+                    f"{descriptor.__name__} does not support an {kind} no-op "
+                    f"(it does not override {prefix}_no_op_post_init)"
                 )
-            descriptor.attn_no_op_post_init(decoder_layer=self)
-        if block.ffn.no_op:
-            if not descriptor.mlp_no_op_supported():
-                raise NotImplementedError(
-                    f"{descriptor.__name__} does not support an FFN no-op "
-                    "(it does not override mlp_no_op_post_init)"
-                )
-            descriptor.mlp_no_op_post_init(decoder_layer=self)
+            getattr(descriptor, f"{prefix}_no_op_post_init")(decoder_layer=self)
 
     return __init__
 
