@@ -126,16 +126,18 @@ def _calls_between(graph: FlowGraph, start: Node, end: Node) -> list[Call]:
     ]
 
 
-def _segments(class_name, graph: FlowGraph, children, fact) -> LayerFlow:
-    # 1. walk the main stream back from the output to the input
-    # ("join", op, residual, branch) | ("stream", call, None, None)
+def _main_stream(graph: FlowGraph, fact: str) -> list[tuple[str, Node, Node | None, Node | None]]:
+    """Walk back from the output to the input along the residual stream.
+
+    Returns, in forward order, ("join", op, residual, branch) for each residual join and
+    ("stream", call, None, None) for each module applied to the stream itself (post-norms).
+    """
     events: list[tuple[str, Node, Node | None, Node | None]] = []
     node = graph.returned
-    guard = 0
-    while node is not graph.input:
-        guard += 1
-        if guard > 10_000:
-            raise InferenceError(fact, "the main stream does not reach the input")
+    for _ in range(10_000):
+        if node is graph.input:
+            events.reverse()
+            return events
         if isinstance(node, Op) and node.additive and (join := _as_join(graph, node)):
             events.append(("join", node, join[0], join[1]))
             node = join[0]
@@ -145,9 +147,7 @@ def _segments(class_name, graph: FlowGraph, children, fact) -> LayerFlow:
             if len(derived) != 1:
                 raise InferenceError(fact, f"{node.target} combines several streams", [node.where])
             events.append(("stream", node, None, None))
-            node = derived[0]
-            continue
-        if len(derived) != 1:
+        elif len(derived) != 1:
             kind = "a branch merge" if isinstance(node, Phi) else f"`{node.code or node.kind}`"
             raise InferenceError(
                 fact,
@@ -155,38 +155,48 @@ def _segments(class_name, graph: FlowGraph, children, fact) -> LayerFlow:
                 [node.where] if node.where else [],
             )
         node = derived[0]
-    events.reverse()
-    joins = [e for e in events if e[0] == "join"]
-    if not joins:
-        raise InferenceError(fact, "no residual join found (expected `residual + ...`)")
+    raise InferenceError(fact, "the main stream does not reach the input")
 
-    # 2. calls per segment: between the residual and the join, plus stream calls
-    seg_calls: list[list[Call]] = [[] for _ in joins]
-    seg_evidence: list[list[str]] = [[] for _ in joins]
-    seg_joins: list[list[str]] = [[] for _ in joins]
+
+def _calls_per_segment(graph: FlowGraph, events):
+    """Per residual join: the calls of its segment, evidence lines, and the join's location.
+
+    A segment holds the calls between its residual and its join, the stream calls after the
+    join (before the first join they go to the first segment), and context calls (not on the
+    hidden-state path, e.g. a position-bias module) that feed one of those.
+    """
+    joins = [e for e in events if e[0] == "join"]
+    calls: list[list[Call]] = [[] for _ in joins]
+    evidence: list[list[str]] = [[] for _ in joins]
+    sites: list[list[str]] = [[] for _ in joins]
     k = 0
     for kind, n, residual, branch in events:
         if kind == "join":
-            between = _calls_between(graph, residual, branch)
-            seg_calls[k].extend(c for c in between if c not in seg_calls[k])
-            seg_evidence[k].append(f"{n.where} residual join `{n.code}`")
-            seg_joins[k].append(n.where)
+            calls[k].extend(c for c in _calls_between(graph, residual, branch) if c not in calls[k])
+            evidence[k].append(f"{n.where} residual join `{n.code}`")
+            sites[k].append(n.where)
             k += 1
         else:
             j = max(0, k - 1)
-            seg_calls[j].append(n)
+            calls[j].append(n)
             where = "after the join" if k > 0 else "before the first segment"
-            seg_evidence[j].append(f"{n.where} `{n.code}` on the residual stream {where}")
-    # context calls (not on the hidden-state path) feeding a segment belong to it
+            evidence[j].append(f"{n.where} `{n.code}` on the residual stream {where}")
     for c in graph.calls:
-        if graph.derived(c) or any(c in s for s in seg_calls):
+        if graph.derived(c) or any(c in s for s in calls):
             continue
-        for s in seg_calls:
+        for s in calls:
             if any(id(c) in graph.ancestors(x) for x in s):
                 s.append(c)
                 break
+    return calls, evidence, sites
 
-    # 3. cores and kinds
+
+def _segments(class_name, graph: FlowGraph, children, fact) -> LayerFlow:
+    events = _main_stream(graph, fact)
+    if not any(e[0] == "join" for e in events):
+        raise InferenceError(fact, "no residual join found (expected `residual + ...`)")
+    seg_calls, seg_evidence, seg_joins = _calls_per_segment(graph, events)
+
     def is_core(c: Call) -> bool:
         info = children.get(_top(c))
         return bool(info and info.has_matrix)
@@ -194,10 +204,8 @@ def _segments(class_name, graph: FlowGraph, children, fact) -> LayerFlow:
     def context_fed(c: Call) -> bool:
         return any(not graph.derived(x) and graph.depends_on_context(x) for x in c.inputs)
 
-    def kind_of(c: Call) -> str | None:
-        if context_fed(c):
-            return ATTENTION
-        return FFN
+    def kind_of(c: Call) -> str:
+        return ATTENTION if context_fed(c) else FFN
 
     def name_hint(c: Call) -> str | None:
         info = children.get(_top(c))
