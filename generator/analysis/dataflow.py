@@ -97,6 +97,7 @@ class FlowGraph:
     returned: Node | None
     returns_tuple: bool
     _anc: dict[int, frozenset[int]] = field(default_factory=dict, repr=False)
+    _ctx: dict[int, bool] = field(default_factory=dict, repr=False)
 
     def ancestors(self, node: Node) -> frozenset[int]:
         """ids of every node `node` depends on (not itself)."""
@@ -113,13 +114,14 @@ class FlowGraph:
         """Whether `node` carries the hidden states (depends on the input)."""
         return node is self.input or id(self.input) in self.ancestors(node)
 
-    def depends_on_context(self, node: Node, seen: set[int] | None = None) -> bool:
+    def depends_on_context(self, node: Node) -> bool:
         """Whether `node` depends on a forward argument other than the hidden states."""
-        if isinstance(node, Param):
-            return True
-        return any(
-            isinstance(x, Param) or self.depends_on_context(x) for x in node.inputs if x is not None
-        )
+        key = id(node)
+        if key not in self._ctx:
+            self._ctx[key] = isinstance(node, Param) or any(
+                self.depends_on_context(x) for x in node.inputs
+            )
+        return self._ctx[key]
 
 
 class FlowInterpreter:
