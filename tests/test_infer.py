@@ -1,0 +1,141 @@
+"""Inference on real transformers families, and the probe confirming static findings."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+from torch import nn
+
+from generator.analysis.layer_flow import ATTENTION, FFN, LayerFlow, analyze_layer
+from generator.analysis.source_index import SourceIndex
+from generator.errors import ProbeMismatch, UnknownModelType
+from generator.infer import _confirm_calls, infer
+from generator.probe import CallTrace, Probe, layer_children
+from generator.source import resolve
+
+
+def test_llama_spec_facts_and_evidence():
+    spec = infer("llama")
+    assert spec.layer_stack == "model.layers"
+    assert [r.attr for r in spec.attention.replacements] == ["input_layernorm", "self_attn"]
+    assert [(r.replacement, r.tuple_size) for r in spec.attention.replacements] == [
+        ("Same", None),
+        ("MatchingZeros", 2),
+    ]
+    assert [(o.config_field, o.block_config_attr) for o in spec.ffn.overrides] == [
+        ("intermediate_size", "ffn.intermediate_size")
+    ]
+    assert spec.final_norm == "model.norm"
+    assert re.fullmatch(r"transformers/models/llama/modeling_llama\.py:\d+", spec.final_norm_at)
+    (rotary,) = spec.buffer_modules
+    assert (rotary.owner, rotary.attr, rotary.cls.name) == (
+        "model",
+        "rotary_emb",
+        "LlamaRotaryEmbedding",
+    )
+    assert [(a.keyword, a.kind) for a in rotary.args] == [("config", "owner_config")]
+    for fact in spec.facts:
+        assert fact.evidence, f"{fact.name} has no evidence"
+
+
+def test_gemma2_norm_placement_follows_data_flow():
+    """Gemma 2's post_attention_layernorm normalises the attention output (not the FFN input)."""
+    probe = Probe(resolve("gemma2"))
+    layer = probe.module("model.layers.0")
+    flow = analyze_layer(type(layer), layer, layer_children(layer), SourceIndex())
+    assert flow.subblocks[ATTENTION].members == [
+        "input_layernorm",
+        "self_attn",
+        "post_attention_layernorm",
+    ]
+    assert flow.subblocks[FFN].members == [
+        "pre_feedforward_layernorm",
+        "mlp",
+        "post_feedforward_layernorm",
+    ]
+
+
+def test_phi_parallel_layout_keeps_shared_modules_in_place():
+    spec = infer("phi")
+    assert spec.layout == "parallel"
+    assert "input_layernorm" in spec.shared_modules
+    replaced = {r.attr for sb in (spec.attention, spec.ffn) for r in sb.replacements}
+    assert "input_layernorm" not in replaced
+    assert any("input_layernorm" in alt for alt in spec.predicates.attention)
+
+
+def test_gpt2_naming_and_width_field():
+    spec = infer("gpt2")
+    assert spec.layer_stack == "transformer.h"
+    assert spec.final_norm == "transformer.ln_f"
+    assert spec.input_embedding == "transformer.wte"
+    assert r"transformer\.wpe\..+" in spec.predicates.embeddings  # position embedding
+    assert [o.config_field for o in spec.ffn.overrides] == ["n_inner"]
+    assert spec.attention.overrides == ()  # GPT-2 has no KV-head field
+
+
+def test_unknown_model_type_suggests_close_ones():
+    with pytest.raises(UnknownModelType) as err:
+        resolve("qwen33")
+    assert err.value.exit_code == 2
+    assert "qwen3" in err.value.close
+
+
+class _StubProbe:
+    def __init__(self, layer, trace):
+        self.layer, self.trace = layer, trace
+
+    def module(self, path):
+        return self.layer
+
+    def trace_layer(self, path):
+        return self.trace
+
+
+def _flow(called, arity, indexed=None):
+    return LayerFlow(
+        class_name="Layer",
+        layout="sequential",
+        subblocks={},
+        shared=[],
+        arity=arity,
+        indexed=indexed or {},
+        called=called,
+        sites={},
+        returns_tuple=False,
+        evidence=[],
+    )
+
+
+@pytest.fixture
+def layer():
+    module = nn.Module()
+    module.attn = nn.Linear(2, 2)
+    module.mlp = nn.Linear(2, 2)
+    return module
+
+
+def test_probe_disagreeing_on_called_modules_stops_generation(layer):
+    ctx = SimpleNamespace(
+        probe=_StubProbe(layer, {"attn": CallTrace(1, 2), "mlp": CallTrace(1, None)})
+    )
+    with pytest.raises(ProbeMismatch) as err:
+        _confirm_calls(ctx, _flow(["attn"], {"attn": 2}), "layers.0")
+    message = str(err.value)
+    assert "static analysis says attn" in message and "a traced forward calls attn, mlp" in message
+
+
+def test_probe_disagreeing_on_tuple_size_stops_generation(layer):
+    ctx = SimpleNamespace(
+        probe=_StubProbe(layer, {"attn": CallTrace(1, 3), "mlp": CallTrace(1, None)})
+    )
+    with pytest.raises(ProbeMismatch, match="a tuple of 2 .* returns 3 values"):
+        _confirm_calls(ctx, _flow(["attn", "mlp"], {"attn": 2, "mlp": None}), "layers.0")
+
+
+def test_trace_decides_the_size_of_an_indexed_tuple(layer):
+    ctx = SimpleNamespace(
+        probe=_StubProbe(layer, {"attn": CallTrace(1, 3), "mlp": CallTrace(1, None)})
+    )
+    flow = _flow(["attn", "mlp"], {"attn": None, "mlp": None}, indexed={"attn": True})
+    assert _confirm_calls(ctx, flow, "layers.0") == {"attn": 3, "mlp": None}
