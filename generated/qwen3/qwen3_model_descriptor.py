@@ -18,6 +18,8 @@ Evidence (line numbers in transformers 5.23.0):
 - Final norm: model.norm, called after the layer loop (modeling_qwen3.py:415).
 - model.rotary_emb holds inv_freq, original_inv_freq outside the state dict; it is rebuilt
   the way modeling_qwen3.py:349 builds it.
+- Weight groups name modules, not single tensors: every tensor below a module (a bias that
+  another config of this model type adds, say) lands in the module's group.
 """
 
 import re
