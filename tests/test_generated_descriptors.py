@@ -221,3 +221,17 @@ def test_heterogeneous_checkpoint_round_trip(case, tmp_path):
     loaded = load_model(d, tmp_path, dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(want, loaded(input_ids=ids).logits)
+
+
+def test_weight_groups_cover_config_variants_with_biases(case):
+    """The descriptor is per model type, not per config: turning on every `*_bias` option the
+    config has adds tensors that must still land in exactly one group."""
+    _, d, config_cls = case
+    flags = {k: True for k, v in config_cls().to_dict().items() if k.endswith("_bias") and v is False}
+    config = tiny_config(config_cls, **flags)
+    model = build(d, config, device="meta")
+    keys = list(model.state_dict())
+    if flags:
+        assert any(k.endswith(".bias") for k in keys)
+    hits = groups_by_predicate(d, keys, config.num_hidden_layers)
+    assert all(len(h) == 1 for h in hits.values()), {k: h for k, h in hits.items() if len(h) != 1}
