@@ -166,12 +166,21 @@ def cmd_verify(args) -> int:
 
     failed = 0
     for model_type in _dedupe(args.model_types):
-        _progress(f"{model_type}: verifying a tiny model built through the descriptor")
-        report = verify_model_type(model_type, Path(args.out))
-        for check in report:
+        _progress(
+            f"{model_type}: checking the descriptor against transformers' own model, built "
+            "unpatched from the same tiny config with the same weights"
+        )
+
+        def report(check):
             mark = "ok  " if check.ok else "FAIL"
-            print(f"  {mark} {check.name}: {check.detail}")
-        failed += sum(not c.ok for c in report)
+            print(f"  {mark} {check.name}: {check.detail}", flush=True)
+            if check.reference:
+                print(f"       against: {check.reference}", flush=True)
+
+        checks = verify_model_type(model_type, Path(args.out), on_check=report)
+        if len(checks) == 1 and not checks[0].ok:  # the reference itself did not build
+            report(checks[0])
+        failed += sum(not c.ok for c in checks)
     if failed:
         print(f"puzzle-gen verify: {failed} check(s) failed", file=sys.stderr)
         return 1

@@ -1,38 +1,41 @@
-"""Every committed descriptor under generated/, proven on real tiny models.
+"""Every committed descriptor under generated/, verified by the oracle of `puzzle-gen verify`.
 
-For each model type: the descriptor imports and is registered; its names match the real model;
-its weight groups partition every tensor of the default-size (meta) and tiny models and of a
-saved checkpoint; heterogeneous block configs change exactly the requested shapes; a layer with
-both subblocks no-op returns its input; a sharded checkpoint loads with equal logits.
-The expectations are computed from the models themselves, never copied from the descriptor.
+One test id per model type and check: the checks are generator.verify's own (one
+implementation for the command and the suite), each comparing the descriptor with transformers'
+own model built unpatched from the same tiny config. The tests after them cover what `verify`
+does not: the package table, the factory, and names as save_pretrained writes them.
 """
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 import generated
 from generator.source import resolve
-from generator.tiny import tiny_config
-from generator.verify import build, layer_io, sample_input, save_sharded
-from puzzletron_runtime import ModelDescriptorFactory, load_model
+from generator.verify import CHECKS, build, make_subject, run_check, save_sharded
+from generator.verify.models import reference_model
+from puzzletron_runtime import ModelDescriptorFactory
 
 MODEL_TYPES = generated.available()
+_SUBJECTS = {}
 
 
-@pytest.fixture(params=MODEL_TYPES)
-def case(request):
-    model_type = request.param
-    descriptor = generated.get_descriptor(model_type)
-    return model_type, descriptor, resolve(model_type).config_cls
+def subject(model_type):
+    """The verification subject of a model type, built once per session (its reference model
+    is shared by all checks of that type)."""
+    if model_type not in _SUBJECTS:
+        descriptor = generated.get_descriptor(model_type)
+        _SUBJECTS[model_type] = make_subject(descriptor, resolve(model_type).config_cls)
+    return _SUBJECTS[model_type]
 
 
-def module_path(model, module):
-    return next(name for name, m in model.named_modules() if m is module)
+@pytest.mark.parametrize("check", CHECKS, ids=[c.name.replace(" ", "_") for c in CHECKS])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_verify(model_type, check):
+    result = run_check(subject(model_type), check)
+    assert result.ok, f"{model_type}: {check.name}: {result.detail}"
 
 
 def test_the_four_families_are_generated():
@@ -56,182 +59,32 @@ def test_unknown_model_type_lists_available():
         generated.get_descriptor("not_a_model")
 
 
-def test_registered_in_the_factory(case):
-    model_type, descriptor, _ = case
-    assert ModelDescriptorFactory.get(model_type) is descriptor
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_registered_in_the_factory(model_type):
+    assert ModelDescriptorFactory.get(model_type) is generated.get_descriptor(model_type)
 
 
-def test_names_match_the_real_model(case):
-    _, d, config_cls = case
-    with torch.device("meta"):
-        model = resolve_model(config_cls)
-    assert module_path(model, model.get_input_embeddings()) == d.input_embedding_name()
-    assert module_path(model, model.get_output_embeddings()) == d.output_embedding_name()
-    n = model.config.get_text_config().num_hidden_layers
-    stack = model.get_submodule(d.layer_block_name(0).rpartition(".")[0])
-    assert isinstance(stack, torch.nn.ModuleList) and len(stack) == n
-    for i in range(n):
-        assert type(model.get_submodule(d.layer_block_name(i))) is d.decoder_layer_cls()
-    norm = model.get_submodule(d.final_norm_name())
-    assert [p.dim() for p in norm.parameters()] == [1]  # a norm: one vector of weights
-
-
-def resolve_model(config_cls, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_config(config_cls(**kw))
-
-
-def groups_by_predicate(d, names, n):
-    preds = d.layer_name_predicates(n)
-    return {name: [g for g, p in preds.items() if p.match(name)] for name in names}
-
-
-def test_weight_groups_partition_default_and_tiny_models(case):
-    _, d, config_cls = case
-    for config in (
-        config_cls(),
-        tiny_config(config_cls),
-        tiny_config(config_cls, tie_word_embeddings=True),
-    ):
-        model = build(d, config, device="meta")
-        n = config.get_text_config().num_hidden_layers
-        keys = list(model.state_dict().keys())
-        hits = groups_by_predicate(d, keys, n)
-        assert all(len(h) == 1 for h in hits.values()), {
-            k: h for k, h in hits.items() if len(h) != 1
-        }
-        groups = d.get_weight_groups(keys, n)
-        assert sorted(k for v in groups.values() for k in v) == sorted(keys)
-        # each layer's tensors go to that layer's groups, split by the subblock modules
-        layer = model.get_submodule(d.layer_block_name(0))
-        attn_core = _core_param_prefix(layer, "attn")
-        for key in groups["block_0_attention"]:
-            assert key.startswith(d.layer_block_name(0) + ".")
-        assert any(attn_core in k for k in groups["block_0_attention"])
-        assert set(groups) == {"embeddings", "lm_head"} | {
-            f"block_{i}_{k}" for i in range(n) for k in ("attention", "ffn")
-        }
-
-
-def _core_param_prefix(layer, kind):
-    # the module that owns the q/k/v projections (its name differs between families)
-    for name, module in layer.named_children():
-        if any(n.startswith(("q_proj", "k_proj", "qkv")) for n, _ in module.named_parameters()):
-            return f".{name}."
-    raise AssertionError("no attention module found")
-
-
-def test_checkpoint_names_partition(case, tmp_path):
-    _, d, config_cls = case
-    config = tiny_config(config_cls, tie_word_embeddings=True)
-    save_sharded(build(d, config), tmp_path)
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_checkpoint_names_partition(model_type, tmp_path):
+    """The names transformers' save_pretrained writes (not only the module names)."""
+    s = subject(model_type)
+    save_sharded(reference_model(s.tied_config), tmp_path)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     names = list(index["weight_map"])
-    n = config.num_hidden_layers
-    assert all(len(h) == 1 for h in groups_by_predicate(d, names, n).values())
-    assert "lm_head.weight" not in names  # tied: only the embedding is stored
-
-
-def test_heterogeneous_block_configs_change_exactly_the_requested_shapes(case):
-    _, d, config_cls = case
-    config = tiny_config(config_cls)
-    kv, width = config.num_key_value_heads, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    blocks = [
-        {"attention": {"num_key_value_heads": kv}, "ffn": {"intermediate_size": width}}
-        for _ in range(config.num_hidden_layers)
-    ]
-    blocks[1]["ffn"]["intermediate_size"] = width // 4
-    blocks[2]["attention"]["num_key_value_heads"] = 1
-    base = {k: v.shape for k, v in build(d, config, device="meta").state_dict().items()}
-    het = {k: v.shape for k, v in build(d, config, blocks, device="meta").state_dict().items()}
-    assert set(base) == set(het)
-    changed = {k for k in het if het[k] != base[k]}
-    layer1, layer2 = d.layer_block_name(1) + ".", d.layer_block_name(2) + "."
-    ffn_changed = {k for k in changed if k.startswith(layer1)}
-    kv_changed = {k for k in changed if k.startswith(layer2)}
-    assert changed == ffn_changed | kv_changed
-    # FFN: every changed tensor now has width // 4 where it had `width`
-    assert ffn_changed and all(width // 4 in het[k] and width in base[k] for k in ffn_changed)
-    # KV: k and v projections shrink to one head
-    assert kv_changed and all(head_dim in het[k] for k in kv_changed)
-    assert {k.split(".")[-2] for k in kv_changed} >= {"k_proj", "v_proj"}
-    groups = d.get_weight_groups(list(het), config.num_hidden_layers)
-    assert ffn_changed <= set(groups["block_1_ffn"])
-    assert kv_changed <= set(groups["block_2_attention"])
-
-
-def test_both_no_op_layer_returns_its_input_exactly(case):
-    _, d, config_cls = case
-    config = tiny_config(config_cls)
-    blocks = [
-        {
-            "attention": {"num_key_value_heads": config.num_key_value_heads},
-            "ffn": {"intermediate_size": config.intermediate_size},
-        }
-        for _ in range(config.num_hidden_layers)
-    ]
-    blocks[1] = {"attention": {"no_op": True}, "ffn": {"no_op": True}}
-    model = build(d, config, blocks)
-    layer = model.get_submodule(d.layer_block_name(1))
-    assert sum(p.numel() for p in layer.parameters()) == 0
-    x, y = layer_io(model, layer, sample_input(config))
-    assert torch.equal(x, y)
-    # and a normal layer does change its input (the hook sees real data)
-    x0, y0 = layer_io(model, model.get_submodule(d.layer_block_name(0)), sample_input(config))
-    assert not torch.equal(x0, y0)
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_sharded_checkpoint_loads_with_equal_logits(case, tmp_path, tied):
-    _, d, config_cls = case
-    config = tiny_config(config_cls, tie_word_embeddings=tied)
-    source = build(d, config, seed=3)
-    ids = sample_input(config)
-    with torch.no_grad():
-        want = source(input_ids=ids).logits
-    shards = save_sharded(source, tmp_path)
-    assert len(shards) >= 2
-    loaded = load_model(d, tmp_path, dtype=torch.float32)
-    with torch.no_grad():
-        got = loaded(input_ids=ids).logits
-    assert got.dtype == torch.float32
-    assert torch.equal(want, got)
-    if tied:
-        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
-    rotary = dict(loaded.named_buffers())
-    assert all(b.device.type == "cpu" for b in rotary.values())
-
-
-def test_heterogeneous_checkpoint_round_trip(case, tmp_path):
-    _, d, config_cls = case
-    config = tiny_config(config_cls)
-    blocks = [
-        {"attention": {"num_key_value_heads": 1}, "ffn": {"intermediate_size": 32 * (i + 1)}}
-        for i in range(config.num_hidden_layers)
-    ]
-    blocks[3] = {"attention": {"no_op": True}, "ffn": {"intermediate_size": 16}}
-    config.block_configs = blocks
-    source = build(d, config, seed=5)
-    ids = sample_input(config)
-    with torch.no_grad():
-        want = source(input_ids=ids).logits
-    save_sharded(source, tmp_path)
-    loaded = load_model(d, tmp_path, dtype=torch.float32)
-    with torch.no_grad():
-        assert torch.equal(want, loaded(input_ids=ids).logits)
-
-
-def test_weight_groups_cover_config_variants_with_biases(case):
-    """The descriptor is per model type, not per config: turning on every `*_bias` option the
-    config has adds tensors that must still land in exactly one group."""
-    _, d, config_cls = case
-    flags = {k: True for k, v in config_cls().to_dict().items() if k.endswith("_bias") and v is False}
-    config = tiny_config(config_cls, **flags)
-    model = build(d, config, device="meta")
-    keys = list(model.state_dict())
-    if flags:
-        assert any(k.endswith(".bias") for k in keys)
-    hits = groups_by_predicate(d, keys, config.num_hidden_layers)
+    n = s.tied_config.get_text_config().num_hidden_layers
+    predicates = s.descriptor.layer_name_predicates(n)
+    hits = {name: [g for g, p in predicates.items() if p.match(name)] for name in names}
     assert all(len(h) == 1 for h in hits.values()), {k: h for k, h in hits.items() if len(h) != 1}
+    grouped = s.descriptor.get_weight_groups(names, n)
+    assert sorted(x for v in grouped.values() for x in v) == sorted(names)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_a_both_no_op_layer_has_no_subblock_weights(model_type):
+    s = subject(model_type)
+    blocks = s.reference.own_block_configs()
+    blocks[1] = {"attention": {"no_op": True}, "ffn": {"no_op": True}}
+    model = build(s.descriptor, s.config, blocks, device="meta")
+    roles = s.reference.roles(1)
+    left = {n for n, _ in model.get_submodule(s.descriptor.layer_block_name(1)).named_parameters()}
+    assert {n.split(".")[0] for n in left} <= set(roles.shared)

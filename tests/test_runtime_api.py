@@ -329,12 +329,57 @@ def test_layer_index_comes_from_bound_arguments():
     with deci_x_patcher(ToyDescriptor, blocks):
         positional = ToyLayer(config, 2)
         keyword = ToyLayer(config=config, layer_id=1)
-        outside = ToyLayer(config, 7)  # not a described layer: built as is
+        first = ToyLayer(config, layer_id=0)
         with pytest.raises(TypeError, match="ToyLayer.*layer index"):
             ToyLayer(config)
-    assert (positional.width, keyword.width, outside.width) == (30, 20, 1)
+    assert (first.width, positional.width, keyword.width) == (10, 30, 20)
     assert config.width == 1
     assert "__init__" in ToyLayer.__dict__ and ToyLayer(config).width == 1
+
+
+class DefaultIndexLayer(ToyLayer):
+    def __init__(self, config, layer_id=0):  # a default index would hide a missing argument
+        super().__init__(config, layer_id)
+
+
+class DefaultIndexDescriptor(ToyDescriptor):
+    @staticmethod
+    def decoder_layer_cls():
+        return [DefaultIndexLayer]
+
+
+def test_a_layer_built_without_its_index_is_refused_even_with_a_default():
+    from types import SimpleNamespace
+
+    with pytest.raises(TypeError, match="DefaultIndexLayer.*no layer index"):
+        with deci_x_patcher(DefaultIndexDescriptor, [block(width=10), block(width=20)]):
+            DefaultIndexLayer(SimpleNamespace(width=1))
+
+
+def test_a_layer_beyond_the_block_configs_is_refused():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="layer 3 is built, but there are 3 block configs"):
+        with deci_x_patcher(ToyDescriptor, [block(width=w) for w in (1, 2, 3)]):
+            ToyLayer(SimpleNamespace(width=1), 3)
+
+
+def test_block_configs_no_layer_used_are_refused():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(width=1)
+    with pytest.raises(ValueError, match="3 block configs were given but 2 layer.*no layer 2"):
+        with deci_x_patcher(ToyDescriptor, [block(width=w) for w in (1, 2, 3)]):
+            ToyLayer(config, 0)
+            ToyLayer(config, 1)
+
+
+def test_block_config_count_is_checked_on_a_real_model():
+    blocks = [block() for _ in range(5)]  # the tiny llama has 4 layers
+    with pytest.raises(ValueError, match="5 block configs were given but 4 layer"):
+        build(tiny_llama_config(), blocks)
+    with pytest.raises(ValueError, match="layer 3 is built, but there are 3 block configs"):
+        build(tiny_llama_config(), blocks[:3])
 
 
 class ExplodingLayer(ToyLayer):
@@ -358,3 +403,17 @@ def test_init_is_restored_when_construction_raises():
             ExplodingLayer(SimpleNamespace(width=1), 0)
     assert ExplodingLayer.__dict__["__init__"] is exploding
     assert ToyLayer.__dict__["__init__"] is toy
+
+
+def test_scratch_registrations_are_dropped():
+    from puzzletron_runtime import ModelDescriptorFactory
+
+    before = ModelDescriptorFactory.names()
+
+    class Elsewhere(HandLlamaDescriptor):
+        pass
+
+    with ModelDescriptorFactory.scratch():
+        ModelDescriptorFactory.register(scratch_only_name=Elsewhere)
+        assert ModelDescriptorFactory.get("scratch_only_name") is Elsewhere
+    assert ModelDescriptorFactory.names() == before

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .base import ModelDescriptor
 
@@ -62,6 +63,21 @@ class ModelDescriptorFactory:
             raise KeyError(
                 f"no descriptor registered as {name_or_class!r}; known: {cls._known()}"
             ) from None
+
+    @classmethod
+    @contextmanager
+    def scratch(cls) -> Iterator[None]:
+        """A registry that starts empty and is dropped on leaving the block, the previous one
+        restored: for importing a descriptor from a scratch directory whose name an installed
+        descriptor already holds (the class itself stays usable: `get` and `deci_x_patcher`
+        accept classes)."""
+        saved = dict(cls._registry)
+        cls._registry.clear()
+        try:
+            yield
+        finally:
+            cls._registry.clear()
+            cls._registry.update(saved)
 
     @classmethod
     def names(cls) -> list[str]:

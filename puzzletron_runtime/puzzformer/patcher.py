@@ -41,14 +41,11 @@ def _config_argument(signature: inspect.Signature, bound: inspect.BoundArguments
     raise TypeError("the decoder layer was built without a config argument")
 
 
-def _layer_index(cls: type, signature: inspect.Signature, bound: inspect.BoundArguments) -> int:
+def _layer_index(cls: type, bound: inspect.BoundArguments) -> int:
+    """The index the caller passed. A signature default is never used: a loop that forgot to
+    pass the index would otherwise build every layer from block 0."""
     for name in LAYER_INDEX_ARGUMENTS:
-        if name in bound.arguments:
-            value = bound.arguments[name]
-        elif name in signature.parameters:
-            value = signature.parameters[name].default
-        else:
-            continue
+        value = bound.arguments.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     raise TypeError(
@@ -65,7 +62,14 @@ def _layer_config(config: Any, overrides: dict[str, Any]) -> Any:
     return layer_config
 
 
-def _patched_init(descriptor: Any, cls: type, original, explicit: list[BlockConfig] | None):
+def _patched_init(
+    descriptor: Any,
+    cls: type,
+    original,
+    explicit: list[BlockConfig] | None,
+    built: dict[int, int],
+):
+    """`built` collects {layer index: number of block configs it was built against}."""
     signature = inspect.signature(original)
 
     @functools.wraps(original)
@@ -80,9 +84,13 @@ def _patched_init(descriptor: Any, cls: type, original, explicit: list[BlockConf
             block_configs = maybe_cast_block_configs(getattr(config, "block_configs", None))
         if block_configs is None:
             return original(self, *args, **kwargs)
-        index = _layer_index(cls, signature, bound)
+        index = _layer_index(cls, bound)
         if not 0 <= index < len(block_configs):
-            return original(self, *args, **kwargs)  # a layer outside the described stack
+            raise ValueError(
+                f"{cls.__name__} layer {index} is built, but there are {len(block_configs)} "
+                f"block configs: one is needed per layer"
+            )
+        built[index] = len(block_configs)
         block = block_configs[index]
         bound.arguments[config_name] = _layer_config(
             config, descriptor.block_config_to_layer_overrides(block)
@@ -108,6 +116,19 @@ def _patched_init(descriptor: Any, cls: type, original, explicit: list[BlockConf
     return __init__
 
 
+def _check_all_built(built: dict[int, int]) -> None:
+    """Every block config was used: a model with fewer layers than block configs is refused."""
+    if not built:
+        return
+    expected = max(built.values())
+    if len(built) != expected:
+        missing = sorted(set(range(expected)) - set(built))
+        raise ValueError(
+            f"{expected} block configs were given but {len(built)} layer(s) were built "
+            f"(no layer {', '.join(map(str, missing[:8]))}): one block config per layer"
+        )
+
+
 @contextmanager
 def deci_x_patcher(
     model_descriptor: Any, block_configs: list[BlockConfig | dict] | None = None
@@ -116,7 +137,11 @@ def deci_x_patcher(
 
     `block_configs` (BlockConfigs or config.json dicts, one per layer) default to the
     `block_configs` of the config each layer is built with; without any, layers are built
-    unchanged. The original constructors are restored on exit, also when construction raises.
+    unchanged. With block configs, each layer must be built with its index argument, and the
+    layers built must be exactly one per block config: a layer index beyond the list, or (on
+    leaving the context) a block config no layer used raise ValueError,
+    because each would silently build another model than the one described. The original
+    constructors are restored on exit, also when construction raises.
     """
     from ..model_descriptor.model_descriptor_factory import ModelDescriptorFactory
 
@@ -124,12 +149,14 @@ def deci_x_patcher(
     classes = descriptor.decoder_layer_cls()
     classes = list(classes) if isinstance(classes, (list, tuple)) else [classes]
     explicit = maybe_cast_block_configs(block_configs)
+    built: dict[int, int] = {}
     with _LOCK:
         saved = [(cls, cls.__dict__.get("__init__")) for cls in classes]
         try:
             for cls in classes:
-                cls.__init__ = _patched_init(descriptor, cls, cls.__init__, explicit)
+                cls.__init__ = _patched_init(descriptor, cls, cls.__init__, explicit, built)
             yield
+            _check_all_built(built)
         finally:
             for cls, own in reversed(saved):
                 if own is None:

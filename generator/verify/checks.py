@@ -1,0 +1,420 @@
+"""The checks of `puzzle-gen verify`, each against the reference model, never the descriptor.
+
+Every check is one function `check_x(subject) -> detail`; it raises VerificationError naming the
+layer and the module when the descriptor is wrong. `CHECKS` lists them in the order they run,
+with what each compares against. `puzzle-gen verify` and tests/test_generated_descriptors.py run
+exactly these functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .models import (
+    VerificationError,
+    build,
+    expect,
+    layer_io,
+    logits,
+    reference_model,
+    replace_layer_input,
+    save_sharded,
+    shapes,
+    under,
+)
+from .oracle import KINDS, Reference
+
+_PREFIX = {"attention": "attn", "ffn": "mlp"}
+
+
+@dataclass
+class Subject:
+    """A descriptor, the config class it describes, and the tiny config it is verified on."""
+
+    descriptor: type
+    config_cls: type
+    config: Any  # the tiny verification config
+    tied_config: Any  # the same with tied embeddings
+
+    @cached_property
+    def reference(self) -> Reference:
+        return Reference(self.config)
+
+    @property
+    def n(self) -> int:
+        return self.reference.num_layers
+
+    def groups(self, names) -> dict[str, set[str]]:
+        grouped = self.descriptor.get_weight_groups(list(names), self.n)
+        return {k: set(v) for k, v in grouped.items()}
+
+
+def _short(names, limit: int = 4) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _modules(names, prefix: str) -> str:
+    """Tensor names shown as the modules of a layer they belong to."""
+    cut = len(prefix) + 1
+    return _short({n[cut:].rsplit(".", 1)[0] for n in names})
+
+
+# -- 1. names -----------------------------------------------------------------------------------
+def check_names(s: Subject) -> str:
+    d, ref = s.descriptor, s.reference
+    model = ref.model
+    embed = ref.paths[id(model.get_input_embeddings())]
+    head = ref.paths[id(model.get_output_embeddings())]
+    expect(
+        d.input_embedding_name() == embed,
+        f"input_embedding_name() is {d.input_embedding_name()!r}; "
+        f"get_input_embeddings() is {embed!r}",
+    )
+    expect(
+        d.output_embedding_name() == head,
+        f"output_embedding_name() is {d.output_embedding_name()!r}; "
+        f"get_output_embeddings() is {head!r}",
+    )
+    classes = d.decoder_layer_cls()
+    classes = tuple(classes) if isinstance(classes, (list, tuple)) else (classes,)
+    for i in range(s.n):
+        expect(
+            d.layer_block_name(i) == ref.layer_path(i),
+            f"layer_block_name({i}) is {d.layer_block_name(i)!r}; layer {i} of the stack is "
+            f"{ref.layer_path(i)!r}",
+        )
+        expect(
+            isinstance(ref.layer(i), classes),
+            f"layer {i} is a {type(ref.layer(i)).__name__}, not among decoder_layer_cls() "
+            f"{[c.__name__ for c in classes]}",
+        )
+    norm = d.final_norm_name()
+    norms = ref.final_norms
+    if norms:
+        expect(
+            norm in norms,
+            f"final_norm_name() is {norm!r}; after the last layer the model applies {norms}",
+        )
+    else:
+        expect(norm is None, f"final_norm_name() is {norm!r}; the model applies no final norm")
+    return (
+        f"embedding {embed}, head {head}, final norm {norm}, layers {ref.layer_path(0)}.."
+        f"{s.n - 1}"
+    )
+
+
+# -- 2. identity --------------------------------------------------------------------------------
+def check_identity(s: Subject) -> str:
+    ref = s.reference
+    candidate = build(s.descriptor, s.config, ref.own_block_configs())
+    got = shapes(candidate)
+    missing, extra = set(ref.state_shapes) - set(got), set(got) - set(ref.state_shapes)
+    expect(not missing, f"the patched model lacks {_short(missing)}")
+    expect(not extra, f"the patched model has extra tensors {_short(extra)}")
+    wrong = sorted(k for k in got if got[k] != ref.state_shapes[k])
+    expect(
+        not wrong,
+        "shapes differ from the original: "
+        + ", ".join(f"{k} {got[k]} != {ref.state_shapes[k]}" for k in wrong[:3]),
+    )
+    candidate.load_state_dict(ref.model.state_dict())
+    out = logits(candidate, ref.input_ids)
+    expect(torch.equal(out, ref.logits), f"logits differ (max {_diff(out, ref.logits)})")
+    return f"{len(got)} tensors with the original's names and shapes; logits bit-equal"
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.shape != b.shape:
+        return f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    return f"abs diff {(a.float() - b.float()).abs().max().item():.3g}"
+
+
+# -- 3. weight groups ---------------------------------------------------------------------------
+def _partition(s: Subject, names, label: str, n: int) -> None:
+    predicates = s.descriptor.layer_name_predicates(n)
+    for name in names:
+        hits = [g for g, p in predicates.items() if p.match(name)]
+        expect(len(hits) == 1, f"{label} model: {name} is in {hits or 'no group'}")
+    grouped = s.descriptor.get_weight_groups(list(names), n)
+    expect(sum(map(len, grouped.values())) == len(names), f"{label}: grouping lost names")
+
+
+def _variants(s: Subject):
+    """Other configs of the same type the descriptor must also partition: the default sizes,
+    tied embeddings, and every `*_bias` option the config has turned on."""
+    yield "default-size", s.config_cls()
+    yield "tiny tied", s.tied_config
+    flags = {k: True for k, v in s.config.to_dict().items() if k.endswith("_bias") and v is False}
+    if flags:
+        variant = copy.deepcopy(s.config)
+        for k, v in flags.items():
+            setattr(variant, k, v)
+        yield "tiny with " + ", ".join(sorted(flags)), variant
+
+
+def check_groups(s: Subject) -> str:
+    d, ref = s.descriptor, s.reference
+    for label, config in _variants(s):
+        names = list(shapes(reference_model(config, device="meta")))
+        n = int(config.get_text_config().num_hidden_layers)
+        _partition(s, names, label, n)
+    names = list(ref.state_shapes)
+    _partition(s, names, "tiny", s.n)
+    groups = s.groups(names)
+    stack = under(names, ref.stack_path)
+    unobserved = set(names) - stack - ref.before_stack - ref.after_stack
+    for group, want, stage in (
+        ("embeddings", ref.before_stack, "before layer 0"),
+        ("lm_head", ref.after_stack, "after the last layer"),
+    ):
+        got = groups.get(group, set()) - unobserved
+        expect(
+            not want - got,
+            f"{group} lacks {_short(want - got)}, which the model runs {stage}",
+        )
+        expect(
+            not got - want,
+            f"{group} holds {_short(got - want)}, which the model does not run {stage}",
+        )
+    for i in range(s.n):
+        roles = ref.roles(i)
+        prefix = ref.layer_path(i)
+        layer_names = under(names, prefix)
+        children = {c for k in KINDS for c in roles.members[k]} | roles.shared | roles.unused
+        loose = layer_names - ref.layer_tensors(i, children)  # tensors of the layer itself
+        flexible = ref.layer_tensors(i, roles.shared | roles.unused) | loose
+        for kind in KINDS:
+            group = f"block_{i}_{kind}"
+            got = groups.get(group, set())
+            want = ref.layer_tensors(i, roles.members[kind])
+            expect(
+                not want - got,
+                f"{group} lacks {_modules(want - got, prefix)} of layer {i}'s {kind} "
+                f"({roles.describe()})",
+            )
+            expect(
+                not got - want - flexible,
+                f"{group} holds {_modules(got - want - flexible, prefix)}, not part of layer "
+                f"{i}'s {kind} ({roles.describe()})",
+            )
+        outside = {k for k, v in groups.items() if v & layer_names} - {
+            f"block_{i}_{k}" for k in KINDS
+        }
+        expect(not outside, f"tensors of layer {i} are in {sorted(outside)}")
+    return f"{len(names)} tensors; layer 0: {ref.roles(0).describe()}"
+
+
+# -- 4. overrides -------------------------------------------------------------------------------
+def check_overrides(s: Subject) -> str:
+    ref = s.reference
+    fields = ref.size_fields
+    expect(fields, "the model reads no block-config size from its config")
+    layer = 1 % s.n
+    prefix = ref.layer_path(layer)
+    done = []
+    for size, sf in fields.items():
+        kind, attr = size.split(".")
+        blocks = ref.own_block_configs()
+        blocks[layer][kind][attr] = sf.smaller
+        got = shapes(build(s.descriptor, s.config, blocks, device="meta"))
+        resized = ref.meta_shapes(ref.with_fields({sf.field: sf.smaller}))
+        want = dict(ref.state_shapes)
+        for name in under(resized, prefix) | under(want, prefix):
+            want.pop(name, None)
+            if name in resized:
+                want[name] = resized[name]
+        wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        if wrong and all(got.get(k) == ref.state_shapes.get(k) for k in wrong):
+            raise VerificationError(
+                f"no override for {size}: config.{sf.field} changes layer {layer}'s {kind} "
+                f"tensors ({_modules(wrong, prefix)}), but {size}={sf.smaller} builds the "
+                f"original layer"
+            )
+        expect(
+            not wrong,
+            f"{size}={sf.smaller} on layer {layer}: "
+            + ", ".join(f"{k} {got.get(k)} != {want.get(k)}" for k in wrong[:3])
+            + f" (want the shapes of config.{sf.field}={sf.smaller})",
+        )
+        done.append(f"{size} -> config.{sf.field}")
+    return "; ".join(done)
+
+
+# -- 5. no-ops ----------------------------------------------------------------------------------
+def _no_op_model(s: Subject, layer: int, kinds: tuple[str, ...]):
+    d, ref = s.descriptor, s.reference
+    for kind in kinds:
+        expect(
+            getattr(d, f"{_PREFIX[kind]}_no_op_supported")(),
+            f"the descriptor has no {kind} no-op",
+        )
+    blocks = ref.own_block_configs()
+    for kind in kinds:
+        blocks[layer][kind] = {"no_op": True}
+    candidate = build(d, s.config, blocks)
+    want = ref.model.state_dict()
+    got = candidate.state_dict()
+    expect(not set(got) - set(want), f"the no-op adds tensors {_short(set(got) - set(want))}")
+    candidate.load_state_dict({k: want[k] for k in got})
+    return candidate, set(want) - set(got)
+
+
+def check_no_ops(s: Subject) -> str:
+    ref = s.reference
+    layer = 1 % s.n
+    prefix = ref.layer_path(layer)
+    groups = s.groups(ref.state_shapes)
+    roles = ref.roles(layer)
+    for kind in KINDS:
+        candidate, removed = _no_op_model(s, layer, (kind,))
+        members = ref.layer_tensors(layer, roles.members[kind])
+        expect(
+            removed == members,
+            f"{kind} no-op on layer {layer} removes [{_modules(removed, prefix)}]; "
+            f"the {kind} subblock is [{_modules(members, prefix) or '-'}]",
+        )
+        group = groups.get(f"block_{layer}_{kind}", set()) - ref.layer_tensors(
+            layer, roles.shared | roles.unused
+        )
+        expect(
+            removed == group,
+            f"{kind} no-op on layer {layer} removes [{_modules(removed, prefix)}]; its weight "
+            f"group holds [{_modules(group, prefix) or '-'}]",
+        )
+        _, want = layer_io(ref.model, ref.layer(layer), ref.input_ids, ref.zeroed(layer, kind))
+        _, got = layer_io(candidate, candidate.get_submodule(prefix), ref.input_ids)
+        expect(
+            torch.equal(got, want),
+            f"{kind} no-op on layer {layer}: output differs from the original layer with its "
+            f"{kind} zeroed ({_diff(got, want)})",
+        )
+    candidate, _ = _no_op_model(s, layer, KINDS)
+    x, y = layer_io(candidate, candidate.get_submodule(prefix), ref.input_ids)
+    expect(
+        torch.equal(x, y), f"a layer with both subblocks no-op changes its input ({_diff(x, y)})"
+    )
+    return f"layer {layer}: each no-op removes exactly its subblock and matches the original"
+
+
+# -- 6. sharded stages --------------------------------------------------------------------------
+def check_stages(s: Subject) -> str:
+    from puzzletron_runtime import load_model
+
+    ref, d = s.reference, s.descriptor
+    splits = sorted({1, s.n // 2, s.n - 1} - {0, s.n})
+    expect(splits, f"a model of {s.n} layer(s) cannot be split")
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = save_sharded(ref.model, Path(tmp))
+        whole = load_model(d, tmp, dtype=torch.float32)
+        out = logits(whole, ref.input_ids)
+        expect(
+            torch.equal(out, ref.logits),
+            f"the whole model's logits differ ({_diff(out, ref.logits)})",
+        )
+        for k in splits:
+            first = load_model(d, tmp, owned_blocks=set(range(k)), dtype=torch.float32)
+            second = load_model(d, tmp, owned_blocks=set(range(k, s.n)), dtype=torch.float32)
+            _, hidden = layer_io(
+                first, first.get_submodule(d.layer_block_name(k - 1)), ref.input_ids
+            )
+            embeds = torch.zeros(*ref.input_ids.shape, hidden.shape[-1])
+            entry = second.get_submodule(d.layer_block_name(k))
+            with replace_layer_input(entry, hidden), torch.no_grad():
+                out = second(inputs_embeds=embeds).logits
+            expect(
+                torch.equal(out, ref.logits),
+                f"stages [0, {k}) + [{k}, {s.n}): logits differ from the original "
+                f"({_diff(out, ref.logits)})",
+            )
+    return f"{len(shards)} shards; whole model and splits at {splits} give the original's logits"
+
+
+# -- 7. heterogeneous round trip ----------------------------------------------------------------
+def check_round_trip(s: Subject) -> str:
+    from puzzletron_runtime import load_model
+
+    details = []
+    for tied, config in ((False, s.config), (True, s.tied_config)):
+        ref = s.reference  # tying changes no layer: the same block configs apply
+        blocks = ref.own_block_configs()
+        layer = 1 % s.n
+        for size, sf in ref.size_fields.items():
+            kind, attr = size.split(".")
+            blocks[layer][kind][attr] = sf.smaller
+        blocks[-1]["attention"] = {"no_op": True}
+        config = copy.deepcopy(config)
+        config.block_configs = blocks
+        source = build(s.descriptor, config, seed=3)
+        want = logits(source, ref.input_ids)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_sharded(source, Path(tmp))
+            loaded = load_model(s.descriptor, tmp, dtype=torch.float32)
+            got = logits(loaded, ref.input_ids)
+        if tied:
+            expect(
+                loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight,
+                "the loaded model's head is no longer tied to its embedding",
+            )
+        expect(
+            torch.equal(want, got), f"logits differ after loading (tied={tied}; {_diff(got, want)})"
+        )
+        details.append("tied" if tied else "untied")
+    return "block_configs in config.json; " + ", ".join(details) + " checkpoints load bit-equal"
+
+
+@dataclass(frozen=True)
+class CheckDef:
+    name: str
+    fn: Callable[[Subject], str]
+    reference: str  # what the check compares against
+
+
+CHECKS: tuple[CheckDef, ...] = (
+    CheckDef(
+        "names",
+        check_names,
+        "get_input_embeddings() / get_output_embeddings(), the layer stack and the norm the "
+        "original applies after its last layer (forward hooks)",
+    ),
+    CheckDef(
+        "identity",
+        check_identity,
+        "the original model: block configs of its own sizes give its tensor names, shapes and "
+        "bit-equal logits with its weights",
+    ),
+    CheckDef(
+        "weight groups",
+        check_groups,
+        "the modules the original runs before layer 0 / after the last layer, and each layer's "
+        "subblock modules found by zeroing and scaling them",
+    ),
+    CheckDef(
+        "overrides",
+        check_overrides,
+        "the original built with the config field set to the block config's size",
+    ),
+    CheckDef(
+        "no-ops",
+        check_no_ops,
+        "the original layer with that subblock's outputs zeroed (forward hooks)",
+    ),
+    CheckDef(
+        "sharded stages",
+        check_stages,
+        "the original's logits, from its save_pretrained checkpoint loaded in two stages",
+    ),
+    CheckDef(
+        "heterogeneous round trip",
+        check_round_trip,
+        "the heterogeneous model before saving (the loader must honour block_configs)",
+    ),
+)

@@ -1,0 +1,156 @@
+"""Building, running and saving the tiny models that verification compares.
+
+Two kinds of model take part in every check: the *reference*, transformers' own causal LM built
+unpatched from a config, and the *candidate*, the same config built through the descriptor's
+`deci_x_patcher`. Everything here is shared by `puzzle-gen verify` and the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..probe import quiet_transformers
+
+
+class VerificationError(AssertionError):
+    """A check found the descriptor wrong; the message names the layer and module."""
+
+
+def expect(condition: Any, message: str) -> None:
+    if not condition:
+        raise VerificationError(message)
+
+
+def reference_model(config: Any, device: str = "cpu", seed: int = 0) -> nn.Module:
+    """transformers' own causal LM for `config`, built without any patching."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with quiet_transformers(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def build(descriptor, config, block_configs=None, device: str = "cpu", seed: int = 0) -> nn.Module:
+    """The causal LM of `config` built through the descriptor's patcher."""
+    from transformers import AutoModelForCausalLM
+
+    from puzzletron_runtime import deci_x_patcher
+
+    torch.manual_seed(seed)
+    with quiet_transformers(), torch.device(device), deci_x_patcher(descriptor, block_configs):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def sample_input(config, length: int = 12) -> torch.Tensor:
+    """Token ids of batch 3: with a batch of 2, `a, _ = zeros_tensor` would unpack a tensor
+    along the batch and hide a no-op stand-in that forgot to return a tuple."""
+    vocab = int(config.get_text_config().vocab_size)
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (3, length), generator=g)
+
+
+def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The hidden states inside a module's output (a tensor, or the first of a tuple)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def call_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The tensor a module was called on: the first positional tensor, else `hidden_states`,
+    else the first tensor keyword argument."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def replace_first(output: Any, tensor: torch.Tensor) -> Any:
+    """`output` with its hidden states replaced by `tensor`, keeping the tuple shape."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    return type(output)([tensor, *output[1:]]) if isinstance(output, (tuple, list)) else output
+
+
+@contextlib.contextmanager
+def hooks(*handles) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def layer_io(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor, *patches):
+    """(input, output) hidden states of `layer` in a forward of `model`. `patches` are
+    context managers (more hooks) active during the forward."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def pre(_m, args, kwargs):
+        seen.setdefault("in", call_input(args, kwargs))
+
+    def post(_m, _args, _kwargs, output):
+        seen["out"] = first_tensor(output)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            hooks(
+                layer.register_forward_pre_hook(pre, with_kwargs=True),
+                layer.register_forward_hook(post, with_kwargs=True),
+            )
+        )
+        for p in patches:
+            stack.enter_context(p)
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    return seen["in"], seen["out"]
+
+
+def replace_layer_input(layer: nn.Module, hidden: torch.Tensor):
+    """A hook that feeds `hidden` to `layer` instead of what the model computed before it."""
+
+    def pre(_m, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    return hooks(layer.register_forward_pre_hook(pre, with_kwargs=True))
+
+
+def save_sharded(model: nn.Module, directory: Path) -> list[Path]:
+    """transformers' own save_pretrained into at least two safetensors shards."""
+    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    shard_kb = max(1, total // 1024 // 4)
+    with quiet_transformers():
+        model.save_pretrained(directory, max_shard_size=f"{shard_kb}KB")
+    shards = sorted(directory.glob("*.safetensors"))
+    expect(len(shards) >= 2, f"expected a sharded checkpoint, got {len(shards)} file(s)")
+    return shards
+
+
+def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def under(names, prefix: str) -> set[str]:
+    """The names below module `prefix`."""
+    return {n for n in names if n.startswith(prefix + ".")}
+
+
+def forward_hook(module: nn.Module, fn: Callable) -> Any:
+    return hooks(module.register_forward_hook(fn, with_kwargs=True))

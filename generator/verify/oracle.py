@@ -1,0 +1,383 @@
+"""The oracle: what transformers' own model, built unpatched, says a descriptor must say.
+
+Nothing here reads the descriptor or the generator's inference. Every fact comes from running
+the reference model (the causal LM of the same config, built without the patcher) with hooks:
+
+- the layer stack is the ModuleList of the text config's layer count whose layers run in order;
+- the modules a pipeline stage needs before layer 0 are those that run, start to end, before
+  layer 0 starts; after the last layer, those that run after it ends (final norm, head);
+- inside a layer, the *cores* are the children holding matrices; an attention core is one called
+  with context besides the hidden states (a cache, position embeddings, a mask), an FFN core one
+  called on hidden states alone;
+- every other child with weights (a norm) belongs to the subblock whose cores make it matter:
+  scaling its output changes the layer's output when the FFN cores are zeroed but not when the
+  attention cores are (attention), the reverse (FFN), or in both cases (shared: a parallel layout's
+  common input norm).
+
+"Zeroing a subblock" zeroes its cores' outputs and every module that is then called on one of
+those zero tensors (a post-norm), which is what a subblock that contributes nothing means.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import (
+    call_input,
+    first_tensor,
+    hooks,
+    layer_io,
+    logits,
+    reference_model,
+    replace_first,
+    sample_input,
+    shapes,
+    under,
+)
+
+KINDS = ("attention", "ffn")
+
+# Block-config sizes, and the config fields that may carry each one, in order of preference.
+# The oracle only *offers* these: a field counts for a model when changing it changes the
+# shapes of that subblock's tensors in the reference model and nothing else.
+SIZE_FIELDS: dict[str, tuple[str, ...]] = {
+    # KV heads: the names transformers' configs use for grouped-query / multi-query heads
+    "attention.num_key_value_heads": (
+        "num_key_value_heads",
+        "num_kv_heads",
+        "multi_query_group_num",
+        "n_head_kv",
+        "num_key_value_groups",
+    ),
+    # FFN width: the names used for the MLP's hidden width
+    "ffn.intermediate_size": (
+        "intermediate_size",
+        "n_inner",
+        "ffn_dim",
+        "ffn_hidden_size",
+        "d_ff",
+        "inner_hidden_size",
+        "mlp_hidden_size",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SizeField:
+    size: str  # block-config attribute, e.g. "ffn.intermediate_size"
+    kind: str  # "attention" | "ffn"
+    field: str  # the config field the reference model reads it from
+    value: int  # the config's own value
+    smaller: int  # another valid value, used to probe overrides
+
+
+@dataclass(frozen=True)
+class LayerRoles:
+    """The children of one layer, by the subblock they belong to."""
+
+    cores: dict[str, str]  # child -> "attention" | "ffn"
+    members: dict[str, frozenset[str]]  # kind -> children (cores and their norms)
+    shared: frozenset[str]  # children both subblocks need (kept by either no-op)
+    unused: frozenset[str]  # children with weights that did not affect the layer
+
+    def describe(self) -> str:
+        parts = [f"{k}: {', '.join(sorted(self.members[k])) or '-'}" for k in KINDS]
+        if self.shared:
+            parts.append(f"shared: {', '.join(sorted(self.shared))}")
+        return "; ".join(parts)
+
+
+def _params(module: nn.Module) -> list[torch.Tensor]:
+    return list(module.parameters())
+
+
+def _is_core(module: nn.Module) -> bool:
+    return any(p.dim() >= 2 for p in _params(module))
+
+
+def _has_context(args: tuple, kwargs: dict) -> bool:
+    """Whether a call passed more than hidden states: a cache object, a tuple of tensors
+    (position embeddings), or a tensor shaped unlike the hidden states (mask, positions)."""
+    hidden = call_input(args, kwargs)
+    for value in itertools.chain(args, kwargs.values()):
+        if value is None or value is hidden or isinstance(value, (bool, int, float, str)):
+            continue
+        if isinstance(value, torch.Tensor) and hidden is not None and value.shape == hidden.shape:
+            continue  # a second stream (Bloom's residual) is not context
+        return True
+    return False
+
+
+class Reference:
+    """The reference model of `config` and the facts the oracle reads off it."""
+
+    def __init__(self, config: Any, seed: int = 0):
+        self.config = config
+        self.text = config.get_text_config()
+        self.num_layers = int(self.text.num_hidden_layers)
+        self.model = reference_model(config, seed=seed)
+        self.input_ids = sample_input(config)
+        self.paths = {id(m): n for n, m in self.model.named_modules()}
+
+    # -- the stack ------------------------------------------------------------------------------
+    @cached_property
+    def stack_path(self) -> str:
+        """The ModuleList of `num_layers` modules that run one after another in the forward."""
+        spans = self.spans
+        candidates = []
+        for name, mod in self.model.named_modules():
+            if not isinstance(mod, nn.ModuleList) or len(mod) != self.num_layers:
+                continue
+            starts = [spans.get(f"{name}.{i}", (None, None))[0] for i in range(len(mod))]
+            if all(s is not None for s in starts) and starts == sorted(starts):
+                candidates.append((sum(p.numel() for p in mod.parameters()), name))
+        if not candidates:
+            raise AssertionError(
+                f"the reference model has no ModuleList of {self.num_layers} layers run in order"
+            )
+        return max(candidates)[1]
+
+    def layer_path(self, i: int) -> str:
+        return f"{self.stack_path}.{i}"
+
+    def layer(self, i: int) -> nn.Module:
+        return self.model.get_submodule(self.layer_path(i))
+
+    # -- call order -----------------------------------------------------------------------------
+    @cached_property
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """module path -> (first start, last end) in a forward of the reference model."""
+        tick = itertools.count()
+        spans: dict[str, list[int]] = {}
+        handles = []
+        for name, mod in self.model.named_modules():
+            if not name:
+                continue
+
+            def pre(_m, _a, name=name):
+                spans.setdefault(name, [next(tick), -1])
+
+            def post(_m, _a, _o, name=name):
+                spans[name][1] = next(tick)
+
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        with hooks(*handles):
+            logits(self.model, self.input_ids)
+        return {k: (v[0], v[1]) for k, v in spans.items()}
+
+    def _outside_stack(self, before: bool) -> set[str]:
+        first = self.spans[self.layer_path(0)][0]
+        last = self.spans[self.layer_path(self.num_layers - 1)][1]
+        paths = [
+            p
+            for p, (s, e) in self.spans.items()
+            if (e < first if before else s > last)
+            and not p.startswith(self.stack_path + ".")
+            and any(True for _ in self.model.get_submodule(p).parameters(recurse=False))
+        ]
+        names = set(self.state_shapes)
+        found = set()
+        for p in paths:
+            found |= {
+                f"{p}.{n}" for n, _ in self.model.get_submodule(p).named_parameters(recurse=False)
+            }
+            found |= {
+                f"{p}.{n}"
+                for n in self.model.get_submodule(p).state_dict(keep_vars=True)
+                if "." not in n
+            }
+        return found & names
+
+    @cached_property
+    def before_stack(self) -> set[str]:
+        """State-dict names of the modules that run entirely before layer 0."""
+        return self._outside_stack(before=True)
+
+    @cached_property
+    def after_stack(self) -> set[str]:
+        """State-dict names of the modules that run entirely after the last layer."""
+        return self._outside_stack(before=False)
+
+    @cached_property
+    def final_norms(self) -> list[str]:
+        """Modules with vectors only (norms) that run between the last layer and the head."""
+        last = self.spans[self.layer_path(self.num_layers - 1)][1]
+        head = self.paths[id(self.model.get_output_embeddings())]
+        head_start = self.spans[head][0]
+        found = []
+        for p, (s, e) in sorted(self.spans.items(), key=lambda kv: kv[1]):
+            mod = self.model.get_submodule(p)
+            own = list(mod.parameters(recurse=False))
+            if s > last and e < head_start and own and all(t.dim() == 1 for t in own):
+                found.append(p)
+        return found
+
+    @cached_property
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        return shapes(self.model)
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        return logits(self.model, self.input_ids)
+
+    def layer_tensors(self, i: int, children) -> set[str]:
+        prefix = self.layer_path(i)
+        out: set[str] = set()
+        for child in children:
+            out |= under(self.state_shapes, f"{prefix}.{child}")
+        return out
+
+    # -- roles inside a layer -------------------------------------------------------------------
+    def roles(self, i: int) -> LayerRoles:
+        if not hasattr(self, "_roles"):
+            self._roles: dict[int, LayerRoles] = {}
+        if i not in self._roles:
+            self._roles[i] = self._compute_roles(i)
+        return self._roles[i]
+
+    def _compute_roles(self, i: int) -> LayerRoles:
+        children = {n for n, m in self.layer(i).named_children() if _params(m)}
+        cores = self.roles_cores(i)
+        members = {k: {n for n, kind in cores.items() if kind == k} for k in KINDS}
+        shared, unused = set(), set()
+        for name in sorted(set(children) - set(cores)):
+            # a child the FFN needs still matters with the attention zeroed, and vice versa
+            needed_by = {
+                "ffn": self._matters(i, name, zeroed="attention"),
+                "attention": self._matters(i, name, zeroed="ffn"),
+            }
+            if all(needed_by.values()):
+                shared.add(name)
+            elif any(needed_by.values()):
+                members["ffn" if needed_by["ffn"] else "attention"].add(name)
+            else:
+                unused.add(name)
+        return LayerRoles(
+            cores=cores,
+            members={k: frozenset(v) for k, v in members.items()},
+            shared=frozenset(shared),
+            unused=frozenset(unused),
+        )
+
+    def _matters(self, i: int, child: str, zeroed: str) -> bool:
+        """Does scaling `child`'s output change layer i's output while `zeroed` is zeroed?"""
+        layer = self.layer(i)
+        _, base = layer_io(self.model, layer, self.input_ids, self.zeroed(i, zeroed))
+
+        def scale(_m, _a, _k, output):
+            t = first_tensor(output)
+            return None if t is None else replace_first(output, t * 1.5)
+
+        module = layer.get_submodule(child)
+        with hooks(module.register_forward_hook(scale, with_kwargs=True, prepend=False)):
+            _, out = layer_io(self.model, layer, self.input_ids, self.zeroed(i, zeroed))
+        return not torch.equal(base, out)
+
+    def zeroed(self, i: int, kind: str | tuple[str, ...]):
+        """Hooks (a context manager) that make subblock `kind` of layer i contribute nothing:
+        its cores return zeros, and so does every child of the layer called on those zeros."""
+        kinds = (kind,) if isinstance(kind, str) else kind
+        layer = self.layer(i)
+        cores = {n for n, k in self.roles_cores(i).items() if k in kinds}
+        produced: list[torch.Tensor] = []  # keep the zero tensors alive: identity matters
+
+        def hook(_m, args, kwargs, output, name):
+            src = call_input(args, kwargs)
+            if name in cores or any(src is z for z in produced):
+                t = first_tensor(output)
+                if t is not None:
+                    z = torch.zeros_like(t)
+                    produced.append(z)
+                    return replace_first(output, z)
+            return None
+
+        handles = [
+            child.register_forward_hook(
+                lambda m, a, k, o, name=name: hook(m, a, k, o, name), with_kwargs=True
+            )
+            for name, child in layer.named_children()
+        ]
+        return hooks(*handles)
+
+    def roles_cores(self, i: int) -> dict[str, str]:
+        """Only the cores (computing them does not need the zeroing hooks)."""
+        if not hasattr(self, "_cores"):
+            self._cores: dict[int, dict[str, str]] = {}
+        if i not in self._cores:
+            layer = self.layer(i)
+            context: dict[str, bool] = {}
+            handles = []
+            for name, child in layer.named_children():
+                if _params(child) and _is_core(child):
+
+                    def pre(_m, args, kwargs, name=name):
+                        context[name] = context.get(name, False) or _has_context(args, kwargs)
+
+                    handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
+            with hooks(*handles):
+                logits(self.model, self.input_ids)
+            self._cores[i] = {n: ("attention" if c else "ffn") for n, c in context.items()}
+        return self._cores[i]
+
+    # -- sizes ----------------------------------------------------------------------------------
+    @cached_property
+    def size_fields(self) -> dict[str, SizeField]:
+        """For each block-config size, the config field that changes exactly that subblock's
+        tensor shapes in the reference model (absent when the model reads none)."""
+        base = self.meta_shapes(self.config)
+        found = {}
+        for size, fields in SIZE_FIELDS.items():
+            kind = size.split(".")[0]
+            allowed = set()
+            for i in range(self.num_layers):
+                allowed |= self.layer_tensors(i, self.roles(i).members[kind] | self.roles(i).shared)
+            for name in fields:
+                value = getattr(self.text, name, None)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+                    continue
+                smaller = value // 2 if kind == "ffn" else 1  # one KV head divides any count
+                changed = self._changed(base, {name: smaller})
+                if changed and changed <= allowed:
+                    found[size] = SizeField(size, kind, name, value, smaller)
+                    break
+        return found
+
+    def _changed(self, base: dict, overrides: dict[str, Any]) -> set[str] | None:
+        try:
+            other = self.meta_shapes(self.with_fields(overrides))
+        except Exception:
+            return None
+        if set(other) != set(base):
+            return set(other) ^ set(base) | {k for k in base if other.get(k) != base[k]}
+        return {k for k in base if other[k] != base[k]}
+
+    def with_fields(self, overrides: dict[str, Any]) -> Any:
+        """A copy of the config with text-config fields set (as the patcher sets them)."""
+        config = copy.deepcopy(self.config)
+        text = config.get_text_config()
+        for k, v in overrides.items():
+            setattr(text, k, v)
+        return config
+
+    @staticmethod
+    def meta_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+        return shapes(reference_model(config, device="meta"))
+
+    def own_block_config(self) -> dict:
+        """A block config that repeats the config's own sizes."""
+        kv = self.size_fields.get("attention.num_key_value_heads")
+        ffn = self.size_fields.get("ffn.intermediate_size")
+        return {
+            "attention": {"no_op": False, "num_key_value_heads": kv.value if kv else 1},
+            "ffn": {"no_op": False, "intermediate_size": ffn.value if ffn else 1},
+        }
+
+    def own_block_configs(self) -> list[dict]:
+        return [copy.deepcopy(self.own_block_config()) for _ in range(self.num_layers)]
