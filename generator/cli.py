@@ -17,7 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .errors import PuzzleGenError
+from .errors import PuzzleGenError, UsageError
 
 DEFAULT_OUT = "generated"
 
@@ -31,13 +31,19 @@ def _out_arg(out: str) -> str | None:
     return None if Path(out) == Path(DEFAULT_OUT) else out
 
 
-def plan(model_types: list[str], out: str, keep_existing: bool = True) -> dict[Path, str]:
-    """Every file `generate` would write for `model_types` under `out`, rendered in memory."""
+def plan(
+    model_types: list[str], out: str, keep_existing: bool = True, keep_going: bool = False
+) -> dict[Path, str]:
+    """Every file `generate` would write for `model_types` under `out`, rendered in memory.
+
+    With `keep_going`, a model type that cannot be generated is recorded in coverage.json (the
+    fact that could not be inferred, or why it is out of scope) instead of stopping the rest."""
     import transformers
 
-    from . import render
+    from . import coverage, render
+    from .errors import PuzzleGenError, UsageError
     from .infer import infer
-    from .source import known_model_types
+    from .source import known_model_types, resolve
 
     out_dir = Path(out)
     out_flag = _out_arg(out)
@@ -47,22 +53,54 @@ def plan(model_types: list[str], out: str, keep_existing: bool = True) -> dict[P
         if keep_existing
         else {}
     )
+    rows = coverage.load(out_dir)
     for i, model_type in enumerate(model_types, 1):
         _progress(f"[{i}/{len(model_types)}] {model_type}: inferring")
-        spec = infer(model_type)
+        try:
+            if keep_going:
+                reason = coverage.out_of_scope(model_type, _default_config(resolve(model_type)))
+                if reason is not None:
+                    rows[model_type] = coverage.Row(model_type, coverage.OUT_OF_SCOPE, reason)
+                    continue
+            spec = infer(model_type)
+        except PuzzleGenError as exc:
+            if not keep_going:
+                raise
+            _progress(f"    not generated: {exc}")
+            rows[model_type] = coverage.Row(
+                model_type, coverage.NOT_GENERATED, coverage.first_line(exc)
+            )
+            continue
         pkg = out_dir / spec.package
-        files[pkg / f"{render.descriptor_module(spec)}.py"] = render.render_descriptor(
-            spec, out_flag
-        )
+        module = pkg / f"{render.descriptor_module(spec)}.py"
+        files[module] = render.render_descriptor(spec, out_flag)
         files[pkg / "__init__.py"] = render.render_package_init(spec, out_flag)
         entries[model_type] = render.ManifestEntry(model_type, spec.package, spec.class_name)
+        previous = rows.get(model_type)
+        if _read(module) != files[module] or previous is None or not previous.verified_or_failing:
+            rows[model_type] = coverage.Row(model_type, coverage.UNVERIFIED)
     manifest = list(entries.values())
     version = transformers.__version__
+    generated_types = {e.model_type for e in manifest}
+    for t, row in list(rows.items()):
+        if t not in generated_types and row.status in coverage.GENERATED_STATUSES:
+            del rows[t]  # no longer in the table: nothing of it is left to verify
     files[out_dir / "__init__.py"] = render.render_generated_init(manifest, version, out_flag)
+    files[out_dir / coverage.COVERAGE_JSON] = coverage.dumps(rows, version)
     files[out_dir / "COVERAGE.md"] = render.render_coverage(
-        manifest, known_model_types(), version, out_flag
+        manifest, known_model_types(), version, out_flag, rows
     )
     return files
+
+
+def _default_config(source):
+    from .probe import quiet_transformers
+
+    try:
+        with quiet_transformers():
+            return source.config_cls()
+    except Exception:  # inference reports a config that does not build, with its reason
+        return None
 
 
 def _read(path: Path) -> str | None:
@@ -81,7 +119,14 @@ def _diff(path: Path, new: str) -> str:
 def cmd_generate(args) -> int:
     from .render import write_atomic
 
-    files = plan(_dedupe(args.model_types), args.out)
+    from .source import known_model_types
+
+    if args.all == bool(args.model_types):
+        raise UsageError("generate: give model types, or --all (not both)")
+    if args.all:
+        files = plan(known_model_types(), args.out, keep_going=True)
+    else:
+        files = plan(_dedupe(args.model_types), args.out)
     changed = {p: t for p, t in files.items() if _read(p) != t}
     if args.diff:
         for path, text in changed.items():
@@ -161,30 +206,93 @@ def format_spec(spec) -> str:
     return "\n".join(lines)
 
 
+def _print_check(check) -> None:
+    mark = "ok  " if check.ok else "FAIL"
+    print(f"  {mark} {check.name}: {check.detail}", flush=True)
+    if check.reference:
+        print(f"       against: {check.reference}", flush=True)
+
+
 def cmd_verify(args) -> int:
     from .verify import verify_model_type
 
+    if args.all == bool(args.model_types):
+        raise UsageError("verify: give model types, or --all (not both)")
+    if args.all:
+        return _verify_all(Path(args.out), args.jobs)
     failed = 0
     for model_type in _dedupe(args.model_types):
         _progress(
             f"{model_type}: checking the descriptor against transformers' own model, built "
             "unpatched from the same tiny config with the same weights"
         )
-
-        def report(check):
-            mark = "ok  " if check.ok else "FAIL"
-            print(f"  {mark} {check.name}: {check.detail}", flush=True)
-            if check.reference:
-                print(f"       against: {check.reference}", flush=True)
-
-        checks = verify_model_type(model_type, Path(args.out), on_check=report)
+        checks = verify_model_type(model_type, Path(args.out), on_check=_print_check)
         if len(checks) == 1 and not checks[0].ok:  # the reference itself did not build
-            report(checks[0])
+            _print_check(checks[0])
         failed += sum(not c.ok for c in checks)
     if failed:
         print(f"puzzle-gen verify: {failed} check(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _verify_all(out_dir: Path, jobs: int | None) -> int:
+    """Verify every generated type (in worker processes), print a table, record the results in
+    coverage.json and COVERAGE.md."""
+    import transformers
+
+    from . import coverage, render
+    from .source import known_model_types
+    from .verify.batch import verify_many
+
+    manifest = render.read_manifest(out_dir / "__init__.py")
+    if not manifest:
+        raise PuzzleGenError(f"{out_dir}/__init__.py lists no generated descriptors")
+    types = sorted(e.model_type for e in manifest)
+    results = verify_many(types, out_dir, jobs, progress=_progress)
+    rows = coverage.load(out_dir)
+    width = max(map(len, types))
+    print(f"{'model type':<{width}}  checks  result")
+    for t in types:
+        checks = results[t]
+        bad = [c for c in checks if not c.ok]
+        passed = len(checks) - len(bad)
+        verdict = (
+            "verified"
+            if not bad
+            else f"FAIL {bad[0].name}: {coverage.first_line(bad[0].detail, 100)}"
+        )
+        print(f"{t:<{width}}  {passed}/{len(checks):<4}  {verdict}")
+        rows[t] = (
+            coverage.Row(t, coverage.VERIFIED)
+            if not bad
+            else coverage.Row(
+                t, coverage.FAILING, coverage.first_line(f"{bad[0].name}: {bad[0].detail}")
+            )
+        )
+    version = transformers.__version__
+    flag = _out_arg(str(out_dir))
+    render.write_atomic(out_dir / coverage.COVERAGE_JSON, coverage.dumps(rows, version))
+    render.write_atomic(
+        out_dir / "COVERAGE.md",
+        render.render_coverage(manifest, known_model_types(), version, flag, rows),
+    )
+    failing = [t for t in types if any(not c.ok for c in results[t])]
+    print(f"{len(types) - len(failing)} of {len(types)} generated types verified")
+    if failing:
+        print(f"puzzle-gen verify: {len(failing)} type(s) fail a check", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _dedupe(items: list[str]) -> list[str]:
@@ -205,7 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="infer and write descriptors")
-    g.add_argument("model_types", nargs="+", metavar="MODEL_TYPE", help="e.g. llama qwen3")
+    g.add_argument("model_types", nargs="*", metavar="MODEL_TYPE", help="e.g. llama qwen3")
+    g.add_argument(
+        "--all",
+        action="store_true",
+        help="every causal-LM model type of the installed transformers; a type that cannot be "
+        "generated is recorded in coverage.json with its reason and does not stop the others",
+    )
     g.add_argument(
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )
@@ -223,7 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "verify", help="build tiny models through generated descriptors and check them"
     )
-    v.add_argument("model_types", nargs="+", metavar="MODEL_TYPE")
+    v.add_argument("model_types", nargs="*", metavar="MODEL_TYPE")
+    v.add_argument(
+        "--all",
+        action="store_true",
+        help="verify every generated type and record the results in coverage.json / COVERAGE.md",
+    )
+    v.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="worker processes for --all (default: the cores available)",
+    )
     v.add_argument(
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )

@@ -9,6 +9,12 @@ class PuzzleGenError(Exception):
     exit_code = 1
 
 
+class UsageError(PuzzleGenError):
+    """Arguments that do not make sense together."""
+
+    exit_code = 2
+
+
 class UnknownModelType(PuzzleGenError):
     """The model type is not a causal LM transformers knows."""
 

@@ -255,18 +255,45 @@ def render_coverage(
     known: list[str],
     transformers_version: str,
     out: str | None = None,
+    rows: dict | None = None,
 ) -> str:
-    done = {e.model_type for e in entries}
+    """COVERAGE.md: one row per known model type, from the coverage facts (`rows`, by model
+    type; see generator/coverage.py). A generated type without a row is "unverified"; any
+    other type without one is "not generated"."""
+    from . import coverage
+
+    rows = dict(rows or {})
+    descriptors = {e.model_type: f"{e.package}.{e.class_name}" for e in entries}
+    table = []
+    for t in sorted(set(known) | set(descriptors)):  # a checkpoint's own type may be unknown
+        row = rows.get(t)
+        if row is None:
+            row = (
+                coverage.Row(t, coverage.UNVERIFIED)
+                if t in descriptors
+                else coverage.Row(t, coverage.NOT_GENERATED, "not tried: run generate --all")
+            )
+        table.append(row)
+    out_of_scope = [r for r in table if r.status == coverage.OUT_OF_SCOPE]
+    in_scope = [r.model_type for r in table if r.status != coverage.OUT_OF_SCOPE]
     return (
         _env()
         .get_template("COVERAGE.md.j2")
         .render(
-            **_header(_refresh_command(out), None, transformers_version),
-            entries=sorted(entries, key=lambda e: e.model_type),
+            **_header(_coverage_command(out), None, transformers_version),
+            rows=table,
             known=known,
-            missing=[t for t in known if t not in done],
+            descriptors=descriptors,
+            counts=coverage.summary({r.model_type: r for r in table}, in_scope),
+            in_scope=len(in_scope),
+            out_of_scope=len(out_of_scope),
         )
     )
+
+
+def _coverage_command(out: str | None) -> str:
+    flag = f" --out {out}" if out else ""
+    return f"puzzle-gen generate --all{flag} && puzzle-gen verify --all{flag}"
 
 
 def _refresh_command(out: str | None) -> str:

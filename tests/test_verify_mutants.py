@@ -321,3 +321,20 @@ def test_mutant_fails_the_right_check(descriptors, subjects, model_type, mutate,
 @pytest.mark.parametrize("model_type", ["llama", "phi"])
 def test_unmutated_descriptor_passes(descriptors, model_type):
     assert failed(descriptors[model_type], model_type) == {}
+
+
+def test_a_buffer_left_wrong_after_loading_is_caught(descriptors, subjects):
+    """A rotary rebuilt with other frequencies gives a model that runs, with other buffers."""
+    base = descriptors["llama"]
+
+    class WrongTheta(base):
+        @staticmethod
+        def init_rotary_embedding(model, runtime):
+            base.init_rotary_embedding(model, runtime)
+            rotary = model.model.rotary_emb
+            rotary.inv_freq = rotary.inv_freq * 2
+
+    subject = copy.copy(subjects["llama"])
+    subject.descriptor = WrongTheta
+    result = run_check(subject, next(c for c in CHECKS if c.name == "sharded stages"))
+    assert not result.ok and "buffer model.rotary_emb.inv_freq differs" in result.detail

@@ -315,6 +315,7 @@ def check_stages(s: Subject) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         shards = save_sharded(ref.model, Path(tmp))
         whole = load_model(d, tmp, dtype=torch.float32)
+        _expect_same_buffers(whole, ref.model)
         out = logits(whole, ref.input_ids)
         expect(
             torch.equal(out, ref.logits),
@@ -335,7 +336,24 @@ def check_stages(s: Subject) -> str:
                 f"stages [0, {k}) + [{k}, {s.n}): logits differ from the original "
                 f"({_diff(out, ref.logits)})",
             )
-    return f"{len(shards)} shards; whole model and splits at {splits} give the original's logits"
+    return (
+        f"{len(shards)} shards; whole model (every buffer equal) and splits at {splits} give "
+        "the original's logits"
+    )
+
+
+def _expect_same_buffers(loaded, original) -> None:
+    """Every buffer, in the state dict or not (rotary frequencies, embedding scales, causal
+    masks), equals the one the original model built on its own."""
+    want = dict(original.named_buffers())
+    got = dict(loaded.named_buffers())
+    expect(set(got) == set(want), f"buffers differ: {_short(set(got) ^ set(want))}")
+    for name, buf in want.items():
+        expect(
+            got[name].dtype == buf.dtype and torch.equal(got[name], buf),
+            f"buffer {name} differs after loading ({got[name].dtype} vs {buf.dtype}; "
+            f"{_diff(got[name], buf)})",
+        )
 
 
 # -- 7. heterogeneous round trip ----------------------------------------------------------------
@@ -410,7 +428,8 @@ CHECKS: tuple[CheckDef, ...] = (
     CheckDef(
         "sharded stages",
         check_stages,
-        "the original's logits, from its save_pretrained checkpoint loaded in two stages",
+        "the original's buffers and logits, from its save_pretrained checkpoint loaded whole "
+        "and in two stages",
     ),
     CheckDef(
         "heterogeneous round trip",

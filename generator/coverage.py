@@ -1,0 +1,92 @@
+"""Coverage: what puzzle-gen says about every causal-LM model type of the pinned transformers.
+
+The facts live in `generated/coverage.json` (one status and reason per model type, sorted, so a
+re-run writes the same bytes); `COVERAGE.md` is rendered from it and from the descriptor table.
+`generate --all` records which types generate (and, for the others, the fact that could not be
+inferred, or why the type is out of scope); `verify --all` records which generated types pass
+every check of the oracle. `puzzle-gen check` fails when COVERAGE.md no longer matches the JSON,
+or when a generated type has no verification result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+COVERAGE_JSON = "coverage.json"
+
+VERIFIED = "verified"
+FAILING = "failing"
+UNVERIFIED = "unverified"  # generated, not verified since
+NOT_GENERATED = "not generated"
+OUT_OF_SCOPE = "out of scope"
+STATUSES = (VERIFIED, FAILING, UNVERIFIED, NOT_GENERATED, OUT_OF_SCOPE)
+GENERATED_STATUSES = (VERIFIED, FAILING, UNVERIFIED)
+
+
+@dataclass(frozen=True)
+class Row:
+    model_type: str
+    status: str
+    reason: str = ""  # the failing check and how, the fact not inferred, or why out of scope
+
+    @property
+    def verified_or_failing(self) -> bool:
+        """Whether a verification result is recorded."""
+        return self.status in (VERIFIED, FAILING)
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"{self.model_type}: unknown coverage status {self.status!r}")
+
+
+def out_of_scope(model_type: str, config: Any) -> str | None:
+    """Why a model type's causal-LM class is not a decoder-only stack, from transformers' own
+    facts about it; None when it is in scope."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        return "the decoder half of an encoder-decoder model (its layers cross-attend)"
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "an encoder (transformers maps it to a masked LM); it decodes only as is_decoder"
+    return None
+
+
+def load(out_dir: Path) -> dict[str, Row]:
+    path = out_dir / COVERAGE_JSON
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {t: Row(t, r["status"], r.get("reason", "")) for t, r in data["types"].items()}
+
+
+def dumps(rows: dict[str, Row], transformers_version: str) -> str:
+    data = {
+        "transformers_version": transformers_version,
+        "types": {
+            t: {k: v for k, v in asdict(rows[t]).items() if k != "model_type"} for t in sorted(rows)
+        },
+    }
+    return json.dumps(data, indent=1, sort_keys=False) + "\n"
+
+
+def merge(old: dict[str, Row], new: Iterable[Row]) -> dict[str, Row]:
+    rows = dict(old)
+    for row in new:
+        rows[row.model_type] = row
+    return rows
+
+
+def summary(rows: dict[str, Row], in_scope_of: Iterable[str]) -> dict[str, int]:
+    counts = {s: 0 for s in STATUSES}
+    for t in in_scope_of:
+        row = rows.get(t)
+        counts[row.status if row else NOT_GENERATED] += 1
+    return counts
+
+
+def first_line(text: str, limit: int = 240) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

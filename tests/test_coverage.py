@@ -1,0 +1,88 @@
+"""`generate --all`, `verify --all` and COVERAGE.md: every type gets a status and a reason."""
+
+import json
+import re
+
+import pytest
+
+from generator import cli, coverage
+from generator import source as source_module
+
+
+@pytest.fixture
+def few_types(monkeypatch):
+    """`--all` over a handful of types: one that generates, one whose inference fails, one
+    encoder-decoder and one encoder (both out of scope)."""
+    types = ["bart", "bert", "llama", "mamba"]
+    monkeypatch.setattr(source_module, "known_model_types", lambda: list(types))
+    return types
+
+
+def read_rows(out):
+    return json.loads((out / "coverage.json").read_text())["types"]
+
+
+def test_generate_all_records_every_type_and_keeps_going(tmp_path, few_types, capsys):
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "--all", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert sorted(rows) == few_types
+    assert rows["llama"]["status"] == coverage.UNVERIFIED
+    assert (out / "llama" / "llama_model_descriptor.py").is_file()
+    assert rows["mamba"]["status"] == coverage.NOT_GENERATED
+    assert rows["mamba"]["reason"].startswith("cannot infer")
+    assert rows["bart"] == {
+        "status": coverage.OUT_OF_SCOPE,
+        "reason": coverage.out_of_scope("bart", type("C", (), {"is_encoder_decoder": True})()),
+    }
+    assert rows["bert"]["status"] == coverage.OUT_OF_SCOPE
+    assert not (out / "mamba").exists() and not (out / "bart").exists()
+    table = (out / "COVERAGE.md").read_text()
+    assert "| `mamba` | not generated |  | cannot infer" in table
+    assert "0 of 2 in-scope types verified" in table
+
+
+def test_verify_all_records_results_and_fails_on_a_broken_descriptor(tmp_path, few_types, capsys):
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "llama", "qwen3", "--out", str(out)]) == 0
+    module = out / "qwen3" / "qwen3_model_descriptor.py"
+    module.write_text(module.read_text().replace('return "model.norm"', "return None"))
+    assert cli.main(["verify", "--all", "--jobs", "1", "--out", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert re.search(r"qwen3\s+6/7\s+FAIL names", printed.out)
+    rows = read_rows(out)
+    assert rows["llama"] == {"status": coverage.VERIFIED, "reason": ""}
+    assert rows["qwen3"]["status"] == coverage.FAILING
+    assert rows["qwen3"]["reason"].startswith("names: final_norm_name() is None")
+    table = (out / "COVERAGE.md").read_text()
+    assert "| `llama` | verified | `llama.LlamaModelDescriptor` |" in table
+    assert "| `qwen3` | failing |" in table
+
+
+def test_check_fails_when_coverage_is_stale(tmp_path, few_types, capsys):
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "llama", "--out", str(out)]) == 0
+    assert cli.main(["check", "--out", str(out)]) == 0
+    md = out / "COVERAGE.md"
+    md.write_text(md.read_text().replace("unverified", "verified"))
+    assert cli.main(["check", "--out", str(out)]) == 1
+    assert f"out of date: {md}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "verify"])
+def test_types_and_all_are_exclusive(command, capsys):
+    assert cli.main([command]) == 2
+    assert cli.main([command, "llama", "--all"]) == 2
+    assert "give model types, or --all" in capsys.readouterr().err
+
+
+def test_committed_coverage_lists_every_known_type():
+    import generated
+    from pathlib import Path
+
+    rows = coverage.load(Path(generated.__file__).parent)
+    table = (Path(generated.__file__).parent / "COVERAGE.md").read_text()
+    for t in source_module.known_model_types():
+        assert f"| `{t}` |" in table
+    for t in generated.available():
+        assert rows[t].status in coverage.GENERATED_STATUSES
