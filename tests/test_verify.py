@@ -114,3 +114,41 @@ def test_gpt2_width_left_to_default_is_made_concrete():
     config = verification_config(GPT2Config)
     assert isinstance(config.n_inner, int)
     assert Reference(config).size_fields["ffn.intermediate_size"].field == "n_inner"
+
+
+def test_oracle_demands_expert_overrides_and_accepts_them(tmp_path):
+    """An MoE layer's expert count and width are block-config sizes: a descriptor that ignores
+    them fails `overrides`; one that maps them onto the fields the experts read passes."""
+    from transformers import Qwen3MoeConfig
+
+    from generator.verify import CHECKS, load_descriptor, make_subject, run_check
+
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "qwen3_moe", "--out", str(out)]) == 0
+    base = load_descriptor("qwen3_moe", out)
+
+    class DenseOnly(base):
+        @staticmethod
+        def block_config_to_layer_overrides(block_config):
+            return {"num_key_value_heads": block_config.attention.num_key_value_heads}
+
+    class WithExperts(base):
+        @staticmethod
+        def block_config_to_layer_overrides(block_config):
+            moe = block_config.ffn.moe
+            return {
+                "num_key_value_heads": block_config.attention.num_key_value_heads,
+                "num_experts": moe.num_local_experts if moe else None,
+                "moe_intermediate_size": moe.expert_intermediate_dim if moe else None,
+            }
+
+    overrides = next(c for c in CHECKS if c.name == "overrides")
+    small = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+    subject = make_subject(DenseOnly, Qwen3MoeConfig, **small)
+    result = run_check(subject, overrides)
+    assert not result.ok and "no override for ffn.moe." in result.detail
+    subject.descriptor = WithExperts
+    result = run_check(subject, overrides)
+    assert result.ok, result.detail
+    assert "ffn.moe.num_local_experts -> config.num_local_experts" in result.detail
+    assert "ffn.moe.expert_intermediate_dim -> config.moe_intermediate_size" in result.detail

@@ -78,12 +78,13 @@ def verification_config(config_cls: type, **extra: Any) -> Any:
     return config
 
 
-def make_subject(descriptor: type, config_cls: type) -> Subject:
+def make_subject(descriptor: type, config_cls: type, **config_fields: Any) -> Subject:
+    """What the checks run on; `config_fields` change the tiny config (e.g. fewer experts)."""
     return Subject(
         descriptor=descriptor,
         config_cls=config_cls,
-        config=verification_config(config_cls),
-        tied_config=verification_config(config_cls, tie_word_embeddings=True),
+        config=verification_config(config_cls, **config_fields),
+        tied_config=verification_config(config_cls, tie_word_embeddings=True, **config_fields),
     )
 
 

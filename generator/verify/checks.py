@@ -29,7 +29,7 @@ from .models import (
     shapes,
     under,
 )
-from .oracle import KINDS, Reference
+from .oracle import KINDS, Reference, set_size
 
 _PREFIX = {"attention": "attn", "ffn": "mlp"}
 
@@ -218,13 +218,12 @@ def check_overrides(s: Subject) -> str:
     ref = s.reference
     fields = ref.size_fields
     expect(fields, "the model reads no block-config size from its config")
-    layer = 1 % s.n
-    prefix = ref.layer_path(layer)
     done = []
     for size, sf in fields.items():
-        kind, attr = size.split(".")
+        kind, layer = sf.kind, sf.layer
+        prefix = ref.layer_path(layer)
         blocks = ref.own_block_configs()
-        blocks[layer][kind][attr] = sf.smaller
+        set_size(blocks[layer], size, sf.smaller)
         got = shapes(build(s.descriptor, s.config, blocks, device="meta"))
         resized = ref.meta_shapes(ref.with_fields({sf.field: sf.smaller}))
         want = dict(ref.state_shapes)
@@ -364,10 +363,8 @@ def check_round_trip(s: Subject) -> str:
     for tied, config in ((False, s.config), (True, s.tied_config)):
         ref = s.reference  # tying changes no layer: the same block configs apply
         blocks = ref.own_block_configs()
-        layer = 1 % s.n
         for size, sf in ref.size_fields.items():
-            kind, attr = size.split(".")
-            blocks[layer][kind][attr] = sf.smaller
+            set_size(blocks[sf.layer], size, sf.smaller)
         blocks[-1]["attention"] = {"no_op": True}
         config = copy.deepcopy(config)
         config.block_configs = blocks

@@ -66,7 +66,36 @@ SIZE_FIELDS: dict[str, tuple[str, ...]] = {
         "inner_hidden_size",
         "mlp_hidden_size",
     ),
+    # experts: how many, how wide each, and how wide the shared expert
+    "ffn.moe.num_local_experts": (
+        "num_local_experts",
+        "num_experts",
+        "n_routed_experts",
+        "moe_num_experts",
+        "num_routed_experts",
+    ),
+    "ffn.moe.expert_intermediate_dim": (
+        "moe_intermediate_size",
+        "expert_intermediate_size",
+        "moe_ffn_hidden_size",
+    ),
+    "ffn.moe.shared_expert_intermediate_dim": (
+        "shared_expert_intermediate_size",
+        "moe_shared_expert_intermediate_size",
+    ),
 }
+
+# The experts a token is routed to: not a size that changes shapes, but a block config with
+# experts must carry it, so the oracle reads it from the config.
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts")
+
+
+def set_size(block: dict, size: str, value: int) -> None:
+    """Set a dotted block-config size (`ffn.moe.num_local_experts`) in a block-config dict."""
+    *path, last = size.split(".")
+    for key in path:
+        block = block.setdefault(key, {})
+    block[last] = value
 
 
 @dataclass(frozen=True)
@@ -76,6 +105,7 @@ class SizeField:
     field: str  # the config field the reference model reads it from
     value: int  # the config's own value
     smaller: int  # another valid value, used to probe overrides
+    layer: int  # the first layer whose shapes the field changes
 
 
 @dataclass(frozen=True)
@@ -328,6 +358,14 @@ class Reference:
 
     # -- sizes ----------------------------------------------------------------------------------
     @cached_property
+    def top_k(self) -> int | None:
+        for name in TOP_K_FIELDS:
+            value = getattr(self.text, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    @cached_property
     def size_fields(self) -> dict[str, SizeField]:
         """For each block-config size, the config field that changes exactly that subblock's
         tensor shapes in the reference model (absent when the model reads none)."""
@@ -342,12 +380,25 @@ class Reference:
                 value = getattr(self.text, name, None)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                     continue
-                smaller = value // 2 if kind == "ffn" else 1  # one KV head divides any count
+                smaller = self._smaller(size, value)
+                if smaller is None:
+                    continue
                 changed = self._changed(base, {name: smaller})
                 if changed and changed <= allowed:
-                    found[size] = SizeField(size, kind, name, value, smaller)
+                    layer = min(
+                        i for i in range(self.num_layers) if under(changed, self.layer_path(i))
+                    )
+                    found[size] = SizeField(size, kind, name, value, smaller, layer)
                     break
         return found
+
+    def _smaller(self, size: str, value: int) -> int | None:
+        if size == "attention.num_key_value_heads":
+            return 1  # one KV head divides any number of heads
+        if size == "ffn.moe.num_local_experts":
+            smaller = max(self.top_k or 1, value // 2)
+            return smaller if smaller < value else None
+        return value // 2
 
     def _changed(self, base: dict, overrides: dict[str, Any]) -> set[str] | None:
         try:
@@ -371,13 +422,23 @@ class Reference:
         return shapes(reference_model(config, device="meta"))
 
     def own_block_config(self) -> dict:
-        """A block config that repeats the config's own sizes."""
-        kv = self.size_fields.get("attention.num_key_value_heads")
-        ffn = self.size_fields.get("ffn.intermediate_size")
-        return {
-            "attention": {"no_op": False, "num_key_value_heads": kv.value if kv else 1},
-            "ffn": {"no_op": False, "intermediate_size": ffn.value if ffn else 1},
+        """A block config that repeats the config's own sizes (a stand-in of 1 for a size the
+        model does not read)."""
+        sizes = self.size_fields
+        block = {
+            "attention": {"no_op": False, "num_key_value_heads": 1},
+            "ffn": {"no_op": False, "intermediate_size": 1},
         }
+        if any(size.startswith("ffn.moe.") for size in sizes):
+            experts = sizes.get("ffn.moe.num_local_experts")
+            block["ffn"]["moe"] = {
+                "num_local_experts": experts.value if experts else 1,
+                "num_experts_per_tok": min(self.top_k or 1, experts.value if experts else 1),
+                "expert_intermediate_dim": 1,
+            }
+        for size, sf in sizes.items():
+            set_size(block, size, sf.value)
+        return block
 
     def own_block_configs(self) -> list[dict]:
         return [copy.deepcopy(self.own_block_config()) for _ in range(self.num_layers)]
