@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/puzzle-gen verify $(MODEL)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 check: $(STAMP)
 	$(VENV)/bin/puzzle-gen check

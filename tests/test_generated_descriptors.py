@@ -34,8 +34,12 @@ def subject(model_type):
     return _SUBJECTS[model_type]
 
 
+# every test of one model type runs on one xdist worker, which builds its subject once
+BY_TYPE = [pytest.param(t, marks=pytest.mark.xdist_group(f"type-{t}"), id=t) for t in MODEL_TYPES]
+
+
 @pytest.mark.parametrize("check", CHECKS, ids=[c.name.replace(" ", "_") for c in CHECKS])
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", BY_TYPE)
 def test_verify(model_type, check):
     """COVERAGE.md's claim about the type holds: every check passes for a verified (or not yet
     verified) type; for a type recorded as failing, the recorded check still fails."""
@@ -82,7 +86,7 @@ def test_registered_in_the_factory(model_type):
     assert ModelDescriptorFactory.get(model_type) is generated.get_descriptor(model_type)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", BY_TYPE)
 def test_checkpoint_names_partition(model_type, tmp_path):
     """The names transformers' save_pretrained writes (not only the module names)."""
     s = subject(model_type)
@@ -97,7 +101,7 @@ def test_checkpoint_names_partition(model_type, tmp_path):
     assert sorted(x for v in grouped.values() for x in v) == sorted(names)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", BY_TYPE)
 def test_a_both_no_op_layer_has_no_subblock_weights(model_type):
     s = subject(model_type)
     blocks = s.reference.own_block_configs()

@@ -15,6 +15,8 @@ from generator.source import resolve
 from generator.verify import CHECKS, load_descriptor, make_subject, run_check, verify_descriptor
 from puzzletron_runtime import MatchingZeros, Same, return_tuple_of_size
 
+pytestmark = pytest.mark.xdist_group("mutants")  # one worker builds the two subjects once
+
 
 @pytest.fixture(scope="module")
 def descriptors(tmp_path_factory):
