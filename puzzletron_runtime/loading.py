@@ -10,6 +10,7 @@ are rebuilt on the target device. One code path for CPU and CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ def load_model(
     `descriptor` is a ModelDescriptor class or a name registered in ModelDescriptorFactory.
     Raises CheckpointError for a missing config.json or safetensors file, an index naming a
     missing shard, a tensor whose shape differs from the model's, and tensors the checkpoint
-    lacks (naming every parameter or buffer left on the meta device).
+    lacks (naming every parameter or buffer left on the meta device). A checkpoint written by
+    transformers' save_pretrained under legacy names (per-expert MoE tensors) is read through
+    transformers' own conversion mapping.
     """
     descriptor = ModelDescriptorFactory.get(descriptor)
     checkpoint_dir = Path(checkpoint_dir)
@@ -70,13 +73,11 @@ def load_model(
 
     wanted = model.state_dict(keep_vars=True)
     sources = {name: _source_name(name, aliases, weight_map) for name in wanted}
-    missing = sorted(n for n, src in sources.items() if src is None)
-    if missing:
-        raise CheckpointError(
-            f"{checkpoint_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
-            + ", ".join(missing)
-        )
-    tensors = _read(checkpoint_dir, weight_map, sources, wanted, device, dtype)
+    renamed = {n for n, src in sources.items() if src is None}
+    if renamed:  # stored under other names (per-expert tensors of fused experts, say)
+        _load_converted(model, checkpoint_dir, weight_map, renamed, device, dtype)
+    direct = {n: src for n, src in sources.items() if src is not None}
+    tensors = _read(checkpoint_dir, weight_map, direct, wanted, device, dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
     _retie(model, aliases)
     descriptor.init_rotary_embedding(model, Runtime(device, dtype))
@@ -202,6 +203,83 @@ def _read(checkpoint_dir, weight_map, sources, wanted, device, dtype) -> dict[st
                 for name in names:
                     tensors[name] = tensor
     return tensors
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' loading loop shows a progress bar; a runtime step should not print."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_converted(model, checkpoint_dir, weight_map, needed: set[str], device, dtype) -> None:
+    """Fill the module tensors `needed` from checkpoint tensors stored under other names.
+
+    transformers 5 writes some models' tensors under their legacy names (Mixtral's
+    `block_sparse_moe.experts.N.w1.weight` for the module's fused `mlp.experts.gate_up_proj`)
+    and converts them back when loading. Its own conversion machinery (the model's conversion
+    mapping, `rename_source_key`, `convert_and_load_state_dict_in_model`) is used here too: only
+    the checkpoint tensors that rename onto a needed tensor are read, and transformers renames,
+    stacks and assigns them.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        convert_and_load_state_dict_in_model,
+        rename_source_key,
+    )
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "")
+    stored = {
+        key: target
+        for key in weight_map
+        if key not in meta
+        and (target := rename_source_key(key, renamings, converters, prefix, meta)[0]) in needed
+    }
+    unfilled = sorted(needed - set(stored.values()))
+    if unfilled:
+        raise CheckpointError(
+            f"{checkpoint_dir}: the checkpoint lacks {len(unfilled)} tensor(s) the model needs "
+            f"(under their own names or any name transformers converts to them): "
+            + ", ".join(unfilled)
+        )
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for key in stored:
+        by_file[weight_map[key]].append(key)
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in sorted(by_file.items()):
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in sorted(keys):
+                state[key] = f.get_tensor(key)
+    config = LoadStateDictConfig(weight_mapping=mapping, dtype=dtype, device_map={"": str(device)})
+    with _no_progress_bars():
+        info, _ = convert_and_load_state_dict_in_model(model, state, config)
+    bad = sorted(
+        f"{name}: stored {tuple(a)}, model {tuple(b)}" for name, a, b in info.mismatched_keys
+    )
+    if bad:
+        raise CheckpointError(
+            f"{checkpoint_dir}: converted tensors differ in shape: {'; '.join(bad)}"
+        )
+    for name in sorted(needed):  # cast as the directly read tensors are
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        value = getattr(owner, attr)
+        if value.is_floating_point() and value.dtype != dtype:
+            value.data = value.data.to(dtype)
 
 
 def _retie(model: nn.Module, aliases: dict[str, list[str]]) -> None:
