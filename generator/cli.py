@@ -1,18 +1,22 @@
 """The `puzzle-gen` command line.
 
-    puzzle-gen generate MODEL_TYPE... [--out DIR] [--diff]
+    puzzle-gen generate MODEL_TYPE|PATH... [--out DIR] [--diff] [--trust-remote-code]
     puzzle-gen check [--out DIR]
-    puzzle-gen inspect MODEL_TYPE [--json]
+    puzzle-gen inspect MODEL_TYPE|PATH [--json] [--trust-remote-code]
     puzzle-gen verify MODEL_TYPE... [--out DIR]
 
-User errors are one line on stderr with exit code 1 (2 for an unknown model type or bad usage),
-never a traceback; nothing is written unless every requested model type succeeds.
+PATH is a local checkpoint directory (config.json and safetensors files); its own code
+(config.json's auto_map) is parsed, and imported only with --trust-remote-code.
+User errors are one line on stderr with exit code 1 (2 for an unknown model type or bad usage,
+130 for Ctrl-C), never a traceback; nothing is written unless every requested target succeeds,
+and the files already in the output directory stay byte-identical on any failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -31,8 +35,9 @@ def _out_arg(out: str) -> str | None:
     return None if Path(out) == Path(DEFAULT_OUT) else out
 
 
-def plan(model_types: list[str], out: str, keep_existing: bool = True) -> dict[Path, str]:
-    """Every file `generate` would write for `model_types` under `out`, rendered in memory."""
+def plan(model_types: list, out: str, keep_existing: bool = True) -> dict[Path, str]:
+    """Every file `generate` would write for `model_types` (names, or targets from
+    `source.resolve_target`) under `out`, rendered in memory."""
     import transformers
 
     from . import render
@@ -48,14 +53,16 @@ def plan(model_types: list[str], out: str, keep_existing: bool = True) -> dict[P
         else {}
     )
     for i, model_type in enumerate(model_types, 1):
-        _progress(f"[{i}/{len(model_types)}] {model_type}: inferring")
+        _progress(f"[{i}/{len(model_types)}] {_label(model_type)}: inferring")
         spec = infer(model_type)
         pkg = out_dir / spec.package
         files[pkg / f"{render.descriptor_module(spec)}.py"] = render.render_descriptor(
             spec, out_flag
         )
         files[pkg / "__init__.py"] = render.render_package_init(spec, out_flag)
-        entries[model_type] = render.ManifestEntry(model_type, spec.package, spec.class_name)
+        entries[spec.model_type] = render.ManifestEntry(
+            spec.model_type, spec.package, spec.class_name
+        )
     manifest = list(entries.values())
     version = transformers.__version__
     files[out_dir / "__init__.py"] = render.render_generated_init(manifest, version, out_flag)
@@ -65,8 +72,27 @@ def plan(model_types: list[str], out: str, keep_existing: bool = True) -> dict[P
     return files
 
 
+def _label(target) -> str:
+    return getattr(target, "argument", None) or getattr(target, "model_type", target)
+
+
+def _targets(args_list: list[str], trust_remote_code: bool = False) -> list:
+    """Model types and checkpoint directories, resolved (and so validated) before any inference:
+    a checkpoint becomes a source carrying its config; a model type stays a name."""
+    from .source import resolve_target
+
+    out = []
+    for arg in _dedupe(args_list):
+        target = resolve_target(arg, trust_remote_code)
+        out.append(target if target.checkpoint is not None else target.model_type)
+    return out
+
+
 def _read(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _diff(path: Path, new: str) -> str:
@@ -79,9 +105,12 @@ def _diff(path: Path, new: str) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .render import write_atomic
+    from .render import check_output_dir, write_files
 
-    files = plan(_dedupe(args.model_types), args.out)
+    targets = _targets(args.model_types, args.trust_remote_code)
+    if not args.diff:
+        check_output_dir(Path(args.out))
+    files = plan(targets, args.out)
     changed = {p: t for p, t in files.items() if _read(p) != t}
     if args.diff:
         for path, text in changed.items():
@@ -89,8 +118,7 @@ def cmd_generate(args) -> int:
         if not changed:
             _progress("no changes")
         return 0
-    for path, text in changed.items():
-        write_atomic(path, text)
+    write_files(changed)
     _progress(
         f"wrote {len(changed)} file(s) under {args.out}; {len(files) - len(changed)} already up to date"
     )
@@ -104,7 +132,7 @@ def cmd_check(args) -> int:
     manifest = read_manifest(out_dir / "__init__.py")
     if not manifest:
         raise PuzzleGenError(f"{out_dir}/__init__.py lists no generated descriptors")
-    files = plan(sorted(e.model_type for e in manifest), args.out, keep_existing=False)
+    files = plan(_check_targets(out_dir, manifest), args.out, keep_existing=False)
     stale = [p for p, text in files.items() if _read(p) != text]
     known = {p.parent for p in files}
     strays = sorted(p for p in out_dir.glob("*/*_model_descriptor.py") if p.parent not in known)
@@ -123,10 +151,26 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _check_targets(out_dir: Path, manifest) -> list:
+    """What regenerates each table entry: its model type, or the checkpoint directory (and
+    --trust-remote-code) that its descriptor's `# Regenerate:` line names."""
+    from .render import regenerate_target
+
+    targets = []
+    for e in sorted(manifest, key=lambda e: e.model_type):
+        found = regenerate_target(out_dir / e.package / f"{e.package}_model_descriptor.py")
+        if found is not None and found[0] != e.model_type:
+            targets.extend(_targets([found[0]], found[1]))
+        else:
+            targets.append(e.model_type)
+    return targets
+
+
 def cmd_inspect(args) -> int:
     from .infer import infer
 
-    spec = infer(args.model_type)
+    (target,) = _targets([args.model_type], args.trust_remote_code)
+    spec = infer(target)
     if args.json:
         print(spec.to_json())
         return 0
@@ -139,8 +183,10 @@ def format_spec(spec) -> str:
     lines = [
         f"{spec.model_type}: {spec.causal_lm_class.name} -> {spec.class_name}",
         f"source: {spec.modeling_module} (transformers {spec.transformers_version})",
-        "",
     ]
+    if spec.source_argument:
+        lines.append(f"checkpoint: {spec.source_argument}; code from {spec.code_origin}")
+    lines.append("")
     width = max(len(f.name) for f in spec.facts)
     for fact in spec.facts:
         lines.append(f"{fact.name.ljust(width)}  {fact.value}")
@@ -165,7 +211,13 @@ def cmd_verify(args) -> int:
     from .verify import verify_model_type
 
     failed = 0
-    for model_type in _dedupe(args.model_types):
+    for target in _targets(args.model_types):
+        if not isinstance(target, str):
+            raise PuzzleGenError(
+                f"verify {target.argument}: verifying a checkpoint directory is not wired yet; "
+                f"generate it with `puzzle-gen generate {target.argument}`"
+            )
+        model_type = target
         _progress(f"{model_type}: verifying a tiny model built through the descriptor")
         report = verify_model_type(model_type, Path(args.out))
         for check in report:
@@ -189,6 +241,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+_TRUST_HELP = (
+    "import a checkpoint's own modeling code (config.json auto_map) to probe it; without this "
+    "flag that code is only parsed, never run"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="puzzle-gen",
@@ -196,11 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="infer and write descriptors")
-    g.add_argument("model_types", nargs="+", metavar="MODEL_TYPE", help="e.g. llama qwen3")
+    g.add_argument(
+        "model_types",
+        nargs="+",
+        metavar="MODEL_TYPE|PATH",
+        help="model types (llama qwen3) or local checkpoint directories",
+    )
     g.add_argument(
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )
     g.add_argument("--diff", action="store_true", help="print a unified diff instead of writing")
+    g.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("check", help="fail (exit 1) when a generated file is out of date")
     c.add_argument(
@@ -208,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_check)
     i = sub.add_parser("inspect", help="print the inferred spec and its evidence")
-    i.add_argument("model_type", metavar="MODEL_TYPE")
+    i.add_argument("model_type", metavar="MODEL_TYPE|PATH")
     i.add_argument("--json", action="store_true", help="print the spec as JSON")
+    i.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     i.set_defaults(func=cmd_inspect)
     v = sub.add_parser(
         "verify", help="build tiny models through generated descriptors and check them"
@@ -222,16 +287,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except PuzzleGenError as exc:
-        print(f"puzzle-gen: {exc}", file=sys.stderr)
+        print(f"puzzle-gen: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("puzzle-gen: interrupted", file=sys.stderr)
+        print("puzzle-gen: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `puzzle-gen inspect ... | head`
+        return 1
+    except Exception as exc:  # a bug, not a user error: still one line (PUZZLE_GEN_DEBUG=1 shows it)
+        if os.environ.get("PUZZLE_GEN_DEBUG"):
+            raise
+        print(
+            f"puzzle-gen: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(set PUZZLE_GEN_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

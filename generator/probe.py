@@ -19,7 +19,7 @@ from torch import nn
 from .analysis.layer_flow import ChildInfo
 from .errors import InferenceError
 from .source import ModelSource
-from .tiny import tiny_config
+from .tiny import tiny_config, tiny_overrides
 
 
 @contextlib.contextmanager
@@ -77,17 +77,21 @@ class CallTrace:
 
 
 class Probe:
-    """The model of `source` built from its default config on the meta device."""
+    """The model of `source` built on the meta device: from the checkpoint's config when the
+    source is a checkpoint directory, else from the model type's default config."""
 
     def __init__(self, source: ModelSource):
         self.source = source
-        try:
-            with quiet_transformers():
-                self.config = source.config_cls()
-        except Exception as exc:
-            raise InferenceError(
-                "the default config", f"{source.config_cls.__name__}() fails: {exc}"
-            ) from None
+        if source.config is not None:
+            self.config = source.config
+        else:
+            try:
+                with quiet_transformers():
+                    self.config = source.config_cls()
+            except Exception as exc:
+                raise InferenceError(
+                    "the default config", f"{source.config_cls.__name__}() fails: {exc}"
+                ) from None
         try:
             self.text_config = self.config.get_text_config()
         except ValueError as exc:
@@ -96,9 +100,10 @@ class Probe:
         try:
             self.model = build_model(source.causal_lm_cls, self.config)
         except Exception as exc:
+            which = "the checkpoint's config" if source.config is not None else "its default config"
             raise InferenceError(
                 "the probed module tree",
-                f"{source.causal_lm_cls.__name__} does not build from its default config "
+                f"{source.causal_lm_cls.__name__} does not build from {which} "
                 f"on the meta device: {type(exc).__name__}: {exc}",
             ) from None
         self.paths = {id(mod): name for name, mod in self.model.named_modules()}
@@ -146,6 +151,8 @@ class Probe:
     def tiny_config(self, **extra: Any) -> Any:
         try:
             with quiet_transformers():
+                if self.source.config is not None:
+                    return _tiny_from(self.source.config, **extra)
                 return tiny_config(self.source.config_cls, **extra)
         except Exception as exc:
             raise InferenceError(
@@ -210,3 +217,16 @@ class Probe:
         a = {k: tuple(v.shape) for k, v in base.get_submodule(layer_path).named_parameters()}
         b = {k: tuple(v.shape) for k, v in changed.get_submodule(layer_path).named_parameters()}
         return {k.split(".")[0] for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def _tiny_from(config: Any, **extra: Any) -> Any:
+    """A tiny config that keeps every structural choice of `config` (a checkpoint's), with the
+    same sizes shrunk that tiny_config shrinks in a default config."""
+    data = config.to_dict()
+    data.update(tiny_overrides(config))
+    data.update(extra)
+    layers = data.get("num_hidden_layers")
+    kinds = data.get("layer_types")
+    if isinstance(layers, int) and isinstance(kinds, list) and len(kinds) != layers:
+        data["layer_types"] = kinds[:layers]  # the checkpoint's first layers, in its order
+    return type(config).from_dict(data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ BLACK_MODE = black.Mode(line_length=100, target_versions={black.TargetVersion.PY
 RUNTIME = "puzzletron_runtime"
 _LOCATION = re.compile(r"(?:[\w.-]+/)*([\w.-]+\.py):(\d+)\Z")
 _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _templates_dir() -> Path:
@@ -146,8 +148,43 @@ class _SubblockView:
     spec: object
 
 
-def command_for(model_type: str, out: str | None) -> str:
-    return f"puzzle-gen generate {model_type}" + (f" --out {out}" if out else "")
+def command_for(model_type: str, out: str | None, trust_remote_code: bool = False) -> str:
+    """The command that regenerates a file; every argument quoted for a shell and free of line
+    breaks or control characters (it lands in a comment line)."""
+    parts = ["puzzle-gen", "generate", model_type]
+    if trust_remote_code:
+        parts.append("--trust-remote-code")
+    if out:
+        parts += ["--out", out]
+    for part in parts:
+        if _CONTROL.search(part):
+            raise PuzzleGenError(f"refusing to write the argument {part!r} into a comment")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def spec_command(spec: DescriptorSpec, out: str | None) -> str:
+    return command_for(
+        spec.source_argument or spec.model_type, out, spec.requires_trust_remote_code
+    )
+
+
+def regenerate_target(descriptor_file: Path) -> tuple[str, bool] | None:
+    """(argument, trust_remote_code) of the `# Regenerate:` line of a generated file; None when
+    the file or the line is missing."""
+    try:
+        lines = descriptor_file.read_text(encoding="utf-8").splitlines()[:5]
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        if line.startswith("# Regenerate: "):
+            try:
+                words = shlex.split(line[len("# Regenerate: ") :])
+            except ValueError:
+                return None
+            if words[:2] != ["puzzle-gen", "generate"] or len(words) < 3:
+                return None
+            return words[2], "--trust-remote-code" in words[3:]
+    return None
 
 
 def _format(source: str, name: str) -> str:
@@ -187,7 +224,7 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
         .get_template("descriptor.py.j2")
         .render(
             **_header(
-                command_for(spec.model_type, out), spec.modeling_module, spec.transformers_version
+                spec_command(spec, out), spec.modeling_module, spec.transformers_version
             ),
             spec=spec,
             imports=_import_lines(spec),
@@ -217,7 +254,7 @@ def render_package_init(spec: DescriptorSpec, out: str | None = None) -> str:
         .get_template("package_init.py.j2")
         .render(
             **_header(
-                command_for(spec.model_type, out), spec.modeling_module, spec.transformers_version
+                spec_command(spec, out), spec.modeling_module, spec.transformers_version
             ),
             spec=spec,
             module=descriptor_module(spec),
@@ -297,13 +334,85 @@ def read_manifest(init_path: Path) -> list[ManifestEntry]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write one file via a temp file in the same directory and a rename."""
+    write_files({path: text})
+
+
+def _strerror(exc: OSError) -> str:
+    return exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail early, with one line, when `out` cannot be a writable output directory: it is a file,
+    lies below a file, or its nearest existing ancestor takes no new entries."""
+    if out.exists():
+        if not out.is_dir():
+            raise PuzzleGenError(f"output directory {out} is a file, not a directory")
+        probe_dir = out
+    else:
+        probe_dir = out.parent
+        while not probe_dir.exists() and probe_dir != probe_dir.parent:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise PuzzleGenError(f"cannot create output directory {out}: {probe_dir} is a file")
+    try:  # os.access is not enough (root, read-only mounts, /proc): try a real entry
+        os.rmdir(tempfile.mkdtemp(prefix=".puzzle-gen-", dir=probe_dir))
+    except OSError as exc:
+        what = "write into" if probe_dir == out else "create"
+        raise PuzzleGenError(
+            f"cannot {what} output directory {out}: {_strerror(exc)} ({probe_dir})"
+        ) from None
+
+
+def write_files(files: dict[Path, str]) -> None:
+    """Write every file or none: render each into a temp file beside its target, then rename
+    them all into place. On any failure (a full disk, a permission, Ctrl-C) the renames done so
+    far are undone from hard-linked backups, temp files and new directories are removed, and
+    every file that was there before is byte-identical to what it was."""
+    created_dirs: list[Path] = []
+    temps: dict[Path, str] = {}
+    backups: dict[Path, str] = {}
+    done: list[Path] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for path in files:
+            missing = []
+            parent = path.parent
+            while not parent.exists():
+                missing.append(parent)
+                parent = parent.parent
+            for d in reversed(missing):
+                d.mkdir()
+                created_dirs.append(d)
+        for path, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps[path] = tmp
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+            if path.exists() or path.is_symlink():
+                if path.is_dir():
+                    raise IsADirectoryError(21, "Is a directory", str(path))
+                backup = f"{tmp}.orig"
+                os.link(path, backup, follow_symlinks=False)
+                backups[path] = backup
+        for path in files:
+            os.replace(temps.pop(path), path)
+            done.append(path)
+    except BaseException as exc:
+        for path in reversed(done):
+            if path in backups:
+                os.replace(backups.pop(path), path)
+            else:
+                path.unlink(missing_ok=True)
+        for tmp in [*temps.values(), *backups.values()]:
+            Path(tmp).unlink(missing_ok=True)
+        for d in reversed(created_dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            where = exc.filename or next(iter(files), "")
+            raise PuzzleGenError(f"cannot write {where}: {_strerror(exc)}; nothing was written") from None
         raise
+    for backup in backups.values():
+        Path(backup).unlink(missing_ok=True)

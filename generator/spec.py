@@ -148,6 +148,10 @@ class DescriptorSpec:
     dummy_block: DummyBlock
     predicates: Predicates
     facts: tuple[Fact, ...] = field(default=())
+    # where the modeling code came from; set for checkpoint directories (generator/checkpoint.py)
+    requires_trust_remote_code: bool = False
+    code_origin: str = "transformers"
+    source_argument: str | None = None  # the checkpoint directory as typed; None: a model type
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
