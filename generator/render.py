@@ -21,16 +21,49 @@ import jinja2
 
 from . import __version__
 from .errors import PuzzleGenError
-from .spec import BufferModule, DescriptorSpec, is_dotted_path, is_identifier
+from .spec import (
+    BufferModule,
+    ClassRef,
+    DescriptorSpec,
+    SpecError,
+    check_renderable,
+    is_dotted_path,
+    is_identifier,
+)
 
 BLACK_MODE = black.Mode(line_length=100, target_versions={black.TargetVersion.PY311})
 RUNTIME = "puzzletron_runtime"
 _LOCATION = re.compile(r"(?:[\w.-]+/)*([\w.-]+\.py):(\d+)\Z")
 _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+REMOTE_PREFIX = "transformers_modules."  # where transformers imports a checkpoint's own code
+# Names the descriptor template itself uses: an imported class must not shadow them.
+_TEMPLATE_NAMES = {
+    "re", "sys", "Any", "nn", "_remote_class", "__all__",
+    "ModelDescriptor", "ModelDescriptorFactory", "BlockConfig", "Same", "MatchingZeros",
+    "return_tuple_of_size", "DummyBlock",
+}  # fmt: skip
+
+
+def is_remote(ref: ClassRef) -> bool:
+    return ref.module.startswith(REMOTE_PREFIX)
+
+
+def _class_expr(ref: ClassRef) -> str:
+    """How a method body names a class: its imported name, or for the checkpoint's own code
+    (importable only after transformers loaded it) a lookup at call time."""
+    if not is_remote(ref):
+        return ref.name
+    module = ref.module.rpartition(".")[2]
+    return f"_remote_class({_pyrepr(module)}, {_pyrepr(ref.name)})"
 
 
 def _templates_dir() -> Path:
+    # A source checkout first: an editable install's finder maps generator.templates to the
+    # checkout it was installed from, which need not be the one this module runs from.
+    checkout = Path(__file__).resolve().parent.parent / "templates"
+    if (checkout / "descriptor.py.j2").is_file():
+        return checkout
     try:
         from importlib.resources import files
 
@@ -101,6 +134,7 @@ def _env() -> jinja2.Environment:
         buffer_path=_buffer_path,
         buffer_args=_buffer_args,
         code=lambda s: f"`{s}`",
+        class_expr=_class_expr,
     )
     return env
 
@@ -114,11 +148,25 @@ def _sort_names(names) -> list[str]:
 
 
 def _import_lines(spec: DescriptorSpec) -> list[str]:
+    import builtins
+
     third: dict[str, set[str]] = {"torch": {"nn"}}
     for ref in spec.decoder_layer_classes:
-        third.setdefault(ref.module, set()).add(ref.name)
+        if not is_remote(ref):
+            third.setdefault(ref.module, set()).add(ref.name)
     for b in spec.buffer_modules:
+        if is_remote(b.cls):
+            raise PuzzleGenError(
+                f"rebuilding {b.cls.name} from the checkpoint's own code is not supported yet"
+            )
         third.setdefault(b.cls.module, set()).add(b.cls.name)
+    imported = {n for names in third.values() for n in names} - {"nn"}
+    clashes = sorted(n for n in imported if n in _TEMPLATE_NAMES or hasattr(builtins, n))
+    if spec.class_name in imported | _TEMPLATE_NAMES or clashes:
+        raise PuzzleGenError(
+            f"refusing to import {', '.join(clashes) or spec.class_name}: the name would shadow "
+            "one the descriptor uses"
+        )
     no_op = {r.replacement for sb in (spec.attention, spec.ffn) for r in sb.replacements}
     if any(r.tuple_size for sb in (spec.attention, spec.ffn) for r in sb.replacements):
         no_op.add("return_tuple_of_size")
@@ -133,7 +181,10 @@ def _import_lines(spec: DescriptorSpec) -> list[str]:
     for module, names in list(third.items()) + list(first.items()):
         if not is_dotted_path(module) or not all(is_identifier(n) for n in names):
             raise PuzzleGenError(f"refusing to import {sorted(names)} from {module!r}")
-    lines = ["import re", "from typing import Any", ""]
+    lines = ["import re"]
+    if any(is_remote(c) for c in spec.decoder_layer_classes):
+        lines.append("import sys")
+    lines += ["from typing import Any", ""]
     for group in (third, first):
         for module in sorted(group):
             lines.append(f"from {module} import {', '.join(_sort_names(group[module]))}")
@@ -203,7 +254,15 @@ def _header(command: str, source_module: str | None, transformers_version: str) 
     )
 
 
+def _check(spec: DescriptorSpec) -> None:
+    try:
+        check_renderable(spec)
+    except SpecError as exc:
+        raise PuzzleGenError(str(exc)) from None
+
+
 def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
+    _check(spec)
     for alt in (
         *spec.predicates.embeddings,
         *spec.predicates.lm_head,
@@ -223,9 +282,7 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
         _env()
         .get_template("descriptor.py.j2")
         .render(
-            **_header(
-                spec_command(spec, out), spec.modeling_module, spec.transformers_version
-            ),
+            **_header(spec_command(spec, out), spec.modeling_module, spec.transformers_version),
             spec=spec,
             imports=_import_lines(spec),
             subblocks=[
@@ -233,7 +290,12 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
                 _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
             ],
             overrides=[*spec.attention.overrides, *spec.ffn.overrides],
-            layer_type=layer_types[0] if len(layer_types) == 1 else "nn.Module",
+            layer_type=(
+                layer_types[0]
+                if len(layer_types) == 1 and not is_remote(spec.decoder_layer_classes[0])
+                else "nn.Module"
+            ),
+            remote_classes=[c for c in spec.decoder_layer_classes if is_remote(c)],
             top_groups=[
                 ("embeddings", spec.predicates.embeddings),
                 ("lm_head", spec.predicates.lm_head),
@@ -249,13 +311,12 @@ def descriptor_module(spec: DescriptorSpec) -> str:
 
 
 def render_package_init(spec: DescriptorSpec, out: str | None = None) -> str:
+    _check(spec)
     source = (
         _env()
         .get_template("package_init.py.j2")
         .render(
-            **_header(
-                spec_command(spec, out), spec.modeling_module, spec.transformers_version
-            ),
+            **_header(spec_command(spec, out), spec.modeling_module, spec.transformers_version),
             spec=spec,
             module=descriptor_module(spec),
         )
@@ -412,7 +473,9 @@ def write_files(files: dict[Path, str]) -> None:
                 pass
         if isinstance(exc, OSError):
             where = exc.filename or next(iter(files), "")
-            raise PuzzleGenError(f"cannot write {where}: {_strerror(exc)}; nothing was written") from None
+            raise PuzzleGenError(
+                f"cannot write {where}: {_strerror(exc)}; nothing was written"
+            ) from None
         raise
     for backup in backups.values():
         Path(backup).unlink(missing_ok=True)

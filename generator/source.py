@@ -250,7 +250,9 @@ def _relative_imports(module, path: Path, root: Path) -> list[Path]:
 
     out = []
     for stmt in module.body:
-        for small in getattr(stmt, "body", ()):
+        if not isinstance(stmt, cst.SimpleStatementLine):
+            continue
+        for small in stmt.body:
             if isinstance(small, cst.ImportFrom) and small.relative and small.module is not None:
                 if len(small.relative) != 1:
                     continue
