@@ -456,7 +456,8 @@ def write_files(files: dict[Path, str]) -> None:
                 os.link(path, backup, follow_symlinks=False)
                 backups[path] = backup
         for path in files:
-            os.replace(temps.pop(path), path)
+            os.replace(temps[path], path)
+            del temps[path]
             done.append(path)
     except BaseException as exc:
         for path in reversed(done):
