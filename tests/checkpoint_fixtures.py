@@ -32,7 +32,7 @@ def save_llama(directory: Path, sharded: bool = False, **overrides) -> Path:
     return directory
 
 
-CONFIGURATION = '''
+CONFIGURATION = """
 from pathlib import Path
 
 Path({marker!r}, "configuration_imported").touch()
@@ -42,9 +42,9 @@ from transformers import LlamaConfig
 
 class ToyConfig(LlamaConfig):
     model_type = "toy_lm"
-'''
+"""
 
-MODELING = '''
+MODELING = """
 from pathlib import Path
 
 Path({marker!r}, "modeling_imported").touch()
@@ -89,7 +89,7 @@ class ToyForCausalLM(LlamaForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         self.model = ToyModel(config)
-'''
+"""
 
 AUTO_MAP = {
     "AutoConfig": "configuration_toy.ToyConfig",

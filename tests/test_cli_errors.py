@@ -261,7 +261,10 @@ def test_output_directory_below_a_file(capsys, tmp_path):
     blocker.write_text("keep me")
     assert cli.main(["generate", "llama", "--out", str(blocker / "sub")]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == f"puzzle-gen: cannot create output directory {blocker / 'sub'}: {blocker} is a file"
+    assert (
+        err.strip()
+        == f"puzzle-gen: cannot create output directory {blocker / 'sub'}: {blocker} is a file"
+    )
     assert blocker.read_text() == "keep me"
 
 
@@ -307,7 +310,9 @@ def test_ctrl_c_while_renaming_restores_every_file(capsys, out, monkeypatch):
 
     monkeypatch.setattr(render.os, "replace", interrupted)
     assert cli.main(["generate", "llama", "qwen3", "--out", str(out)]) == 130
-    assert capsys.readouterr().err.splitlines()[-1] == "puzzle-gen: interrupted; nothing was written"
+    assert (
+        capsys.readouterr().err.splitlines()[-1] == "puzzle-gen: interrupted; nothing was written"
+    )
     assert snapshot(out) == before
 
 
