@@ -66,7 +66,7 @@ def read_config_dict(directory: Path) -> dict[str, Any]:
         )
     model_type = data.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise CheckpointInputError(f"{directory / CONFIG}: no \"model_type\" string")
+        raise CheckpointInputError(f'{directory / CONFIG}: no "model_type" string')
     return data
 
 
@@ -158,7 +158,7 @@ class Checkpoint:
         data = read_json(index, "shard index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointInputError(f"{index}: no \"weight_map\" object")
+            raise CheckpointInputError(f'{index}: no "weight_map" object')
         headers: dict[str, dict[str, TensorInfo]] = {}
         out: dict[str, TensorInfo] = {}
         for name, shard in weight_map.items():

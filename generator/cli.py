@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `puzzle-gen inspect ... | head`
         return 1
-    except Exception as exc:  # a bug, not a user error: still one line (PUZZLE_GEN_DEBUG=1 shows it)
+    except (
+        Exception
+    ) as exc:  # a bug, not a user error: still one line (PUZZLE_GEN_DEBUG=1 shows it)
         if os.environ.get("PUZZLE_GEN_DEBUG"):
             raise
         print(

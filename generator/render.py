@@ -227,15 +227,23 @@ def regenerate_target(descriptor_file: Path) -> tuple[str, bool] | None:
     except (OSError, UnicodeDecodeError):
         return None
     for line in lines:
-        if line.startswith("# Regenerate: "):
-            try:
-                words = shlex.split(line[len("# Regenerate: ") :])
-            except ValueError:
-                return None
-            if words[:2] != ["puzzle-gen", "generate"] or len(words) < 3:
-                return None
-            return words[2], "--trust-remote-code" in words[3:]
+        found = regenerate_target_from_line(line)
+        if found is not None:
+            return found
     return None
+
+
+def regenerate_target_from_line(line: str) -> tuple[str, bool] | None:
+    prefix = "# Regenerate: "
+    if not line.startswith(prefix):
+        return None
+    try:
+        words = shlex.split(line[len(prefix) :])
+    except ValueError:
+        return None
+    if words[:2] != ["puzzle-gen", "generate"] or len(words) < 3:
+        return None
+    return words[2], "--trust-remote-code" in words[3:]
 
 
 def _format(source: str, name: str) -> str:

@@ -150,7 +150,9 @@ def resolve_checkpoint(directory: Path, arg: str, trust_remote_code: bool) -> Mo
             f"({', '.join(p.name for p in custom.files)}), which was parsed but not run; "
             "pass --trust-remote-code to import it for the probe"
         )
-    raise UnknownModelType(model_type, closest_model_types(model_type), f" (in {ckpt.directory / 'config.json'})")
+    raise UnknownModelType(
+        model_type, closest_model_types(model_type), f" (in {ckpt.directory / 'config.json'})"
+    )
 
 
 def _with(source: ModelSource, **changes) -> ModelSource:
@@ -183,7 +185,7 @@ def parse_custom_code(ckpt: Checkpoint) -> CustomCode | None:
     if auto_map is None:
         return None
     if not isinstance(auto_map, dict):
-        raise CheckpointInputError(f"{config_path}: \"auto_map\" is not an object")
+        raise CheckpointInputError(f'{config_path}: "auto_map" is not an object')
     named = {}
     for key in _AUTO_KEYS:
         ref = auto_map.get(key)
