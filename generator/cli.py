@@ -168,13 +168,68 @@ def _check_targets(out_dir: Path, manifest) -> list:
 
 def cmd_inspect(args) -> int:
     from .infer import infer
+    from .source import CustomCodeNotTrusted
 
-    (target,) = _targets([args.model_type], args.trust_remote_code)
+    try:
+        (target,) = _targets([args.model_type], args.trust_remote_code)
+    except CustomCodeNotTrusted as exc:
+        return _inspect_parsed_only(exc, args.json)
     spec = infer(target)
     if args.json:
         print(spec.to_json())
         return 0
     print(format_spec(spec))
+    return 0
+
+
+def _inspect_parsed_only(exc, as_json: bool) -> int:
+    """`inspect PATH` of custom code without --trust-remote-code: what the parse and the
+    safetensors headers show, and why no descriptor can be inferred from that alone."""
+    import json
+
+    from .probe import probe_headers
+    from .source import find_list_construction
+
+    ckpt, custom = exc.checkpoint, exc.custom
+    headers = probe_headers(ckpt)
+    stack_attr = headers.layer_stack.rpartition(".")[2]
+    static = find_list_construction(custom, stack_attr)
+    classes = {k: f"{p.name} {c}" for k, (p, c) in custom.classes.items()}
+    if as_json:
+        report = {
+            "model_type": ckpt.model_type,
+            "custom_code": "parsed, not imported",
+            "files": [p.name for p in custom.files],
+            "classes": classes,
+            "headers": headers.to_dict(),
+            "layer_stack_in_code": [{"where": w, "class": c, "element": e} for w, c, e in static],
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        lines = [
+            f"{ckpt.model_type}: the checkpoint's own code, parsed with libcst and not imported",
+            *(f"  {k}: {v}" for k, v in classes.items()),
+            f"from the safetensors headers ({headers.tensor_count} tensors; no tensor data read):",
+            f"  layer stack      {headers.layer_stack} "
+            f"({headers.num_layers} layers = config.json {headers.num_layers_field})",
+        ]
+        for where, cls, element in static:
+            lines.append(
+                f"                     <- {where} {cls}.__init__ builds self.{stack_attr}"
+                + (f" of {element}" if element else "")
+            )
+        lines.append(f"  layer children   {', '.join(headers.layer_children())}")
+        for name, shape in headers.layer_tensors.items():
+            lines.append(f"    {headers.layer_stack}.0.{name}  {list(shape)}")
+        lines.append("  outside the layers")
+        for name, shape in headers.outside.items():
+            lines.append(f"    {name}  {list(shape)}")
+        print("\n".join(lines))
+    print(
+        "puzzle-gen: which subblock each layer child belongs to comes from the layer's forward; "
+        "pass --trust-remote-code to import the code and infer a descriptor",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -103,6 +103,80 @@ class CustomCode:
     files: tuple[Path, ...]  # every parsed .py file (the named ones and their relative imports)
 
 
+class CustomCodeNotTrusted(PuzzleGenError):
+    """A checkpoint whose model type only its own code defines, without --trust-remote-code:
+    the code was parsed (and so checked), never imported. `inspect` still reports what the
+    parse and the safetensors headers show."""
+
+    def __init__(self, checkpoint: Checkpoint, custom: CustomCode):
+        super().__init__(
+            f"{checkpoint.directory}: model type {checkpoint.model_type!r} comes with its own code "
+            f"({', '.join(p.name for p in custom.files)}), which was parsed but not run; "
+            "pass --trust-remote-code to import it for the probe"
+        )
+        self.checkpoint = checkpoint
+        self.custom = custom
+
+
+def find_list_construction(custom: CustomCode, attr: str) -> list[tuple[str, str, str | None]]:
+    """Static evidence for a layer stack in the checkpoint's own code: every
+    `self.<attr> = [nn.]ModuleList(...)` in a class's __init__, as (file:line, class, element
+    class when the list is built by a comprehension of one class)."""
+    import libcst as cst
+    from libcst.metadata import MetadataWrapper, PositionProvider
+
+    found = []
+    for path in custom.files:
+        wrapper = MetadataWrapper(_parse_py(path))
+        positions = wrapper.resolve(PositionProvider)
+        for cls in wrapper.module.body:
+            if not isinstance(cls, cst.ClassDef):
+                continue
+            for stmt in cls.body.body:
+                if not (isinstance(stmt, cst.FunctionDef) and stmt.name.value == "__init__"):
+                    continue
+                for node in _walk(stmt):
+                    if not (isinstance(node, cst.Assign) and len(node.targets) == 1):
+                        continue
+                    target, value = node.targets[0].target, node.value
+                    if not (
+                        isinstance(target, cst.Attribute)
+                        and isinstance(target.value, cst.Name)
+                        and target.value.value == "self"
+                        and target.attr.value == attr
+                        and isinstance(value, cst.Call)
+                    ):
+                        continue
+                    callee = value.func
+                    name = (
+                        callee.attr.value
+                        if isinstance(callee, cst.Attribute)
+                        else getattr(callee, "value", None)
+                    )
+                    if name != "ModuleList":
+                        continue
+                    element = None
+                    arg = value.args[0].value if value.args else None
+                    if isinstance(arg, cst.ListComp) and isinstance(arg.elt, cst.Call):
+                        f = arg.elt.func
+                        element = (
+                            f.attr.value
+                            if isinstance(f, cst.Attribute)
+                            else getattr(f, "value", None)
+                        )
+                    line = positions[node].start.line
+                    found.append((f"{path.name}:{line}", cls.name.value, element))
+    return found
+
+
+def _walk(node):
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(reversed(list(current.children)))
+
+
 def looks_like_path(arg: str) -> bool:
     return "/" in arg or "\\" in arg or arg.startswith((".", "~"))
 
@@ -145,11 +219,7 @@ def resolve_checkpoint(directory: Path, arg: str, trust_remote_code: bool) -> Mo
         config = _builtin_config(ckpt, source.config_cls)
         return _with(source, config=config, checkpoint=ckpt, custom_code=custom, argument=arg)
     if custom is not None:
-        raise PuzzleGenError(
-            f"{directory}: model type {model_type!r} comes with its own code "
-            f"({', '.join(p.name for p in custom.files)}), which was parsed but not run; "
-            "pass --trust-remote-code to import it for the probe"
-        )
+        raise CustomCodeNotTrusted(ckpt, custom)
     raise UnknownModelType(
         model_type, closest_model_types(model_type), f" (in {ckpt.directory / 'config.json'})"
     )
