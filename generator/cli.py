@@ -81,9 +81,16 @@ def _targets(args_list: list[str], trust_remote_code: bool = False) -> list:
     a checkpoint becomes a source carrying its config; a model type stays a name."""
     from .source import resolve_target
 
-    out = []
+    out, seen = [], {}
     for arg in _dedupe(args_list):
         target = resolve_target(arg, trust_remote_code)
+        if target.model_type in seen:
+            raise PuzzleGenError(
+                f"{seen[target.model_type]} and {arg} are both of model type "
+                f"{target.model_type!r} and would write the same descriptor; generate them "
+                "into different --out directories"
+            )
+        seen[target.model_type] = arg
         out.append(target if target.checkpoint is not None else target.model_type)
     return out
 

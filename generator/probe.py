@@ -153,7 +153,7 @@ class Probe:
         try:
             with quiet_transformers():
                 if self.source.config is not None:
-                    return _tiny_from(self.source.config, **extra)
+                    return tiny_config_from(self.source.config, **extra)
                 return tiny_config(self.source.config_cls, **extra)
         except Exception as exc:
             raise InferenceError(
@@ -220,7 +220,7 @@ class Probe:
         return {k.split(".")[0] for k in set(a) | set(b) if a.get(k) != b.get(k)}
 
 
-def _tiny_from(config: Any, **extra: Any) -> Any:
+def tiny_config_from(config: Any, **extra: Any) -> Any:
     """A tiny config that keeps every structural choice of `config` (a checkpoint's), with the
     same sizes shrunk that tiny_config shrinks in a default config."""
     data = config.to_dict()

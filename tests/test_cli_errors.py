@@ -136,6 +136,10 @@ def test_a_path_that_is_a_file(capsys, out, tmp_path):
     fails(capsys, out, ["generate", str(f)], 1, "not a directory")
 
 
+def test_two_targets_of_one_model_type(capsys, out, good_single):
+    fails(capsys, out, ["generate", "llama", str(good_single)], 1, "are both of model type 'llama'")
+
+
 # -- custom code ---------------------------------------------------------------------------------
 def test_auto_map_naming_a_missing_file(capsys, out, tmp_path):
     marker = tmp_path / "marker"
