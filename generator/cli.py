@@ -273,12 +273,10 @@ def cmd_verify(args) -> int:
     from .verify import verify_model_type
 
     failed = 0
-    for target in _targets(args.model_types):
+    for target in _targets(args.model_types, args.trust_remote_code):
         if not isinstance(target, str):
-            raise PuzzleGenError(
-                f"verify {target.argument}: verifying a checkpoint directory is not wired yet; "
-                f"generate it with `puzzle-gen generate {target.argument}`"
-            )
+            failed += _verify_checkpoint(target, Path(args.out))
+            continue
         model_type = target
         _progress(f"{model_type}: verifying a tiny model built through the descriptor")
         report = verify_model_type(model_type, Path(args.out))
@@ -290,6 +288,17 @@ def cmd_verify(args) -> int:
         print(f"puzzle-gen verify: {failed} check(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _verify_checkpoint(target, out: Path) -> int:
+    """verify PATH: the descriptor against the checkpoint's own tensors and weights."""
+    from .verify_checkpoint import verify_checkpoint
+
+    _progress(f"{target.argument}: verifying the descriptor against the checkpoint")
+    checks = verify_checkpoint(target, out)
+    for name, ok, detail in checks:
+        print(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    return sum(not ok for _, ok, _ in checks)
 
 
 def _dedupe(items: list[str]) -> list[str]:
@@ -341,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "verify", help="build tiny models through generated descriptors and check them"
     )
-    v.add_argument("model_types", nargs="+", metavar="MODEL_TYPE")
+    v.add_argument("model_types", nargs="+", metavar="MODEL_TYPE|PATH")
+    v.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     v.add_argument(
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )

@@ -257,3 +257,32 @@ print(d.decoder_layer_cls().__name__, d.requires_trust_remote_code())
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["ToyDecoderLayer", "True"]
+
+
+# -- verify PATH ----------------------------------------------------------------------------------
+def test_verify_path_loads_the_checkpoint_through_the_descriptor(sharded, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["generate", str(sharded), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["verify", str(sharded), "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "ok   checkpoint partition: 29 tensors, each in exactly one group" in report
+    assert "ok   load through the descriptor: logits [1, 16, 128] identical to from_pretrained" in (
+        report
+    )
+
+
+def test_verify_path_fails_on_a_descriptor_that_misses_tensors(single, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["generate", str(single), "--out", str(out)]) == 0
+    path = out / "llama" / "llama_model_descriptor.py"
+    text = path.read_text()
+    assert "                  | mlp\\..+\n" in text
+    path.write_text(text.replace("                  | mlp\\..+\n", ""))
+    capsys.readouterr()
+    assert cli.main(["verify", str(single), "--out", str(out)]) == 1
+    report = capsys.readouterr().out
+    assert (
+        "FAIL checkpoint partition: 9 wrong: model.layers.0.mlp.down_proj.weight in no group"
+        in (report)
+    )
