@@ -182,6 +182,15 @@ class Checkpoint:
         return out
 
 
+_PLAIN = re.compile(r"[\w.\-/:\[\]]+\Z")
+
+
+def show(name: str) -> str:
+    """A tensor or file name as messages print it: as is when plain, else as a Python literal
+    (so a name with a newline, quote or terminal escape cannot break the one-line report)."""
+    return name if _PLAIN.match(name) and name.isascii() else repr(name)
+
+
 def _oneline(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -218,9 +227,9 @@ def check_checkpoint(ckpt: Checkpoint, preds, probe) -> None:
     for name in tensors:
         hits = [g for g, p in groups.items() if p.match(name)]
         if not hits:
-            problems.append(f"{name} in no group")
+            problems.append(f"{show(name)} in no group")
         elif len(hits) > 1:
-            problems.append(f"{name} in {' and '.join(hits)}")
+            problems.append(f"{show(name)} in {' and '.join(hits)}")
     if problems:
         raise InferenceError(
             "layer_name_predicates",
@@ -229,7 +238,7 @@ def check_checkpoint(ckpt: Checkpoint, preds, probe) -> None:
         )
     built = {k: tuple(v.shape) for k, v in probe.model.state_dict().items()}
     contradictions = [
-        f"{name} is {list(info.shape)} in {info.file}, the config builds {list(built[name])}"
+        f"{show(name)} is {list(info.shape)} in {info.file}, the config builds {list(built[name])}"
         for name, info in tensors.items()
         if name in built and tuple(info.shape) != built[name]
     ]

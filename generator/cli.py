@@ -194,6 +194,7 @@ def _inspect_parsed_only(exc, as_json: bool) -> int:
     safetensors headers show, and why no descriptor can be inferred from that alone."""
     import json
 
+    from .checkpoint import show
     from .probe import probe_headers
     from .source import find_list_construction
 
@@ -225,12 +226,12 @@ def _inspect_parsed_only(exc, as_json: bool) -> int:
                 f"                     <- {where} {cls}.__init__ builds self.{stack_attr}"
                 + (f" of {element}" if element else "")
             )
-        lines.append(f"  layer children   {', '.join(headers.layer_children())}")
+        lines.append(f"  layer children   {', '.join(map(show, headers.layer_children()))}")
         for name, shape in headers.layer_tensors.items():
-            lines.append(f"    {headers.layer_stack}.0.{name}  {list(shape)}")
+            lines.append(f"    {show(f'{headers.layer_stack}.0.{name}')}  {list(shape)}")
         lines.append("  outside the layers")
         for name, shape in headers.outside.items():
-            lines.append(f"    {name}  {list(shape)}")
+            lines.append(f"    {show(name)}  {list(shape)}")
         print("\n".join(lines))
     print(
         "puzzle-gen: which subblock each layer child belongs to comes from the layer's forward; "

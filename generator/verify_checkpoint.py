@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+from .checkpoint import show
 from .errors import PuzzleGenError
 
 
@@ -62,7 +63,7 @@ def verify_checkpoint(target, out: Path) -> list[tuple[str, bool, str]]:
     for name in names:
         hits = [g for g, p in predicates.items() if p.search(name)]
         if len(hits) != 1:
-            wrong.append(f"{name} in {' and '.join(hits) if hits else 'no group'}")
+            wrong.append(f"{show(name)} in {' and '.join(hits) if hits else 'no group'}")
     checks.append(
         (
             "checkpoint partition",

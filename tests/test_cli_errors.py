@@ -351,3 +351,19 @@ def test_errors_from_a_real_process_are_one_line_without_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "config.json is not valid JSON" in proc.stderr
+
+
+def test_hostile_tensor_names_are_named_safely_and_nothing_is_written(
+    capsys, out, good_single, tmp_path
+):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = copy_of(good_single, tmp_path)
+    tensors = load_file(ckpt / "model.safetensors")
+    hostile = 'model.layers.0.mlp"\nimport os\n#.weight'
+    tensors[hostile] = torch.ones(1)
+    tensors["{{ spec }}\x1b[31m"] = torch.ones(1)
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    line = fails(capsys, out, ["generate", str(ckpt)], 1, "do not partition", "(2 wrong)")
+    assert repr(hostile) in line and repr("{{ spec }}\x1b[31m") in line
