@@ -139,7 +139,9 @@ def cmd_check(args) -> int:
     manifest = read_manifest(out_dir / "__init__.py")
     if not manifest:
         raise PuzzleGenError(f"{out_dir}/__init__.py lists no generated descriptors")
-    files = plan(_check_targets(out_dir, manifest), args.out, keep_existing=False)
+    files = plan(
+        _check_targets(out_dir, manifest, args.trust_remote_code), args.out, keep_existing=False
+    )
     stale = [p for p, text in files.items() if _read(p) != text]
     known = {p.parent for p in files}
     strays = sorted(p for p in out_dir.glob("*/*_model_descriptor.py") if p.parent not in known)
@@ -158,15 +160,22 @@ def cmd_check(args) -> int:
     return 0
 
 
-def _check_targets(out_dir: Path, manifest) -> list:
-    """What regenerates each table entry: its model type, or the checkpoint directory (and
-    --trust-remote-code) that its descriptor's `# Regenerate:` line names."""
+def _check_targets(out_dir: Path, manifest, trust_remote_code: bool = False) -> list:
+    """What regenerates each table entry: its model type, or the checkpoint directory that its
+    descriptor's `# Regenerate:` line names. A file in the output directory never decides on its
+    own that code gets imported: an entry made with --trust-remote-code needs the flag here too."""
     from .render import regenerate_target
 
     targets = []
     for e in sorted(manifest, key=lambda e: e.model_type):
-        found = regenerate_target(out_dir / e.package / f"{e.package}_model_descriptor.py")
+        path = out_dir / e.package / f"{e.package}_model_descriptor.py"
+        found = regenerate_target(path)
         if found is not None and found[0] != e.model_type:
+            if found[1] and not trust_remote_code:
+                raise PuzzleGenError(
+                    f"{path} was generated with --trust-remote-code from {found[0]}; pass "
+                    "--trust-remote-code to check it (its code is imported to regenerate it)"
+                )
             targets.extend(_targets([found[0]], found[1]))
         else:
             targets.append(e.model_type)
@@ -341,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="fail (exit 1) when a generated file is out of date")
     c.add_argument(
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
+    )
+    c.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow importing the code of checkpoints that were generated with this flag",
     )
     c.set_defaults(func=cmd_check)
     i = sub.add_parser("inspect", help="print the inferred spec and its evidence")

@@ -286,3 +286,28 @@ def test_verify_path_fails_on_a_descriptor_that_misses_tensors(single, tmp_path,
         "FAIL checkpoint partition: 9 wrong: model.layers.0.mlp.down_proj.weight in no group"
         in (report)
     )
+
+
+def test_check_imports_custom_code_only_when_told_to(custom, tmp_path, capsys):
+    ckpt, marker = custom
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    gen = subprocess.run(
+        [sys.executable, "-m", "generator.cli", "generate", str(ckpt), "--trust-remote-code",
+         "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert gen.returncode == 0, gen.stderr
+    for name in list(marker.iterdir()):
+        name.unlink()
+    # the file's header asks for --trust-remote-code: that alone must not import anything
+    capsys.readouterr()
+    assert cli.main(["check", "--out", str(out)]) == 1
+    assert "pass --trust-remote-code to check it" in capsys.readouterr().err
+    assert list(marker.iterdir()) == []
+    run = subprocess.run(
+        [sys.executable, "-m", "generator.cli", "check", "--trust-remote-code", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "4 file(s) up to date" in run.stderr
