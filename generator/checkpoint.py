@@ -231,10 +231,17 @@ def check_checkpoint(ckpt: Checkpoint, preds, probe) -> None:
         elif len(hits) > 1:
             problems.append(f"{show(name)} in {' and '.join(hits)}")
     if problems:
+        hint = (
+            f" (transformers renames {probe.source.model_type} tensors between disk and module "
+            "at load time, transformers/conversion_mapping.py: the names on disk differ from the "
+            "module names the descriptor was built from)"
+            if _renamed_on_load(probe.source.model_type)
+            else ""
+        )
         raise InferenceError(
             "layer_name_predicates",
             f"the groups do not partition the checkpoint's {len(tensors)} tensors "
-            f"({len(problems)} wrong): {_listed(problems, sep='; ')}",
+            f"({len(problems)} wrong): {_listed(problems, sep='; ')}{hint}",
         )
     built = {k: tuple(v.shape) for k, v in probe.model.state_dict().items()}
     contradictions = [
@@ -246,6 +253,15 @@ def check_checkpoint(ckpt: Checkpoint, preds, probe) -> None:
         raise CheckpointInputError(
             f"{config_path} contradicts the tensors' shapes: {_listed(contradictions, sep='; ')}"
         )
+
+
+def _renamed_on_load(model_type: str) -> bool:
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        return bool(get_checkpoint_conversion_mapping(model_type))
+    except Exception:  # an older or newer transformers without this helper
+        return False
 
 
 def _listed(items: list[str], sep: str = ", ") -> str:

@@ -311,3 +311,23 @@ def test_check_imports_custom_code_only_when_told_to(custom, tmp_path, capsys):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "4 file(s) up to date" in run.stderr
+
+
+def test_names_renamed_on_load_are_reported_with_the_reason(tmp_path, capsys):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=64, num_local_experts=2,
+    )  # fmt: skip
+    ckpt = tmp_path / "mixtral"
+    MixtralForCausalLM(config).save_pretrained(ckpt)
+    capsys.readouterr()
+    assert cli.main(["generate", str(ckpt), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    # on disk: block_sparse_moe.experts.N.w1; in the module: mlp.experts.gate_up_proj
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight in no group" in err
+    assert "transformers renames mixtral tensors between disk and module" in err
+    assert not (tmp_path / "out").exists()
