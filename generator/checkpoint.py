@@ -224,7 +224,8 @@ def check_checkpoint(ckpt: Checkpoint, preds, probe) -> None:
         )
     groups = compile_groups(preds, num_layers)
     problems = []
-    for name in tensors:
+    # tensors outside the layers first (few, and telling), then layer by layer
+    for name in sorted(tensors, key=lambda n: (bool(layer_re.match(n)), _layer_of(layer_re, n))):
         hits = [g for g, p in groups.items() if p.match(name)]
         if not hits:
             problems.append(f"{show(name)} in no group")
@@ -253,6 +254,11 @@ def check_checkpoint(ckpt: Checkpoint, preds, probe) -> None:
         raise CheckpointInputError(
             f"{config_path} contradicts the tensors' shapes: {_listed(contradictions, sep='; ')}"
         )
+
+
+def _layer_of(layer_re: re.Pattern, name: str) -> int:
+    m = layer_re.match(name)
+    return int(m.group(1)) if m else -1
 
 
 def _renamed_on_load(model_type: str) -> bool:
