@@ -367,3 +367,18 @@ def test_hostile_tensor_names_are_named_safely_and_nothing_is_written(
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     line = fails(capsys, out, ["generate", str(ckpt)], 1, "do not partition", "(2 wrong)")
     assert repr(hostile) in line and repr("{{ spec }}\x1b[31m") in line
+
+
+def test_output_directory_that_cannot_be_written(capsys, out, monkeypatch):
+    # root ignores permission bits, so the refusal a read-only directory gives is simulated
+    def refuse(*_a, **_kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(render.tempfile, "mkdtemp", refuse)
+    fails(
+        capsys,
+        out,
+        ["generate", "llama"],
+        1,
+        f"cannot write into output directory {out}: Permission denied",
+    )
