@@ -1,18 +1,22 @@
 """The `puzzle-gen` command line.
 
-    puzzle-gen generate MODEL_TYPE... [--out DIR] [--diff]
+    puzzle-gen generate MODEL_TYPE|PATH... [--out DIR] [--diff] [--trust-remote-code]
     puzzle-gen check [--out DIR]
-    puzzle-gen inspect MODEL_TYPE [--json]
+    puzzle-gen inspect MODEL_TYPE|PATH [--json] [--trust-remote-code]
     puzzle-gen verify MODEL_TYPE... [--out DIR]
 
-User errors are one line on stderr with exit code 1 (2 for an unknown model type or bad usage),
-never a traceback; nothing is written unless every requested model type succeeds.
+PATH is a local checkpoint directory (config.json and safetensors files); its own code
+(config.json's auto_map) is parsed, and imported only with --trust-remote-code.
+User errors are one line on stderr with exit code 1 (2 for an unknown model type or bad usage,
+130 for Ctrl-C), never a traceback; nothing is written unless every requested target succeeds,
+and the files already in the output directory stay byte-identical on any failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -32,9 +36,10 @@ def _out_arg(out: str) -> str | None:
 
 
 def plan(
-    model_types: list[str], out: str, keep_existing: bool = True, keep_going: bool = False
+    model_types: list, out: str, keep_existing: bool = True, keep_going: bool = False
 ) -> dict[Path, str]:
-    """Every file `generate` would write for `model_types` under `out`, rendered in memory.
+    """Every file `generate` would write for `model_types` (names, or checkpoint targets from
+    `source.resolve_target`) under `out`, rendered in memory.
 
     With `keep_going`, a model type that cannot be generated is recorded in coverage.json (the
     fact that could not be inferred, or why it is out of scope) instead of stopping the rest."""
@@ -55,7 +60,7 @@ def plan(
     )
     rows = coverage.load(out_dir)
     for i, model_type in enumerate(model_types, 1):
-        _progress(f"[{i}/{len(model_types)}] {model_type}: inferring")
+        _progress(f"[{i}/{len(model_types)}] {_label(model_type)}: inferring")
         try:
             if keep_going:
                 reason = coverage.out_of_scope(model_type, _default_config(resolve(model_type)))
@@ -71,6 +76,7 @@ def plan(
                 model_type, coverage.NOT_GENERATED, coverage.first_line(exc)
             )
             continue
+        model_type = spec.model_type  # a checkpoint target's type
         pkg = out_dir / spec.package
         module = pkg / f"{render.descriptor_module(spec)}.py"
         files[module] = render.render_descriptor(spec, out_flag)
@@ -93,6 +99,29 @@ def plan(
     return files
 
 
+def _label(target) -> str:
+    return getattr(target, "argument", None) or getattr(target, "model_type", target)
+
+
+def _targets(args_list: list[str], trust_remote_code: bool = False) -> list:
+    """Model types and checkpoint directories, resolved (and so validated) before any inference:
+    a checkpoint becomes a source carrying its config; a model type stays a name."""
+    from .source import resolve_target
+
+    out, seen = [], {}
+    for arg in _dedupe(args_list):
+        target = resolve_target(arg, trust_remote_code)
+        if target.model_type in seen:
+            raise PuzzleGenError(
+                f"{seen[target.model_type]} and {arg} are both of model type "
+                f"{target.model_type!r} and would write the same descriptor; generate them "
+                "into different --out directories"
+            )
+        seen[target.model_type] = arg
+        out.append(target if target.checkpoint is not None else target.model_type)
+    return out
+
+
 def _default_config(source):
     from .probe import quiet_transformers
 
@@ -104,7 +133,10 @@ def _default_config(source):
 
 
 def _read(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8") if path.is_file() else None
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _diff(path: Path, new: str) -> str:
@@ -117,16 +149,18 @@ def _diff(path: Path, new: str) -> str:
 
 
 def cmd_generate(args) -> int:
-    from .render import write_atomic
+    from .render import check_output_dir, write_files
 
     from .source import known_model_types
 
     if args.all == bool(args.model_types):
         raise UsageError("generate: give model types, or --all (not both)")
+    if not args.diff:
+        check_output_dir(Path(args.out))
     if args.all:
         files = plan(known_model_types(), args.out, keep_going=True)
     else:
-        files = plan(_dedupe(args.model_types), args.out)
+        files = plan(_targets(args.model_types, args.trust_remote_code), args.out)
     changed = {p: t for p, t in files.items() if _read(p) != t}
     if args.diff:
         for path, text in changed.items():
@@ -134,8 +168,7 @@ def cmd_generate(args) -> int:
         if not changed:
             _progress("no changes")
         return 0
-    for path, text in changed.items():
-        write_atomic(path, text)
+    write_files(changed)
     _progress(
         f"wrote {len(changed)} file(s) under {args.out}; {len(files) - len(changed)} already up to date"
     )
@@ -149,7 +182,9 @@ def cmd_check(args) -> int:
     manifest = read_manifest(out_dir / "__init__.py")
     if not manifest:
         raise PuzzleGenError(f"{out_dir}/__init__.py lists no generated descriptors")
-    files = plan(sorted(e.model_type for e in manifest), args.out, keep_existing=False)
+    files = plan(
+        _check_targets(out_dir, manifest, args.trust_remote_code), args.out, keep_existing=False
+    )
     stale = [p for p, text in files.items() if _read(p) != text]
     known = {p.parent for p in files}
     strays = sorted(p for p in out_dir.glob("*/*_model_descriptor.py") if p.parent not in known)
@@ -168,14 +203,93 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _check_targets(out_dir: Path, manifest, trust_remote_code: bool = False) -> list:
+    """What regenerates each table entry: its model type, or the checkpoint directory that its
+    descriptor's `# Regenerate:` line names. A file in the output directory never decides on its
+    own that code gets imported: an entry made with --trust-remote-code needs the flag here too."""
+    from .render import regenerate_target
+
+    targets = []
+    for e in sorted(manifest, key=lambda e: e.model_type):
+        path = out_dir / e.package / f"{e.package}_model_descriptor.py"
+        found = regenerate_target(path)
+        if found is not None and found[0] != e.model_type:
+            if found[1] and not trust_remote_code:
+                raise PuzzleGenError(
+                    f"{path} was generated with --trust-remote-code from {found[0]}; pass "
+                    "--trust-remote-code to check it (its code is imported to regenerate it)"
+                )
+            targets.extend(_targets([found[0]], found[1]))
+        else:
+            targets.append(e.model_type)
+    return targets
+
+
 def cmd_inspect(args) -> int:
     from .infer import infer
+    from .source import CustomCodeNotTrusted
 
-    spec = infer(args.model_type)
+    try:
+        (target,) = _targets([args.model_type], args.trust_remote_code)
+    except CustomCodeNotTrusted as exc:
+        return _inspect_parsed_only(exc, args.json)
+    spec = infer(target)
     if args.json:
         print(spec.to_json())
         return 0
     print(format_spec(spec))
+    return 0
+
+
+def _inspect_parsed_only(exc, as_json: bool) -> int:
+    """`inspect PATH` of custom code without --trust-remote-code: what the parse and the
+    safetensors headers show, and why no descriptor can be inferred from that alone."""
+    import json
+
+    from .checkpoint import show
+    from .probe import probe_headers
+    from .source import find_list_construction
+
+    ckpt, custom = exc.checkpoint, exc.custom
+    headers = probe_headers(ckpt)
+    stack_attr = headers.layer_stack.rpartition(".")[2]
+    static = find_list_construction(custom, stack_attr)
+    classes = {k: f"{p.name} {c}" for k, (p, c) in custom.classes.items()}
+    if as_json:
+        report = {
+            "model_type": ckpt.model_type,
+            "custom_code": "parsed, not imported",
+            "files": [p.name for p in custom.files],
+            "classes": classes,
+            "headers": headers.to_dict(),
+            "layer_stack_in_code": [{"where": w, "class": c, "element": e} for w, c, e in static],
+        }
+        print(json.dumps(report, indent=2))
+    else:
+        lines = [
+            f"{ckpt.model_type}: the checkpoint's own code, parsed with libcst and not imported",
+            *(f"  {k}: {v}" for k, v in classes.items()),
+            f"from the safetensors headers ({headers.tensor_count} tensors; no tensor data read):",
+            f"  layer stack      {headers.layer_stack} "
+            f"({headers.num_layers} layers = config.json {headers.num_layers_field})",
+        ]
+        for where, cls, element in static:
+            lines.append(
+                f"                     <- {where} {cls}.__init__ builds self.{stack_attr}"
+                + (f" of {element}" if element else "")
+            )
+        lines.append(f"  layer children   {', '.join(map(show, headers.layer_children()))}")
+        for name, shape in headers.layer_tensors.items():
+            lines.append(f"    {show(f'{headers.layer_stack}.0.{name}')}  {list(shape)}")
+        lines.append("  outside the layers")
+        for name, shape in headers.outside.items():
+            lines.append(f"    {show(name)}  {list(shape)}")
+        print("\n".join(lines))
+    print(
+        "puzzle-gen: which subblock each layer child belongs to comes from the layer's forward; "
+        "pass --trust-remote-code to import the code and infer a descriptor",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -184,8 +298,10 @@ def format_spec(spec) -> str:
     lines = [
         f"{spec.model_type}: {spec.causal_lm_class.name} -> {spec.class_name}",
         f"source: {spec.modeling_module} (transformers {spec.transformers_version})",
-        "",
     ]
+    if spec.source_argument:
+        lines.append(f"checkpoint: {spec.source_argument}; code from {spec.code_origin}")
+    lines.append("")
     width = max(len(f.name) for f in spec.facts)
     for fact in spec.facts:
         lines.append(f"{fact.name.ljust(width)}  {fact.value}")
@@ -221,7 +337,11 @@ def cmd_verify(args) -> int:
     if args.all:
         return _verify_all(Path(args.out), args.jobs)
     failed = 0
-    for model_type in _dedupe(args.model_types):
+    for target in _targets(args.model_types, args.trust_remote_code):
+        if not isinstance(target, str):
+            failed += _verify_checkpoint(target, Path(args.out))
+            continue
+        model_type = target
         _progress(
             f"{model_type}: checking the descriptor against transformers' own model, built "
             "unpatched from the same tiny config with the same weights"
@@ -234,6 +354,17 @@ def cmd_verify(args) -> int:
         print(f"puzzle-gen verify: {failed} check(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _verify_checkpoint(target, out: Path) -> int:
+    """verify PATH: the descriptor against the checkpoint's own tensors and weights."""
+    from .verify_checkpoint import verify_checkpoint
+
+    _progress(f"{target.argument}: verifying the descriptor against the checkpoint")
+    checks = verify_checkpoint(target, out)
+    for name, ok, detail in checks:
+        print(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    return sum(not ok for _, ok, _ in checks)
 
 
 def _verify_all(out_dir: Path, jobs: int | None) -> int:
@@ -306,6 +437,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+_TRUST_HELP = (
+    "import a checkpoint's own modeling code (config.json auto_map) to probe it; without this "
+    "flag that code is only parsed, never run"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="puzzle-gen",
@@ -313,7 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="infer and write descriptors")
-    g.add_argument("model_types", nargs="*", metavar="MODEL_TYPE", help="e.g. llama qwen3")
+    g.add_argument(
+        "model_types",
+        nargs="*",
+        metavar="MODEL_TYPE|PATH",
+        help="model types (llama qwen3) or local checkpoint directories",
+    )
     g.add_argument(
         "--all",
         action="store_true",
@@ -324,20 +466,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )
     g.add_argument("--diff", action="store_true", help="print a unified diff instead of writing")
+    g.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("check", help="fail (exit 1) when a generated file is out of date")
     c.add_argument(
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )
+    c.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow importing the code of checkpoints that were generated with this flag",
+    )
     c.set_defaults(func=cmd_check)
     i = sub.add_parser("inspect", help="print the inferred spec and its evidence")
-    i.add_argument("model_type", metavar="MODEL_TYPE")
+    i.add_argument("model_type", metavar="MODEL_TYPE|PATH")
     i.add_argument("--json", action="store_true", help="print the spec as JSON")
+    i.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     i.set_defaults(func=cmd_inspect)
     v = sub.add_parser(
         "verify", help="build tiny models through generated descriptors and check them"
     )
-    v.add_argument("model_types", nargs="*", metavar="MODEL_TYPE")
+    v.add_argument("model_types", nargs="*", metavar="MODEL_TYPE|PATH")
+    v.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     v.add_argument(
         "--all",
         action="store_true",
@@ -356,16 +506,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except PuzzleGenError as exc:
-        print(f"puzzle-gen: {exc}", file=sys.stderr)
+        print(f"puzzle-gen: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("puzzle-gen: interrupted", file=sys.stderr)
+        print("puzzle-gen: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `puzzle-gen inspect ... | head`
+        return 1
+    except (
+        Exception
+    ) as exc:  # a bug, not a user error: still one line (PUZZLE_GEN_DEBUG=1 shows it)
+        if os.environ.get("PUZZLE_GEN_DEBUG"):
+            raise
+        print(
+            f"puzzle-gen: internal error: {type(exc).__name__}: {_one_line(exc)} "
+            "(set PUZZLE_GEN_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

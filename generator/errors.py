@@ -20,9 +20,9 @@ class UnknownModelType(PuzzleGenError):
 
     exit_code = 2
 
-    def __init__(self, model_type: str, close: list[str]):
+    def __init__(self, model_type: str, close: list[str], where: str = ""):
         hint = f"; closest known types: {', '.join(close)}" if close else ""
-        super().__init__(f"unknown model type {model_type!r}{hint}")
+        super().__init__(f"unknown model type {model_type!r}{where}{hint}")
         self.model_type = model_type
         self.close = close
 

@@ -17,6 +17,7 @@ from . import __version__, predicates
 from .analysis import layer_flow, model_structure
 from .analysis.layer_flow import ATTENTION, FFN, LayerFlow
 from .analysis.source_index import SourceIndex, dotted
+from .checkpoint import check_checkpoint, origin_fields
 from .errors import InferenceError, ProbeMismatch
 from .probe import Probe, layer_children
 from .source import ModelSource, resolve
@@ -60,11 +61,13 @@ class _Context:
         self.facts.append(Fact(name, str(value), tuple(evidence)))
 
 
-def infer(model_type: str) -> DescriptorSpec:
-    """Infer the descriptor of `model_type` (raises PuzzleGenError subclasses on failure)."""
+def infer(model_type: str | ModelSource) -> DescriptorSpec:
+    """Infer the descriptor of `model_type`, or of a source from `source.resolve_target` (a
+    checkpoint directory); raises PuzzleGenError subclasses on failure."""
     import transformers
 
-    source = resolve(model_type)
+    source = model_type if isinstance(model_type, ModelSource) else resolve(model_type)
+    model_type = source.model_type
     ctx = _Context(source, SourceIndex(display=source.relpath), Probe(source), [])
     probe = ctx.probe
 
@@ -143,6 +146,8 @@ def infer(model_type: str) -> DescriptorSpec:
         int(tiny.config.get_text_config().num_hidden_layers),
         "the tiny model's state dict",
     )
+    if source.checkpoint is not None:
+        check_checkpoint(source.checkpoint, preds, probe)
 
     buffers = _buffer_modules(ctx, stack_path, tiny)
     causal = source.causal_lm_cls
@@ -174,6 +179,7 @@ def infer(model_type: str) -> DescriptorSpec:
         dummy_block=dummy,
         predicates=preds,
         facts=tuple(ctx.facts),
+        **origin_fields(source),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 from .analysis.layer_flow import ChildInfo
 from .errors import InferenceError
 from .source import ModelSource
-from .tiny import tiny_config
+from .tiny import tiny_config, tiny_overrides
 
 
 @contextlib.contextmanager
@@ -77,17 +78,21 @@ class CallTrace:
 
 
 class Probe:
-    """The model of `source` built from its default config on the meta device."""
+    """The model of `source` built on the meta device: from the checkpoint's config when the
+    source is a checkpoint directory, else from the model type's default config."""
 
     def __init__(self, source: ModelSource):
         self.source = source
-        try:
-            with quiet_transformers():
-                self.config = source.config_cls()
-        except Exception as exc:
-            raise InferenceError(
-                "the default config", f"{source.config_cls.__name__}() fails: {exc}"
-            ) from None
+        if source.config is not None:
+            self.config = source.config
+        else:
+            try:
+                with quiet_transformers():
+                    self.config = source.config_cls()
+            except Exception as exc:
+                raise InferenceError(
+                    "the default config", f"{source.config_cls.__name__}() fails: {exc}"
+                ) from None
         try:
             self.text_config = self.config.get_text_config()
         except ValueError as exc:
@@ -96,9 +101,10 @@ class Probe:
         try:
             self.model = build_model(source.causal_lm_cls, self.config)
         except Exception as exc:
+            which = "the checkpoint's config" if source.config is not None else "its default config"
             raise InferenceError(
                 "the probed module tree",
-                f"{source.causal_lm_cls.__name__} does not build from its default config "
+                f"{source.causal_lm_cls.__name__} does not build from {which} "
                 f"on the meta device: {type(exc).__name__}: {exc}",
             ) from None
         self.paths = {id(mod): name for name, mod in self.model.named_modules()}
@@ -146,6 +152,8 @@ class Probe:
     def tiny_config(self, **extra: Any) -> Any:
         try:
             with quiet_transformers():
+                if self.source.config is not None:
+                    return tiny_config_from(self.source.config, **extra)
                 return tiny_config(self.source.config_cls, **extra)
         except Exception as exc:
             raise InferenceError(
@@ -210,3 +218,80 @@ class Probe:
         a = {k: tuple(v.shape) for k, v in base.get_submodule(layer_path).named_parameters()}
         b = {k: tuple(v.shape) for k, v in changed.get_submodule(layer_path).named_parameters()}
         return {k.split(".")[0] for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def tiny_config_from(config: Any, **extra: Any) -> Any:
+    """A tiny config that keeps every structural choice of `config` (a checkpoint's), with the
+    same sizes shrunk that tiny_config shrinks in a default config."""
+    data = config.to_dict()
+    data.update(tiny_overrides(config))
+    data.update(extra)
+    layers = data.get("num_hidden_layers")
+    kinds = data.get("layer_types")
+    if isinstance(layers, int) and isinstance(kinds, list) and len(kinds) != layers:
+        data["layer_types"] = kinds[:layers]  # the checkpoint's first layers, in its order
+    return type(config).from_dict(data)
+
+
+# -- a checkpoint's headers, for code that is parsed but never run -------------------------------
+_LAYER_NAME = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")
+LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class HeaderProbe:
+    """The module tree as a checkpoint's tensor names and shapes show it: nothing imported, no
+    model built, no tensor data read (only the safetensors JSON headers)."""
+
+    num_layers: int
+    num_layers_field: str
+    layer_stack: str
+    layer_tensors: dict  # name relative to layer 0 -> shape
+    outside: dict  # full name of every tensor outside the layer stack -> shape
+    tensor_count: int
+
+    def layer_children(self) -> list[str]:
+        return list(dict.fromkeys(name.split(".")[0] for name in self.layer_tensors))
+
+    def to_dict(self) -> dict:
+        return {
+            "num_layers": self.num_layers,
+            "num_layers_field": self.num_layers_field,
+            "layer_stack": self.layer_stack,
+            "layer_children": self.layer_children(),
+            "layer_tensors": {k: list(v) for k, v in self.layer_tensors.items()},
+            "outside": {k: list(v) for k, v in self.outside.items()},
+            "tensor_count": self.tensor_count,
+        }
+
+
+def probe_headers(checkpoint) -> HeaderProbe:
+    """Find the layer stack in a checkpoint's tensor names: the prefix whose indices are exactly
+    0..n-1 for the layer count config.json states."""
+    config = checkpoint.config_dict
+    found = [(f, config.get(f)) for f in LAYER_COUNT_FIELDS if isinstance(config.get(f), int)]
+    if not found:
+        raise InferenceError(
+            "the layer count", f"config.json has none of {', '.join(LAYER_COUNT_FIELDS)}"
+        )
+    field, n = found[0]
+    tensors = checkpoint.tensors
+    indices: dict[str, set[int]] = {}
+    for name in tensors:
+        m = _LAYER_NAME.match(name)
+        if m:
+            indices.setdefault(m["prefix"], set()).add(int(m["index"]))
+    stacks = [p for p, idx in indices.items() if idx == set(range(n))]
+    if len(stacks) != 1:
+        seen = ", ".join(f"{p} ({len(i)})" for p, i in sorted(indices.items())) or "none"
+        raise InferenceError(
+            "the layer stack",
+            f"config.json says {field}={n}, but the tensor names hold "
+            f"{'several' if stacks else 'no'} indexed stacks of exactly that many layers",
+            [f"indexed prefixes: {seen}"],
+        )
+    stack = stacks[0]
+    first = f"{stack}.0."
+    layer = {k[len(first) :]: v.shape for k, v in tensors.items() if k.startswith(first)}
+    outside = {k: v.shape for k, v in tensors.items() if not k.startswith(f"{stack}.")}
+    return HeaderProbe(n, field, stack, layer, outside, len(tensors))

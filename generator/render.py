@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +21,49 @@ import jinja2
 
 from . import __version__
 from .errors import PuzzleGenError
-from .spec import BufferModule, DescriptorSpec, is_dotted_path, is_identifier
+from .spec import (
+    BufferModule,
+    ClassRef,
+    DescriptorSpec,
+    SpecError,
+    check_renderable,
+    is_dotted_path,
+    is_identifier,
+)
 
 BLACK_MODE = black.Mode(line_length=100, target_versions={black.TargetVersion.PY311})
 RUNTIME = "puzzletron_runtime"
 _LOCATION = re.compile(r"(?:[\w.-]+/)*([\w.-]+\.py):(\d+)\Z")
 _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+REMOTE_PREFIX = "transformers_modules."  # where transformers imports a checkpoint's own code
+# Names the descriptor template itself uses: an imported class must not shadow them.
+_TEMPLATE_NAMES = {
+    "re", "sys", "Any", "nn", "_remote_class", "__all__",
+    "ModelDescriptor", "ModelDescriptorFactory", "BlockConfig", "Same", "MatchingZeros",
+    "return_tuple_of_size", "DummyBlock",
+}  # fmt: skip
+
+
+def is_remote(ref: ClassRef) -> bool:
+    return ref.module.startswith(REMOTE_PREFIX)
+
+
+def _class_expr(ref: ClassRef) -> str:
+    """How a method body names a class: its imported name, or for the checkpoint's own code
+    (importable only after transformers loaded it) a lookup at call time."""
+    if not is_remote(ref):
+        return ref.name
+    module = ref.module.rpartition(".")[2]
+    return f"_remote_class({_pyrepr(module)}, {_pyrepr(ref.name)})"
 
 
 def _templates_dir() -> Path:
+    # A source checkout first: an editable install's finder maps generator.templates to the
+    # checkout it was installed from, which need not be the one this module runs from.
+    checkout = Path(__file__).resolve().parent.parent / "templates"
+    if (checkout / "descriptor.py.j2").is_file():
+        return checkout
     try:
         from importlib.resources import files
 
@@ -99,6 +134,7 @@ def _env() -> jinja2.Environment:
         buffer_path=_buffer_path,
         buffer_args=_buffer_args,
         code=lambda s: f"`{s}`",
+        class_expr=_class_expr,
     )
     return env
 
@@ -112,11 +148,25 @@ def _sort_names(names) -> list[str]:
 
 
 def _import_lines(spec: DescriptorSpec) -> list[str]:
+    import builtins
+
     third: dict[str, set[str]] = {"torch": {"nn"}}
     for ref in spec.decoder_layer_classes:
-        third.setdefault(ref.module, set()).add(ref.name)
+        if not is_remote(ref):
+            third.setdefault(ref.module, set()).add(ref.name)
     for b in spec.buffer_modules:
+        if is_remote(b.cls):
+            raise PuzzleGenError(
+                f"rebuilding {b.cls.name} from the checkpoint's own code is not supported yet"
+            )
         third.setdefault(b.cls.module, set()).add(b.cls.name)
+    imported = {n for names in third.values() for n in names} - {"nn"}
+    clashes = sorted(n for n in imported if n in _TEMPLATE_NAMES or hasattr(builtins, n))
+    if spec.class_name in imported | _TEMPLATE_NAMES or clashes:
+        raise PuzzleGenError(
+            f"refusing to import {', '.join(clashes) or spec.class_name}: the name would shadow "
+            "one the descriptor uses"
+        )
     no_op = {r.replacement for sb in (spec.attention, spec.ffn) for r in sb.replacements}
     if any(r.tuple_size for sb in (spec.attention, spec.ffn) for r in sb.replacements):
         no_op.add("return_tuple_of_size")
@@ -131,7 +181,10 @@ def _import_lines(spec: DescriptorSpec) -> list[str]:
     for module, names in list(third.items()) + list(first.items()):
         if not is_dotted_path(module) or not all(is_identifier(n) for n in names):
             raise PuzzleGenError(f"refusing to import {sorted(names)} from {module!r}")
-    lines = ["import re", "from typing import Any", ""]
+    lines = ["import re"]
+    if any(is_remote(c) for c in spec.decoder_layer_classes):
+        lines.append("import sys")
+    lines += ["from typing import Any", ""]
     for group in (third, first):
         for module in sorted(group):
             lines.append(f"from {module} import {', '.join(_sort_names(group[module]))}")
@@ -146,8 +199,51 @@ class _SubblockView:
     spec: object
 
 
-def command_for(model_type: str, out: str | None) -> str:
-    return f"puzzle-gen generate {model_type}" + (f" --out {out}" if out else "")
+def command_for(model_type: str, out: str | None, trust_remote_code: bool = False) -> str:
+    """The command that regenerates a file; every argument quoted for a shell and free of line
+    breaks or control characters (it lands in a comment line)."""
+    parts = ["puzzle-gen", "generate", model_type]
+    if trust_remote_code:
+        parts.append("--trust-remote-code")
+    if out:
+        parts += ["--out", out]
+    for part in parts:
+        if _CONTROL.search(part):
+            raise PuzzleGenError(f"refusing to write the argument {part!r} into a comment")
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def spec_command(spec: DescriptorSpec, out: str | None) -> str:
+    return command_for(
+        spec.source_argument or spec.model_type, out, spec.requires_trust_remote_code
+    )
+
+
+def regenerate_target(descriptor_file: Path) -> tuple[str, bool] | None:
+    """(argument, trust_remote_code) of the `# Regenerate:` line of a generated file; None when
+    the file or the line is missing."""
+    try:
+        lines = descriptor_file.read_text(encoding="utf-8").splitlines()[:5]
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        found = regenerate_target_from_line(line)
+        if found is not None:
+            return found
+    return None
+
+
+def regenerate_target_from_line(line: str) -> tuple[str, bool] | None:
+    prefix = "# Regenerate: "
+    if not line.startswith(prefix):
+        return None
+    try:
+        words = shlex.split(line[len(prefix) :])
+    except ValueError:
+        return None
+    if words[:2] != ["puzzle-gen", "generate"] or len(words) < 3:
+        return None
+    return words[2], "--trust-remote-code" in words[3:]
 
 
 def _format(source: str, name: str) -> str:
@@ -166,7 +262,15 @@ def _header(command: str, source_module: str | None, transformers_version: str) 
     )
 
 
+def _check(spec: DescriptorSpec) -> None:
+    try:
+        check_renderable(spec)
+    except SpecError as exc:
+        raise PuzzleGenError(str(exc)) from None
+
+
 def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
+    _check(spec)
     for alt in (
         *spec.predicates.embeddings,
         *spec.predicates.lm_head,
@@ -186,9 +290,7 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
         _env()
         .get_template("descriptor.py.j2")
         .render(
-            **_header(
-                command_for(spec.model_type, out), spec.modeling_module, spec.transformers_version
-            ),
+            **_header(spec_command(spec, out), spec.modeling_module, spec.transformers_version),
             spec=spec,
             imports=_import_lines(spec),
             subblocks=[
@@ -196,7 +298,12 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
                 _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
             ],
             overrides=[*spec.attention.overrides, *spec.ffn.overrides],
-            layer_type=layer_types[0] if len(layer_types) == 1 else "nn.Module",
+            layer_type=(
+                layer_types[0]
+                if len(layer_types) == 1 and not is_remote(spec.decoder_layer_classes[0])
+                else "nn.Module"
+            ),
+            remote_classes=[c for c in spec.decoder_layer_classes if is_remote(c)],
             top_groups=[
                 ("embeddings", spec.predicates.embeddings),
                 ("lm_head", spec.predicates.lm_head),
@@ -212,13 +319,12 @@ def descriptor_module(spec: DescriptorSpec) -> str:
 
 
 def render_package_init(spec: DescriptorSpec, out: str | None = None) -> str:
+    _check(spec)
     source = (
         _env()
         .get_template("package_init.py.j2")
         .render(
-            **_header(
-                command_for(spec.model_type, out), spec.modeling_module, spec.transformers_version
-            ),
+            **_header(spec_command(spec, out), spec.modeling_module, spec.transformers_version),
             spec=spec,
             module=descriptor_module(spec),
         )
@@ -324,13 +430,88 @@ def read_manifest(init_path: Path) -> list[ManifestEntry]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write one file via a temp file in the same directory and a rename."""
+    write_files({path: text})
+
+
+def _strerror(exc: OSError) -> str:
+    return exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail early, with one line, when `out` cannot be a writable output directory: it is a file,
+    lies below a file, or its nearest existing ancestor takes no new entries."""
+    if out.exists():
+        if not out.is_dir():
+            raise PuzzleGenError(f"output directory {out} is a file, not a directory")
+        probe_dir = out
+    else:
+        probe_dir = out.parent
+        while not probe_dir.exists() and probe_dir != probe_dir.parent:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise PuzzleGenError(f"cannot create output directory {out}: {probe_dir} is a file")
+    try:  # os.access is not enough (root, read-only mounts, /proc): try a real entry
+        os.rmdir(tempfile.mkdtemp(prefix=".puzzle-gen-", dir=probe_dir))
+    except OSError as exc:
+        what = "write into" if probe_dir == out else "create"
+        raise PuzzleGenError(
+            f"cannot {what} output directory {out}: {_strerror(exc)} ({probe_dir})"
+        ) from None
+
+
+def write_files(files: dict[Path, str]) -> None:
+    """Write every file or none: render each into a temp file beside its target, then rename
+    them all into place. On any failure (a full disk, a permission, Ctrl-C) the renames done so
+    far are undone from hard-linked backups, temp files and new directories are removed, and
+    every file that was there before is byte-identical to what it was."""
+    created_dirs: list[Path] = []
+    temps: dict[Path, str] = {}
+    backups: dict[Path, str] = {}
+    done: list[Path] = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for path in files:
+            missing = []
+            parent = path.parent
+            while not parent.exists():
+                missing.append(parent)
+                parent = parent.parent
+            for d in reversed(missing):
+                d.mkdir()
+                created_dirs.append(d)
+        for path, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            temps[path] = tmp
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+            if path.exists() or path.is_symlink():
+                if path.is_dir():
+                    raise IsADirectoryError(21, "Is a directory", str(path))
+                backup = f"{tmp}.orig"
+                os.link(path, backup, follow_symlinks=False)
+                backups[path] = backup
+        for path in files:
+            os.replace(temps[path], path)
+            del temps[path]
+            done.append(path)
+    except BaseException as exc:
+        for path in reversed(done):
+            if path in backups:
+                os.replace(backups.pop(path), path)
+            else:
+                path.unlink(missing_ok=True)
+        for tmp in [*temps.values(), *backups.values()]:
+            Path(tmp).unlink(missing_ok=True)
+        for d in reversed(created_dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            where = exc.filename or next(iter(files), "")
+            raise PuzzleGenError(
+                f"cannot write {where}: {_strerror(exc)}; nothing was written"
+            ) from None
         raise
+    for backup in backups.values():
+        Path(backup).unlink(missing_ok=True)

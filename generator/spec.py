@@ -148,6 +148,10 @@ class DescriptorSpec:
     dummy_block: DummyBlock
     predicates: Predicates
     facts: tuple[Fact, ...] = field(default=())
+    # where the modeling code came from; set for checkpoint directories (generator/checkpoint.py)
+    requires_trust_remote_code: bool = False
+    code_origin: str = "transformers"
+    source_argument: str | None = None  # the checkpoint directory as typed; None: a model type
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
@@ -178,3 +182,136 @@ def _build(tp, data):
     if args and len(args) == 1 and dataclasses.is_dataclass(args[0]):
         return _build(args[0], data)
     return data
+
+
+# -- validation before rendering ------------------------------------------------------------------
+# Every string of a spec reaches generated code. A spec built by inference is checked here before
+# rendering, and so is one read back with from_json (which could come from anywhere): a string
+# that is not what its field promises is refused, never escaped into something that parses.
+_MODULE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")  # dynamic modules have hash segments
+_MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]*\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+REPLACEMENTS = ("Same", "MatchingZeros")
+LAYOUTS = ("sequential", "parallel")
+BLOCK_CONFIG_ATTRS = ("attention.num_key_value_heads", "ffn.intermediate_size")
+CODE_ORIGINS = (
+    "transformers",
+    "transformers (the checkpoint's own code was parsed, not imported)",
+    "the checkpoint's own code, imported with --trust-remote-code",
+)
+
+
+class SpecError(ValueError):
+    """A spec field holds a value that must not reach generated code."""
+
+
+def check_renderable(spec: "DescriptorSpec") -> None:
+    """Raise SpecError naming the first field whose value is not safe to render."""
+
+    def need(ok: bool, what: str, value: object) -> None:
+        if not ok:
+            raise SpecError(f"refusing to render {what} {value!r}")
+
+    def ident(value, what):
+        need(isinstance(value, str) and is_identifier(value), what, value)
+
+    def path(value, what, optional=False):
+        if optional and value is None:
+            return
+        need(isinstance(value, str) and is_dotted_path(value, allow_digits=True), what, value)
+
+    def class_ref(ref, what):
+        need(
+            isinstance(ref.module, str) and bool(_MODULE.match(ref.module)),
+            f"{what} module",
+            ref.module,
+        )
+        ident(ref.name, f"{what} name")
+
+    need(
+        isinstance(spec.model_type, str) and bool(_MODEL_TYPE.match(spec.model_type)),
+        "the model type",
+        spec.model_type,
+    )
+    ident(spec.package, "the package name")
+    ident(spec.class_name, "the class name")
+    for what, v in (
+        ("generator version", spec.generator_version),
+        ("transformers version", spec.transformers_version),
+    ):
+        need(isinstance(v, str) and bool(_VERSION.match(v)), f"the {what}", v)
+    need(
+        isinstance(spec.modeling_module, str) and bool(_MODULE.match(spec.modeling_module)),
+        "the modeling module",
+        spec.modeling_module,
+    )
+    class_ref(spec.config_class, "the config class")
+    class_ref(spec.causal_lm_class, "the causal-LM class")
+    need(bool(spec.decoder_layer_classes), "the decoder layer classes", spec.decoder_layer_classes)
+    for ref in spec.decoder_layer_classes:
+        class_ref(ref, "a decoder layer class")
+    path(spec.layer_stack, "the layer stack path")
+    ident(spec.num_layers_field, "the layer-count field")
+    if spec.text_config_attr is not None:
+        ident(spec.text_config_attr, "the text config attribute")
+    path(spec.input_embedding, "the input embedding path")
+    path(spec.output_embedding, "the output embedding path")
+    path(spec.final_norm, "the final norm path", optional=True)
+    need(spec.layout in LAYOUTS, "the layout", spec.layout)
+    for sb in (spec.attention, spec.ffn):
+        for r in sb.replacements:
+            ident(r.attr, f"the {sb.kind} child")
+            need(r.replacement in REPLACEMENTS, "the no-op replacement", r.replacement)
+            need(
+                r.tuple_size is None or (type(r.tuple_size) is int and 0 < r.tuple_size < 100),
+                "the tuple size",
+                r.tuple_size,
+            )
+        for name in sb.weight_modules:
+            ident(name, f"the {sb.kind} weight module")
+        for o in sb.overrides:
+            ident(o.config_field, "the config field")
+            need(
+                o.block_config_attr in BLOCK_CONFIG_ATTRS,
+                "the block config attribute",
+                o.block_config_attr,
+            )
+    for name in spec.shared_modules:
+        ident(name, "the shared module")
+    for b in spec.buffer_modules:
+        if b.owner:
+            path(b.owner, "the buffer owner path")
+        ident(b.attr, "the buffer module attribute")
+        class_ref(b.cls, "the buffer module class")
+        for name in b.buffers:
+            ident(name, "the buffer name")
+    need(
+        type(spec.dummy_block.returns_tuple) is bool,
+        "the dummy block's tuple flag",
+        spec.dummy_block.returns_tuple,
+    )
+    for name in spec.dummy_block.attributes:
+        ident(name, "the dummy block attribute")
+    p = spec.predicates
+    for alt in (*p.embeddings, *p.lm_head, p.layer_prefix, *p.attention, *p.ffn):
+        need(isinstance(alt, str) and bool(_REGEX_ALT.match(alt)), "the regex alternative", alt)
+        try:
+            re.compile(alt)
+        except re.error:
+            need(False, "the regex alternative", alt)
+    need(
+        type(spec.requires_trust_remote_code) is bool,
+        "the trust flag",
+        spec.requires_trust_remote_code,
+    )
+    need(spec.code_origin in CODE_ORIGINS, "the code origin", spec.code_origin)
+    if spec.source_argument is not None:
+        need(
+            isinstance(spec.source_argument, str) and not _CONTROL.search(spec.source_argument),
+            "the checkpoint argument",
+            spec.source_argument,
+        )
+
+
+_REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")

@@ -64,8 +64,15 @@ class SourceIndex:
     def defining_class(self, cls: type, method_name: str) -> type:
         """The class in `cls`'s MRO whose body defines `method_name`."""
         for klass in cls.__mro__:
-            if method_name in vars(klass):
-                return klass
+            fn = vars(klass).get(method_name)
+            if fn is None:
+                continue
+            # transformers' GradientCheckpointingLayer.__init_subclass__ puts a functools.wraps
+            # wrapper of the inherited forward into every subclass: not a definition of its own
+            qualname = getattr(fn, "__qualname__", "")
+            if hasattr(fn, "__wrapped__") and not qualname.startswith(f"{klass.__qualname__}."):
+                continue
+            return klass
         raise InferenceError(f"{cls.__name__}.{method_name}", "no class in the MRO defines it")
 
     def find_method(self, cls: type, method_name: str) -> tuple[ParsedFile, str, cst.FunctionDef]:
