@@ -1,7 +1,7 @@
 """The `puzzle-gen` command line.
 
-    puzzle-gen generate MODEL_TYPE... [--out DIR] [--diff]
-    puzzle-gen check [--out DIR]
+    puzzle-gen generate MODEL_TYPE... [--out DIR] [--diff] [--jobs N]
+    puzzle-gen check [--out DIR] [--jobs N]
     puzzle-gen inspect MODEL_TYPE [--json]
     puzzle-gen verify MODEL_TYPE... [--out DIR]
 
@@ -15,6 +15,7 @@ import argparse
 import difflib
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PuzzleGenError
@@ -31,12 +32,17 @@ def _out_arg(out: str) -> str | None:
     return None if Path(out) == Path(DEFAULT_OUT) else out
 
 
-def plan(model_types: list[str], out: str, keep_existing: bool = True) -> dict[Path, str]:
-    """Every file `generate` would write for `model_types` under `out`, rendered in memory."""
+def plan(
+    model_types: list[str], out: str, keep_existing: bool = True, jobs: int | None = 1
+) -> dict[Path, str]:
+    """Every file `generate` would write for `model_types` under `out`, rendered in memory.
+
+    With `jobs` other than 1 (None: every available core) model types are inferred in worker
+    processes; files, their order and the progress printed are the same as with jobs=1.
+    """
     import transformers
 
     from . import render
-    from .infer import infer
     from .source import known_model_types
 
     out_dir = Path(out)
@@ -47,15 +53,11 @@ def plan(model_types: list[str], out: str, keep_existing: bool = True) -> dict[P
         if keep_existing
         else {}
     )
-    for i, model_type in enumerate(model_types, 1):
-        _progress(f"[{i}/{len(model_types)}] {model_type}: inferring")
-        spec = infer(model_type)
-        pkg = out_dir / spec.package
-        files[pkg / f"{render.descriptor_module(spec)}.py"] = render.render_descriptor(
-            spec, out_flag
-        )
-        files[pkg / "__init__.py"] = render.render_package_init(spec, out_flag)
-        entries[model_type] = render.ManifestEntry(model_type, spec.package, spec.class_name)
+    for model_type, planned in zip(model_types, _plan_each(model_types, out_flag, jobs)):
+        pkg = out_dir / planned.package
+        files[pkg / planned.module_file] = planned.descriptor
+        files[pkg / "__init__.py"] = planned.package_init
+        entries[model_type] = render.ManifestEntry(model_type, planned.package, planned.class_name)
     manifest = list(entries.values())
     version = transformers.__version__
     files[out_dir / "__init__.py"] = render.render_generated_init(manifest, version, out_flag)
@@ -63,6 +65,72 @@ def plan(model_types: list[str], out: str, keep_existing: bool = True) -> dict[P
         manifest, known_model_types(), version, out_flag
     )
     return files
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """The rendered files of one model type (what a worker sends back)."""
+
+    package: str
+    class_name: str
+    module_file: str
+    descriptor: str
+    package_init: str
+
+
+def _plan_one(model_type: str, out_flag: str | None) -> _Planned:
+    from . import render
+    from .infer import infer
+
+    spec = infer(model_type)
+    return _Planned(
+        spec.package,
+        spec.class_name,
+        f"{render.descriptor_module(spec)}.py",
+        render.render_descriptor(spec, out_flag),
+        render.render_package_init(spec, out_flag),
+    )
+
+
+def _plan_in_worker(args: tuple[str, str | None]) -> _Planned:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already; no thread pool after fork
+    return _plan_one(*args)
+
+
+def _plan_each(model_types: list[str], out_flag: str | None, jobs: int | None) -> list[_Planned]:
+    """_plan_one for each model type, in order; the first failure (in order) is raised after
+    the progress lines of the model types before it, as a serial run does."""
+    total = len(model_types)
+    from .parallel import default_jobs, run_ordered
+
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs == 1 or total <= 1:
+        planned = []
+        for i, model_type in enumerate(model_types, 1):
+            _progress(f"[{i}/{total}] {model_type}: inferring")
+            planned.append(_plan_one(model_type, out_flag))
+        return planned
+
+    _warm_up()
+
+    def done(index, outcome):
+        _progress(f"[{index + 1}/{total}] {model_types[index]}: inferring")
+        outcome.replay()
+        outcome.get()  # raises the first failure in order and stops the map
+
+    outcomes = run_ordered(
+        _plan_in_worker, [(t, out_flag) for t in model_types], jobs=jobs, on_done=done
+    )
+    return [o.value for o in outcomes]
+
+
+def _warm_up() -> None:
+    """Import what every worker needs once, here, so that forked workers start with it."""
+    import transformers.modeling_utils  # noqa: F401  (the bulk of the import time)
+
+    from . import infer, render  # noqa: F401
 
 
 def _read(path: Path) -> str | None:
@@ -81,7 +149,7 @@ def _diff(path: Path, new: str) -> str:
 def cmd_generate(args) -> int:
     from .render import write_atomic
 
-    files = plan(_dedupe(args.model_types), args.out)
+    files = plan(_dedupe(args.model_types), args.out, jobs=args.jobs)
     changed = {p: t for p, t in files.items() if _read(p) != t}
     if args.diff:
         for path, text in changed.items():
@@ -104,7 +172,9 @@ def cmd_check(args) -> int:
     manifest = read_manifest(out_dir / "__init__.py")
     if not manifest:
         raise PuzzleGenError(f"{out_dir}/__init__.py lists no generated descriptors")
-    files = plan(sorted(e.model_type for e in manifest), args.out, keep_existing=False)
+    files = plan(
+        sorted(e.model_type for e in manifest), args.out, keep_existing=False, jobs=args.jobs
+    )
     stale = [p for p, text in files.items() if _read(p) != text]
     known = {p.parent for p in files}
     strays = sorted(p for p in out_dir.glob("*/*_model_descriptor.py") if p.parent not in known)
@@ -189,6 +259,27 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _jobs(value: str) -> int:
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return jobs
+
+
+def _jobs_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=None,
+        metavar="N",
+        help="model types inferred in parallel worker processes (default: the cores available); "
+        "the output is the same for every N",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="puzzle-gen",
@@ -201,11 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )
     g.add_argument("--diff", action="store_true", help="print a unified diff instead of writing")
+    _jobs_arg(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("check", help="fail (exit 1) when a generated file is out of date")
     c.add_argument(
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )
+    _jobs_arg(c)
     c.set_defaults(func=cmd_check)
     i = sub.add_parser("inspect", help="print the inferred spec and its evidence")
     i.add_argument("model_type", metavar="MODEL_TYPE")
