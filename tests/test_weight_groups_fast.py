@@ -21,6 +21,16 @@ from puzzletron_runtime import ModelDescriptor, deci_x_patcher
 from puzzletron_runtime.model_descriptor.weight_groups import literal_prefixes
 
 
+@pytest.fixture(autouse=True, params=["slices", "trie regex"])
+def dispatch(request, monkeypatch):
+    """Every test runs with both ways of finding a name's longest prefix."""
+    per_key = 10**9 if request.param == "slices" else 0
+    monkeypatch.setattr(weight_groups, "REGEX_DISPATCH_NAMES_PER_KEY", per_key)
+    weight_groups._index.cache_clear()
+    yield request.param
+    weight_groups._index.cache_clear()
+
+
 def first_match_rule(predicates, names):
     """The API's rule, applied literally: (groups, or the ValueError's tensor name)."""
     preds = list(predicates.items())
@@ -287,6 +297,74 @@ def test_literal_prefixes_are_sound_on_random_patterns():
             name = "".join(rng.choice("ab.10x") for _ in range(rng.randint(0, 8)))
             if pattern.match(name):
                 assert any(name.startswith(p) for p in prefixes), (pattern, name, prefixes)
+
+
+RICH_ATOMS = ATOMS + [
+    "{",
+    "}",
+    "{2}",
+    "{1,}",
+    "{,2}",
+    "{}",
+    "[]a]",
+    "[a-b]",
+    "(?#c|)",
+    "(?P<n>a|1)",
+    "(?=a)",
+    "(?<=a)",
+    "(?!b)",
+    r"\n",
+    r"\x31",
+    "10",
+    " ",
+    "# c|(\n",
+    r"\ ",
+    r"\#",
+]
+
+
+def rich_pattern(rng, depth=0):
+    parts = []
+    if rng.random() < 0.3:
+        parts.append("^")
+    for _ in range(rng.randint(0, 6)):
+        if depth < 2 and rng.random() < 0.2:
+            branches = [rich_pattern(rng, depth + 1) for _ in range(rng.randint(1, 3))]
+            parts.append(rng.choice(["(?:", "("]) + "|".join(branches) + ")" + rng.choice(QUANT))
+        else:
+            parts.append(rng.choice(RICH_ATOMS) + rng.choice(QUANT + ["", "(?#q)*"]))
+    return "".join(parts)
+
+
+def test_fast_reader_is_sound_on_rich_random_patterns():
+    """The fast reader (digit runs as tokens, verbose mode, comments, classes, counted
+    repeats, literal braces) against strings the pattern matches; also the pattern twice
+    with other digits, which reuses the cached reading."""
+    rng = random.Random(7)
+    read_fast = 0
+    for _ in range(1500):
+        source = rich_pattern(rng)
+        flags = rng.choice([0, re.X])
+        try:
+            pattern = re.compile(source, flags)
+        except re.error:
+            continue
+        read_fast += weight_groups._fast_prefixes(source, flags) is not None
+        for variant in (pattern, re.compile(source.replace("1", "10"), flags)):
+            prefixes = literal_prefixes(variant)
+            for _ in range(40):
+                name = "".join(rng.choice("ab.10x{} #\n") for _ in range(rng.randint(0, 9)))
+                if variant.match(name):
+                    assert any(name.startswith(p) for p in prefixes), (variant, name, prefixes)
+    assert read_fast > 500  # the fast reader, not re's parser, read most of them
+
+
+def test_fast_reader_reads_generated_patterns_like_res_parser():
+    for model_type in generated.available():
+        for pattern in generated.get_descriptor(model_type).layer_name_predicates(12).values():
+            fast = weight_groups._fast_prefixes(pattern.pattern, pattern.flags)
+            assert fast is not None
+            assert fast == weight_groups._parsed_prefixes(pattern.pattern, pattern.flags)
 
 
 def test_literal_prefixes_of_the_generated_shape():
