@@ -131,3 +131,69 @@ def pipeline_stage(
 
     module = load_stage(descriptor, checkpoint_dir, stage_index, num_stages, device, dtype, blocks)
     return PipelineStage(module, stage_index, num_stages, torch.device(device), group=group)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`torchrun --nproc-per-node N -m puzzletron_runtime.pipeline CHECKPOINT --descriptor
+    MODULE:CLASS`: run a pipeline over random token ids; the last rank prints the logits' shape
+    and, with --check, their largest difference from the whole model loaded on that rank."""
+    import argparse
+    import importlib
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.pipelining import ScheduleGPipe
+
+    parser = argparse.ArgumentParser(prog="python -m puzzletron_runtime.pipeline")
+    parser.add_argument("checkpoint")
+    parser.add_argument(
+        "--descriptor",
+        required=True,
+        help="module:Class, e.g. generated.llama:LlamaModelDescriptor",
+    )
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--microbatches", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--check", action="store_true", help="compare with the whole model")
+    args = parser.parse_args(argv)
+
+    module_name, _, class_name = args.descriptor.partition(":")
+    descriptor = getattr(importlib.import_module(module_name), class_name)
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dtype = getattr(torch, args.dtype)
+        stage = pipeline_stage(descriptor, args.checkpoint, rank, world, device, dtype)
+        schedule = ScheduleGPipe(stage, n_microbatches=args.microbatches)
+        vocab = stage.submod.model.config.vocab_size
+        ids = torch.randint(
+            0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)
+        ).to(device)
+        with torch.no_grad():
+            if rank == 0 and world > 1:
+                schedule.step(ids)
+            elif rank == world - 1:
+                logits = schedule.step(ids) if world == 1 else schedule.step()
+                print(f"rank {rank}/{world}: logits {tuple(logits.shape)} {logits.dtype}")
+                if args.check:
+                    whole = load_model(descriptor, args.checkpoint, device=device, dtype=dtype)
+                    reference = torch.cat(
+                        [whole(input_ids=c).logits for c in ids.tensor_split(args.microbatches)]
+                    )
+                    diff = (logits - reference).abs().max().item()
+                    print(f"rank {rank}/{world}: largest difference from the whole model: {diff}")
+            else:
+                schedule.step()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
