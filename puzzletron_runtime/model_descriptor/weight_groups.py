@@ -5,8 +5,9 @@ The rule of the API: a name belongs to the first group, in the order of
 every name is tried against every group one after another, so the cost grows with
 names x layers. This module gets the same answer with a bounded amount of work per name:
 
-1. Every pattern is read (with the `re` module's own parser) for the literal text that any
-   name it matches must start with. `^model\\.layers\\.3\\.(?:self_attn\\..+|input_layernorm\\..+)$`
+1. Every pattern is read for the literal text that any name it matches must start with (by a
+   small reader that treats digit runs as tokens, so one reading serves every layer, and by
+   the `re` module's own parser wherever that reader is unsure). `^model\\.layers\\.3\\.(?:self_attn\\..+|input_layernorm\\..+)$`
    gives {"model.layers.3.self_attn.", "model.layers.3.input_layernorm."}; a pattern that
    cannot be read this way (case-insensitive, starts with a class or a repeat, ...) gives {""}:
    it stays a candidate for every name.
