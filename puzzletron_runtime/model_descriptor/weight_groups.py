@@ -112,6 +112,7 @@ class _GroupIndex:
         # once a call brings many names, by one trie-shaped regex (compiled once: about 30 us
         # per key, then one C-level match per name)
         self.lengths = sorted({len(key) for key in owners}, reverse=True)
+        self.simple = all(len(set(positions)) == 1 for _, positions in self.buckets.values())
         self._dispatch = None
 
     def dispatch(self):
@@ -129,6 +130,17 @@ class _GroupIndex:
         }
         if self._dispatch is not None or len(names) > REGEX_DISPATCH_NAMES_PER_KEY * len(buckets):
             dispatch = self.dispatch()
+            if self.simple:  # one candidate per prefix, no groups: no lastindex to read
+                plain = {key: (match, appends[0]) for key, (match, appends) in buckets.items()}
+                for name in names:
+                    m = dispatch(name)
+                    if m is not None:
+                        match, append = plain[m[0]]
+                        if match(name) is not None:
+                            append(name)
+                            continue
+                    raise ValueError(f"{owner}: tensor {name!r} matches no weight group")
+                return {group: names for group, names in zip(self.groups, found) if names}
             for name in names:
                 m = dispatch(name)
                 if m is not None:
