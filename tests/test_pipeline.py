@@ -174,3 +174,37 @@ def test_stage_blocks_and_stage_checks(checkpoint):
     whole = load_stage(HandLlamaDescriptor, directory, 0, 1)
     with torch.no_grad():
         torch.testing.assert_close(whole(input_ids()), source_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_torchrun_entry_point_with_one_rank(checkpoint):
+    """`python -m puzzletron_runtime.pipeline` as torchrun starts it (environment variables
+    for a world of one): the README's command, checked against the whole model."""
+    import os
+    import subprocess
+    import sys
+
+    directory, _ = checkpoint
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(
+        os.environ,
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        PYTHONPATH=os.pathsep.join([str(repo), str(repo / "tests")]),
+        CUDA_VISIBLE_DEVICES="",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "puzzletron_runtime.pipeline", str(directory)]
+        + ["--descriptor", "runtime_llama_descriptor:HandLlamaDescriptor", "--check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=repo,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "rank 0/1: logits (4, 16, 128) torch.float32" in lines
+    assert "rank 0/1: largest difference from the whole model: 0.0" in lines
