@@ -24,8 +24,9 @@ from puzzletron_runtime.model_descriptor.weight_groups import literal_prefixes
 @pytest.fixture(autouse=True, params=["slices", "trie regex"])
 def dispatch(request, monkeypatch):
     """Every test runs with both ways of finding a name's longest prefix."""
-    per_key = 10**9 if request.param == "slices" else 0
-    monkeypatch.setattr(weight_groups, "REGEX_DISPATCH_NAMES_PER_KEY", per_key)
+    never = request.param == "slices"
+    monkeypatch.setattr(weight_groups, "REGEX_DISPATCH_NAMES_PER_KEY", 10**9 if never else 0)
+    monkeypatch.setattr(weight_groups, "REGEX_DISPATCH_AFTER_CALLS", 10**9 if never else 0)
     weight_groups._index.cache_clear()
     yield request.param
     weight_groups._index.cache_clear()

@@ -15,7 +15,8 @@ names x layers. This module gets the same answer with a bounded amount of work p
    given name are prefixes of each other, so the longest one decides the candidate set: its
    own patterns plus those of every shorter prefix of it. The longest prefix is found by
    slicing the name at each prefix length (nothing to set up), or, once a call brings many
-   names per prefix, by one compiled trie-shaped regex (a single C-level match per name).
+   names per prefix or the same predicates come again, by one compiled trie-shaped regex (a
+   single C-level match per name).
 3. The candidates are tried in predicate order (as one combined alternation when that is
    provably the same as trying them one by one), so the first match among them is the first
    match among all patterns: the ones skipped could not have matched.
@@ -42,8 +43,13 @@ except ImportError:  # pragma: no cover - older Pythons
 
 __all__ = ["group_names", "literal_prefixes", "reference_group_names"]
 
-# Names per known prefix above which a call compiles the trie regex to find prefixes.
+_IGNORECASE = int(re.IGNORECASE)  # plain ints: flag enums are slow to combine
+_VERBOSE = int(re.VERBOSE)
+
+# The trie regex that finds prefixes is compiled (once per index) when a call brings more
+# names than this per known prefix, or when the index serves a call after this many.
 REGEX_DISPATCH_NAMES_PER_KEY = 16
+REGEX_DISPATCH_AFTER_CALLS = 1
 
 # Bound on the number of alternative prefixes one pattern expands to (character classes and
 # alternations multiply); past it the prefixes found so far are kept, which is still sound.
@@ -109,11 +115,12 @@ class _GroupIndex:
             stack.append((key, candidates))
             self.buckets[key] = _matcher(patterns, candidates)
         # the longest key that starts a name: by slices of each key length (no set-up) or,
-        # once a call brings many names, by one trie-shaped regex (compiled once: about 30 us
-        # per key, then one C-level match per name)
+        # once a call brings many names or the index is used again, by one trie-shaped regex
+        # (compiled once: about 30 us per key, then one C-level match per name)
         self.lengths = sorted({len(key) for key in owners}, reverse=True)
         self.simple = all(len(set(positions)) == 1 for _, positions in self.buckets.values())
         self._dispatch = None
+        self.calls = 0
 
     def dispatch(self):
         if self._dispatch is None:
@@ -123,15 +130,14 @@ class _GroupIndex:
     def group(self, layer_names: Iterable[str], owner: str) -> dict[str, list[str]]:
         names = layer_names if isinstance(layer_names, (list, tuple)) else list(layer_names)
         found: list[list[str]] = [[] for _ in self.groups]
-        # per call: prefix -> (match, the `append` of each candidate's list by lastindex)
-        buckets = {
-            key: (match, tuple(found[i].append for i in positions))
-            for key, (match, positions) in self.buckets.items()
-        }
-        if self._dispatch is not None or len(names) > REGEX_DISPATCH_NAMES_PER_KEY * len(buckets):
+        appends = [names_of_group.append for names_of_group in found]
+        buckets = self.buckets  # prefix -> (match, predicate index by lastindex)
+        self.calls += 1
+        many = len(names) > REGEX_DISPATCH_NAMES_PER_KEY * len(buckets)
+        if self._dispatch is not None or many or self.calls > REGEX_DISPATCH_AFTER_CALLS:
             dispatch = self.dispatch()
-            if self.simple:  # one candidate per prefix, no groups: no lastindex to read
-                plain = {key: (match, appends[0]) for key, (match, appends) in buckets.items()}
+            if self.simple:  # one candidate per prefix: no lastindex to read
+                plain = {key: (match, appends[at[0]]) for key, (match, at) in buckets.items()}
                 for name in names:
                     m = dispatch(name)
                     if m is not None:
@@ -140,26 +146,26 @@ class _GroupIndex:
                             append(name)
                             continue
                     raise ValueError(f"{owner}: tensor {name!r} matches no weight group")
-                return {group: names for group, names in zip(self.groups, found) if names}
-            for name in names:
-                m = dispatch(name)
-                if m is not None:
-                    match, appends = buckets[m.group()]
-                    hit = match(name)
-                    if hit is not None:
-                        appends[hit.lastindex or 0](name)
-                        continue
-                raise ValueError(f"{owner}: tensor {name!r} matches no weight group")
+            else:
+                for name in names:
+                    m = dispatch(name)
+                    if m is not None:
+                        match, at = buckets[m[0]]
+                        hit = match(name)
+                        if hit is not None:
+                            appends[at[hit.lastindex or 0]](name)
+                            continue
+                    raise ValueError(f"{owner}: tensor {name!r} matches no weight group")
         else:
             lengths, get = self.lengths, buckets.get
             for name in names:
                 for length in lengths:
                     bucket = get(name[:length])
                     if bucket is not None:
-                        match, appends = bucket
+                        match, at = bucket
                         hit = match(name)
                         if hit is not None:
-                            appends[hit.lastindex or 0](name)
+                            appends[at[hit.lastindex or 0]](name)
                             break
                         raise ValueError(f"{owner}: tensor {name!r} matches no weight group")
                 else:
@@ -210,7 +216,7 @@ def _combine(patterns: list[re.Pattern]) -> re.Pattern | None:
     flags = patterns[0].flags
     if any(p.flags != flags or p.groups for p in patterns):
         return None
-    end = "\n" if flags & re.VERBOSE else ""  # ends a trailing comment in verbose mode
+    end = "\n" if flags & _VERBOSE else ""  # ends a trailing comment in verbose mode
     try:
         combined = re.compile("|".join(f"({p.pattern}{end})" for p in patterns), flags)
     except re.error:
@@ -221,7 +227,7 @@ def _combine(patterns: list[re.Pattern]) -> re.Pattern | None:
 def literal_prefixes(pattern: re.Pattern) -> frozenset[str]:
     """Literal strings one of which starts every string `pattern.match` accepts ({""}: none
     known). Conservative: anything not read as plain literal text ends the prefix."""
-    if pattern.flags & re.IGNORECASE or not isinstance(pattern.pattern, str):
+    if pattern.flags & _IGNORECASE or not isinstance(pattern.pattern, str):
         return frozenset({""})
     return _literal_prefixes(pattern.pattern, pattern.flags)
 
@@ -240,7 +246,7 @@ def _parsed_prefixes(source: str, flags: int) -> frozenset[str]:
         parsed = _sre_parse.parse(source, flags)
     except Exception:  # noqa: BLE001 - unreadable: no prefix, the per-name rule decides
         return frozenset({""})
-    if parsed.state.flags & re.IGNORECASE:  # global inline (?i)
+    if parsed.state.flags & _IGNORECASE:  # global inline (?i)
         return frozenset({""})
     prefixes, _ = _sequence(list(parsed), at_start=True)
     return frozenset(prefixes)
@@ -261,7 +267,7 @@ def _sequence(items, at_start: bool) -> tuple[set[str], bool]:
             options, exact = {chr(v) for _, v in av}, True
         elif op is _sre.SUBPATTERN:
             _group, add_flags, del_flags, sub = av
-            if (add_flags | del_flags) & re.IGNORECASE:
+            if (add_flags | del_flags) & _IGNORECASE:
                 return prefixes, False
             options, exact = _sequence(list(sub), start)
         elif op is _sre.BRANCH:
@@ -332,7 +338,7 @@ class _Unsure(Exception):
 
 def _fast_prefixes(source: str, flags: int) -> frozenset[str] | None:
     parts = _DIGITS.split(source)
-    templates = _template_prefixes(tuple(parts[0::2]), bool(flags & re.VERBOSE))
+    templates = _template_prefixes(tuple(parts[0::2]), bool(flags & _VERBOSE))
     if templates is None:
         return None
     runs = parts[1::2]
