@@ -29,6 +29,8 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_weight_groups.py
+	$(PY) bench/bench_jobs.py
+	$(PY) bench/bench_load_model.py
 
 clean-venv:
 	rm -rf $(VENV)

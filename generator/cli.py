@@ -1,7 +1,7 @@
 """The `puzzle-gen` command line.
 
-    puzzle-gen generate MODEL_TYPE|PATH... [--out DIR] [--diff] [--trust-remote-code]
-    puzzle-gen check [--out DIR]
+    puzzle-gen generate MODEL_TYPE|PATH... | --all [--out DIR] [--diff] [--jobs N] [--trust-remote-code]
+    puzzle-gen check [--out DIR] [--jobs N]
     puzzle-gen inspect MODEL_TYPE|PATH [--json] [--trust-remote-code]
     puzzle-gen verify MODEL_TYPE... [--out DIR]
 
@@ -19,6 +19,7 @@ import difflib
 import os
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PuzzleGenError, UsageError
@@ -36,19 +37,23 @@ def _out_arg(out: str) -> str | None:
 
 
 def plan(
-    model_types: list, out: str, keep_existing: bool = True, keep_going: bool = False
+    model_types: list,
+    out: str,
+    keep_existing: bool = True,
+    keep_going: bool = False,
+    jobs: int | None = 1,
 ) -> dict[Path, str]:
     """Every file `generate` would write for `model_types` (names, or checkpoint targets from
     `source.resolve_target`) under `out`, rendered in memory.
 
     With `keep_going`, a model type that cannot be generated is recorded in coverage.json (the
-    fact that could not be inferred, or why it is out of scope) instead of stopping the rest."""
+    fact that could not be inferred, or why it is out of scope) instead of stopping the rest.
+    With `jobs` other than 1 (None: every available core) model types are inferred in worker
+    processes; files, their order and the progress printed are the same as with jobs=1."""
     import transformers
 
     from . import coverage, render
-    from .errors import PuzzleGenError, UsageError
-    from .infer import infer
-    from .source import known_model_types, resolve
+    from .source import known_model_types
 
     out_dir = Path(out)
     out_flag = _out_arg(out)
@@ -59,29 +64,16 @@ def plan(
         else {}
     )
     rows = coverage.load(out_dir)
-    for i, model_type in enumerate(model_types, 1):
-        _progress(f"[{i}/{len(model_types)}] {_label(model_type)}: inferring")
-        try:
-            if keep_going:
-                reason = coverage.out_of_scope(model_type, _default_config(resolve(model_type)))
-                if reason is not None:
-                    rows[model_type] = coverage.Row(model_type, coverage.OUT_OF_SCOPE, reason)
-                    continue
-            spec = infer(model_type)
-        except PuzzleGenError as exc:
-            if not keep_going:
-                raise
-            _progress(f"    not generated: {exc}")
-            rows[model_type] = coverage.Row(
-                model_type, coverage.NOT_GENERATED, coverage.first_line(exc)
-            )
+    for planned in _plan_each(model_types, out_flag, jobs, keep_going):
+        if isinstance(planned, coverage.Row):  # not generated, or out of scope
+            rows[planned.model_type] = planned
             continue
-        model_type = spec.model_type  # a checkpoint target's type
-        pkg = out_dir / spec.package
-        module = pkg / f"{render.descriptor_module(spec)}.py"
-        files[module] = render.render_descriptor(spec, out_flag)
-        files[pkg / "__init__.py"] = render.render_package_init(spec, out_flag)
-        entries[model_type] = render.ManifestEntry(model_type, spec.package, spec.class_name)
+        model_type = planned.model_type
+        pkg = out_dir / planned.package
+        module = pkg / planned.module_file
+        files[module] = planned.descriptor
+        files[pkg / "__init__.py"] = planned.package_init
+        entries[model_type] = render.ManifestEntry(model_type, planned.package, planned.class_name)
         previous = rows.get(model_type)
         if _read(module) != files[module] or previous is None or not previous.verified_or_failing:
             rows[model_type] = coverage.Row(model_type, coverage.UNVERIFIED)
@@ -97,6 +89,89 @@ def plan(
         manifest, known_model_types(), version, out_flag, rows
     )
     return files
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """The rendered files of one model type (what a worker sends back)."""
+
+    model_type: str
+    package: str
+    class_name: str
+    module_file: str
+    descriptor: str
+    package_init: str
+
+
+def _plan_one(target, out_flag: str | None, keep_going: bool = False):
+    """The files of one model type or checkpoint target; with `keep_going`, a coverage.Row
+    saying why it is not generated instead of an error."""
+    from . import coverage, render
+    from .errors import PuzzleGenError
+    from .infer import infer
+    from .source import resolve
+
+    try:
+        if keep_going:
+            reason = coverage.out_of_scope(target, _default_config(resolve(target)))
+            if reason is not None:
+                return coverage.Row(target, coverage.OUT_OF_SCOPE, reason)
+        spec = infer(target)
+    except PuzzleGenError as exc:
+        if not keep_going:
+            raise
+        _progress(f"    not generated: {exc}")
+        return coverage.Row(target, coverage.NOT_GENERATED, coverage.first_line(exc))
+    return _Planned(
+        spec.model_type,
+        spec.package,
+        spec.class_name,
+        f"{render.descriptor_module(spec)}.py",
+        render.render_descriptor(spec, out_flag),
+        render.render_package_init(spec, out_flag),
+    )
+
+
+def _plan_in_worker(args: tuple):
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already; no thread pool after fork
+    return _plan_one(*args)
+
+
+def _plan_each(targets: list, out_flag: str | None, jobs: int | None, keep_going: bool) -> list:
+    """_plan_one for each target, in order; the first failure (in order) is raised after the
+    progress lines of the targets before it, as a serial run does. Checkpoint targets (which
+    may carry imported custom code) are always planned in this process."""
+    total = len(targets)
+    from .parallel import default_jobs, run_ordered
+
+    jobs = default_jobs() if jobs is None else jobs
+    if jobs == 1 or total <= 1 or not all(isinstance(t, str) for t in targets):
+        planned = []
+        for i, target in enumerate(targets, 1):
+            _progress(f"[{i}/{total}] {_label(target)}: inferring")
+            planned.append(_plan_one(target, out_flag, keep_going))
+        return planned
+
+    _warm_up()
+
+    def done(index, outcome):
+        _progress(f"[{index + 1}/{total}] {targets[index]}: inferring")
+        outcome.replay()
+        outcome.get()  # raises the first failure in order and stops the map
+
+    outcomes = run_ordered(
+        _plan_in_worker, [(t, out_flag, keep_going) for t in targets], jobs=jobs, on_done=done
+    )
+    return [o.value for o in outcomes]
+
+
+def _warm_up() -> None:
+    """Import what every worker needs once, here, so that forked workers start with it."""
+    import transformers.modeling_utils  # noqa: F401  (the bulk of the import time)
+
+    from . import infer, render  # noqa: F401
 
 
 def _label(target) -> str:
@@ -158,9 +233,9 @@ def cmd_generate(args) -> int:
     if not args.diff:
         check_output_dir(Path(args.out))
     if args.all:
-        files = plan(known_model_types(), args.out, keep_going=True)
+        files = plan(known_model_types(), args.out, keep_going=True, jobs=args.jobs)
     else:
-        files = plan(_targets(args.model_types, args.trust_remote_code), args.out)
+        files = plan(_targets(args.model_types, args.trust_remote_code), args.out, jobs=args.jobs)
     changed = {p: t for p, t in files.items() if _read(p) != t}
     if args.diff:
         for path, text in changed.items():
@@ -183,7 +258,10 @@ def cmd_check(args) -> int:
     if not manifest:
         raise PuzzleGenError(f"{out_dir}/__init__.py lists no generated descriptors")
     files = plan(
-        _check_targets(out_dir, manifest, args.trust_remote_code), args.out, keep_existing=False
+        _check_targets(out_dir, manifest, args.trust_remote_code),
+        args.out,
+        keep_existing=False,
+        jobs=args.jobs,
     )
     stale = [p for p, text in files.items() if _read(p) != text]
     known = {p.parent for p in files}
@@ -416,14 +494,25 @@ def _verify_all(out_dir: Path, jobs: int | None) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def _jobs(value: str) -> int:
     try:
-        value = int(text)
+        jobs = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return jobs
+
+
+def _jobs_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=None,
+        metavar="N",
+        help="model types inferred in parallel worker processes (default: the cores available); "
+        "the output is the same for every N",
+    )
 
 
 def _dedupe(items: list[str]) -> list[str]:
@@ -467,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--diff", action="store_true", help="print a unified diff instead of writing")
     g.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
+    _jobs_arg(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("check", help="fail (exit 1) when a generated file is out of date")
     c.add_argument(
@@ -477,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow importing the code of checkpoints that were generated with this flag",
     )
+    _jobs_arg(c)
     c.set_defaults(func=cmd_check)
     i = sub.add_parser("inspect", help="print the inferred spec and its evidence")
     i.add_argument("model_type", metavar="MODEL_TYPE|PATH")
@@ -493,12 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="verify every generated type and record the results in coverage.json / COVERAGE.md",
     )
-    v.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=None,
-        help="worker processes for --all (default: the cores available)",
-    )
+    _jobs_arg(v)
     v.add_argument(
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )

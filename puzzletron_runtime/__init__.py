@@ -15,6 +15,7 @@ from .block_config import (
 )
 from .loading import CheckpointError, Runtime, load_model
 from .model_descriptor import ModelDescriptor, ModelDescriptorFactory
+from .pipeline import StageModule, load_stage, pipeline_stage, stage_blocks
 from .puzzformer import MatchingZeros, Same, deci_x_patcher, return_tuple_of_size
 from .utils.dummy_modules import DummyBlock
 
@@ -30,8 +31,12 @@ __all__ = [
     "ModelDescriptorFactory",
     "Runtime",
     "Same",
+    "StageModule",
     "deci_x_patcher",
     "load_model",
+    "load_stage",
     "maybe_cast_block_configs",
+    "pipeline_stage",
     "return_tuple_of_size",
+    "stage_blocks",
 ]

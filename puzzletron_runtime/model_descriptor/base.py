@@ -10,6 +10,7 @@ from torch import nn
 
 from ..block_config import BlockConfig
 from ..utils.dummy_modules import DummyBlock
+from .weight_groups import group_names
 
 __all__ = ["ModelDescriptor"]
 
@@ -118,15 +119,11 @@ class ModelDescriptor(ABC):
         Each name goes into the first group (in predicate order) whose pattern matches; groups
         that receive no name are left out. The predicates are built once per call.
         Raises ValueError naming the first tensor no group matches.
+
+        The names are read in one pass: each name is tried only against the patterns whose
+        literal prefix starts it (see `weight_groups`), which gives the result of the rule
+        above for any predicates; predicates that are not compiled regexes are applied name
+        by name.
         """
         predicates = list(cls.layer_name_predicates(num_hidden_layers).items())
-        groups: dict[str, list[str]] = {}
-        for name in layer_names:
-            for group, pattern in predicates:
-                if pattern.match(name):
-                    groups.setdefault(group, []).append(name)
-                    break
-            else:
-                raise ValueError(f"{cls.__name__}: tensor {name!r} matches no weight group")
-        order = {group: i for i, (group, _) in enumerate(predicates)}
-        return dict(sorted(groups.items(), key=lambda item: order[item[0]]))
+        return group_names(predicates, layer_names, cls.__name__)
