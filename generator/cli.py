@@ -15,6 +15,7 @@ and the files already in the output directory stay byte-identical on any failure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 import sys
@@ -76,7 +77,8 @@ def plan(
         entries[model_type] = render.ManifestEntry(model_type, planned.package, planned.class_name)
         previous = rows.get(model_type)
         if _read(module) != files[module] or previous is None or not previous.verified_or_failing:
-            rows[model_type] = coverage.Row(model_type, coverage.UNVERIFIED)
+            previous = coverage.Row(model_type, coverage.UNVERIFIED)
+        rows[model_type] = dataclasses.replace(previous, family=planned.family)
     manifest = list(entries.values())
     version = transformers.__version__
     generated_types = {e.model_type for e in manifest}
@@ -101,6 +103,7 @@ class _Planned:
     module_file: str
     descriptor: str
     package_init: str
+    family: str
 
 
 def _plan_one(target, out_flag: str | None, keep_going: bool = False):
@@ -111,17 +114,21 @@ def _plan_one(target, out_flag: str | None, keep_going: bool = False):
     from .infer import infer
     from .source import resolve
 
+    config = target.config if not isinstance(target, str) else None
+    if config is None:
+        config = _default_config(resolve(target if isinstance(target, str) else target.model_type))
+    fam = coverage.family(config)
     try:
         if keep_going:
-            reason = coverage.out_of_scope(target, _default_config(resolve(target)))
+            reason = coverage.out_of_scope(target, config)
             if reason is not None:
-                return coverage.Row(target, coverage.OUT_OF_SCOPE, reason)
+                return coverage.Row(target, coverage.OUT_OF_SCOPE, reason, fam)
         spec = infer(target)
     except PuzzleGenError as exc:
         if not keep_going:
             raise
         _progress(f"    not generated: {exc}")
-        return coverage.Row(target, coverage.NOT_GENERATED, coverage.first_line(exc))
+        return coverage.Row(target, coverage.NOT_GENERATED, coverage.first_line(exc), fam)
     return _Planned(
         spec.model_type,
         spec.package,
@@ -129,6 +136,7 @@ def _plan_one(target, out_flag: str | None, keep_going: bool = False):
         f"{render.descriptor_module(spec)}.py",
         render.render_descriptor(spec, out_flag),
         render.render_package_init(spec, out_flag),
+        fam,
     )
 
 
@@ -472,13 +480,18 @@ def _verify_all(out_dir: Path, jobs: int | None) -> int:
             else f"FAIL {bad[0].name}: {coverage.first_line(bad[0].detail, 100)}"
         )
         print(f"{t:<{width}}  {passed}/{len(checks):<4}  {verdict}")
+        family = rows[t].family if t in rows else ""
         rows[t] = (
-            coverage.Row(t, coverage.VERIFIED)
+            coverage.Row(t, coverage.VERIFIED, family=family)
             if not bad
             else coverage.Row(
-                t, coverage.FAILING, coverage.first_line(f"{bad[0].name}: {bad[0].detail}")
+                t,
+                coverage.FAILING,
+                coverage.first_line(f"{bad[0].name}: {bad[0].detail}"),
+                family,
             )
         )
+
     version = transformers.__version__
     flag = _out_arg(str(out_dir))
     render.write_atomic(out_dir / coverage.COVERAGE_JSON, coverage.dumps(rows, version))

@@ -31,6 +31,7 @@ class Row:
     model_type: str
     status: str
     reason: str = ""  # the failing check and how, the fact not inferred, or why out of scope
+    family: str = ""  # dense | MoE | hybrid | multimodal (see `family`), "" when unknown
 
     @property
     def verified_or_failing(self) -> bool:
@@ -54,12 +55,54 @@ def out_of_scope(model_type: str, config: Any) -> str | None:
     return None
 
 
+FAMILIES = ("dense", "MoE", "hybrid", "multimodal")
+
+# config field names that declare a mixer other than attention (Mamba, SSM, convolutions, ...)
+_NON_ATTENTION_FIELD_WORDS = ("mamba", "ssm", "conv_kernel", "block_types", "attn_layer")
+# config fields that hold an expert count
+_EXPERT_FIELDS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "num_routed_experts",
+)
+
+
+def family(config: Any) -> str:
+    """Which kind of stack a default config describes, for reporting coverage by family:
+    multimodal (a nested text config), hybrid (a layer type that is linear attention or not
+    attention at all, or fields of a Mamba / SSM / convolution mixer), MoE (an expert count above
+    one), else dense. "" when the config does not build."""
+    if config is None:
+        return ""
+    try:
+        text = config.get_text_config()
+    except Exception:
+        return ""
+    if text is not config:
+        return "multimodal"
+    fields = text.to_dict()
+    layer_types = [t for t in fields.get("layer_types") or [] if isinstance(t, str)]
+    if any("linear" in t or "attention" not in t for t in layer_types) or any(
+        word in name for name in fields for word in _NON_ATTENTION_FIELD_WORDS
+    ):
+        return "hybrid"
+    experts = [fields.get(name) for name in _EXPERT_FIELDS]
+    if any(isinstance(n, int) and not isinstance(n, bool) and n > 1 for n in experts):
+        return "MoE"
+    return "dense"
+
+
 def load(out_dir: Path) -> dict[str, Row]:
     path = out_dir / COVERAGE_JSON
     if not path.is_file():
         return {}
     data = json.loads(path.read_text(encoding="utf-8"))
-    return {t: Row(t, r["status"], r.get("reason", "")) for t, r in data["types"].items()}
+    return {
+        t: Row(t, r["status"], r.get("reason", ""), r.get("family", ""))
+        for t, r in data["types"].items()
+    }
 
 
 def dumps(rows: dict[str, Row], transformers_version: str) -> str:
@@ -77,6 +120,18 @@ def merge(old: dict[str, Row], new: Iterable[Row]) -> dict[str, Row]:
     for row in new:
         rows[row.model_type] = row
     return rows
+
+
+def by_family(rows: Iterable[Row]) -> list[tuple[str, int, int]]:
+    """(family, verified, in scope) for each family with in-scope types."""
+    out = []
+    rows = [r for r in rows if r.status != OUT_OF_SCOPE]
+    for fam in (*FAMILIES, ""):
+        members = [r for r in rows if r.family == fam]
+        if members:
+            verified = sum(r.status == VERIFIED for r in members)
+            out.append((fam or "unknown (not tried, or no default config)", verified, len(members)))
+    return out
 
 
 def summary(rows: dict[str, Row], in_scope_of: Iterable[str]) -> dict[str, int]:

@@ -393,6 +393,7 @@ def render_coverage(
             counts=coverage.summary({r.model_type: r for r in table}, in_scope),
             in_scope=len(in_scope),
             out_of_scope=len(out_of_scope),
+            families=coverage.by_family(table),
         )
     )
 

@@ -28,18 +28,20 @@ def test_generate_all_records_every_type_and_keeps_going(tmp_path, few_types, ca
     rows = read_rows(out)
     assert sorted(rows) == few_types
     assert rows["llama"]["status"] == coverage.UNVERIFIED
+    assert rows["llama"]["family"] == "dense" and rows["mamba"]["family"] == "hybrid"
     assert (out / "llama" / "llama_model_descriptor.py").is_file()
     assert rows["mamba"]["status"] == coverage.NOT_GENERATED
     assert rows["mamba"]["reason"].startswith("cannot infer")
-    assert rows["bart"] == {
-        "status": coverage.OUT_OF_SCOPE,
-        "reason": coverage.out_of_scope("bart", type("C", (), {"is_encoder_decoder": True})()),
-    }
+    assert rows["bart"]["status"] == coverage.OUT_OF_SCOPE
+    assert rows["bart"]["reason"] == coverage.out_of_scope(
+        "bart", type("C", (), {"is_encoder_decoder": True})()
+    )
     assert rows["bert"]["status"] == coverage.OUT_OF_SCOPE
     assert not (out / "mamba").exists() and not (out / "bart").exists()
     table = (out / "COVERAGE.md").read_text()
-    assert "| `mamba` | not generated |  | cannot infer" in table
+    assert "| `mamba` | hybrid | not generated |  | cannot infer" in table
     assert "0 of 2 in-scope types verified" in table
+    assert "| dense | 0 | 1 | 0% |" in table and "| hybrid | 0 | 1 | 0% |" in table
 
 
 def test_verify_all_records_results_and_fails_on_a_broken_descriptor(tmp_path, few_types, capsys):
@@ -51,12 +53,12 @@ def test_verify_all_records_results_and_fails_on_a_broken_descriptor(tmp_path, f
     printed = capsys.readouterr()
     assert re.search(r"qwen3\s+6/7\s+FAIL names", printed.out)
     rows = read_rows(out)
-    assert rows["llama"] == {"status": coverage.VERIFIED, "reason": ""}
+    assert rows["llama"] == {"status": coverage.VERIFIED, "reason": "", "family": "dense"}
     assert rows["qwen3"]["status"] == coverage.FAILING
     assert rows["qwen3"]["reason"].startswith("names: final_norm_name() is None")
     table = (out / "COVERAGE.md").read_text()
-    assert "| `llama` | verified | `llama.LlamaModelDescriptor` |" in table
-    assert "| `qwen3` | failing |" in table
+    assert "| `llama` | dense | verified | `llama.LlamaModelDescriptor` |" in table
+    assert "| `qwen3` | dense | failing |" in table
 
 
 def test_check_fails_when_coverage_is_stale(tmp_path, few_types, capsys):
@@ -74,6 +76,25 @@ def test_types_and_all_are_exclusive(command, capsys):
     assert cli.main([command]) == 2
     assert cli.main([command, "llama", "--all"]) == 2
     assert "give model types, or --all" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "model_type, expected",
+    [
+        ("llama", "dense"),
+        ("mixtral", "MoE"),
+        ("qwen3_moe", "MoE"),
+        ("jamba", "hybrid"),
+        ("qwen3_next", "hybrid"),
+        ("nemotron_h", "hybrid"),
+        ("gemma3", "multimodal"),
+        ("gemma3_text", "dense"),
+    ],
+)
+def test_family_from_the_default_config(model_type, expected):
+    from generator.source import resolve
+
+    assert coverage.family(resolve(model_type).config_cls()) == expected
 
 
 def test_committed_coverage_lists_every_known_type():
