@@ -152,3 +152,22 @@ def test_oracle_demands_expert_overrides_and_accepts_them(tmp_path):
     assert result.ok, result.detail
     assert "ffn.moe.num_local_experts -> config.num_local_experts" in result.detail
     assert "ffn.moe.expert_intermediate_dim -> config.moe_intermediate_size" in result.detail
+
+
+def test_oracle_finds_cores_that_add_the_residual_they_are_passed():
+    """Bloom passes the residual into its attention and MLP, which add it themselves: their
+    contribution is their output minus that residual, so "zeroed" means returning it."""
+    from transformers import BloomConfig
+
+    ref = Reference(verification_config(BloomConfig))
+    cores = ref.roles_cores(1)
+    assert cores == {"self_attention": "attention", "mlp": "ffn"}
+    assert all(ref.adds_passed_stream(1, name) is not None for name in cores)
+    x, y = layer_io(ref.model, ref.layer(1), ref.input_ids, ref.zeroed(1, ("attention", "ffn")))
+    assert torch.equal(x, y)
+    assert ref.roles(1).members["attention"] == {"input_layernorm", "self_attention"}
+
+
+def test_an_ordinary_core_adds_nothing_it_is_passed(phi_reference):
+    assert phi_reference.adds_passed_stream(1, "self_attn") is None
+    assert phi_reference.adds_passed_stream(1, "mlp") is None
