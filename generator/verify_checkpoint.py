@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from unittest import mock
 
 from .checkpoint import show
 from .errors import PuzzleGenError
@@ -36,7 +35,7 @@ def _descriptor(model_type: str, out: Path):
     if spec is None or not path.is_file():
         raise PuzzleGenError(f"{path}: not found")
     module = importlib.util.module_from_spec(spec)
-    with mock.patch.dict(ModelDescriptorFactory._registry):
+    with ModelDescriptorFactory.scratch():  # a name an installed descriptor holds is no clash
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)

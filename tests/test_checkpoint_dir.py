@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 from checkpoint_fixtures import SMALL_LLAMA, save_custom, save_llama
@@ -47,7 +46,7 @@ def load_descriptor(path: Path):
 
     spec = importlib.util.spec_from_file_location(f"_test_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    with mock.patch.dict(ModelDescriptorFactory._registry):
+    with ModelDescriptorFactory.scratch():  # a name an installed descriptor holds is no clash
         spec.loader.exec_module(module)
     return module
 
