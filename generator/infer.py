@@ -6,29 +6,29 @@ findings, when they disagree. Every fact records its evidence.
 
 from __future__ import annotations
 
-import ast
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from puzzletron_runtime.buffers import empty_buffers, init_owners, rebuild_buffers
+
 from . import __version__, predicates
 from .analysis import layer_flow, model_structure
 from .analysis.layer_flow import ATTENTION, FFN, LayerFlow
-from .analysis.source_index import SourceIndex, dotted
+from .analysis.source_index import SourceIndex
 from .errors import InferenceError, ProbeMismatch
-from .probe import Probe, layer_children
+from .probe import Probe, build_model, layer_children
 from .source import ModelSource, resolve
 from .spec import (
-    BufferArg,
-    BufferModule,
     ClassRef,
     ConfigOverride,
     DescriptorSpec,
     DummyBlock,
     Fact,
     ModuleReplacement,
+    RebuiltBuffers,
     Subblock,
     is_dotted_path,
     is_identifier,
@@ -144,7 +144,7 @@ def infer(model_type: str) -> DescriptorSpec:
         "the tiny model's state dict",
     )
 
-    buffers = _buffer_modules(ctx, stack_path, tiny)
+    buffers = _rebuilt_buffers(ctx, tiny)
     causal = source.causal_lm_cls
     layer_cls = layer_classes[0]
     return DescriptorSpec(
@@ -170,7 +170,7 @@ def infer(model_type: str) -> DescriptorSpec:
         attention=subblocks[ATTENTION],
         ffn=subblocks[FFN],
         shared_modules=tuple(flow.shared),
-        buffer_modules=tuple(buffers),
+        rebuilt_buffers=tuple(buffers),
         dummy_block=dummy,
         predicates=preds,
         facts=tuple(ctx.facts),
@@ -413,112 +413,40 @@ def _dummy_block(ctx, loop, layer: nn.Module) -> DummyBlock:
 
 
 # -- buffers ------------------------------------------------------------------------------------
-def _buffer_modules(ctx: _Context, stack_path: str, tiny: nn.Module) -> list[BufferModule]:
-    out = []
-    for path, names in ctx.probe.buffer_modules():
-        module = ctx.probe.module(path)
-        if path.startswith(stack_path + "."):
-            raise InferenceError(
-                f"how to rebuild the buffers of {path}",
-                "buffers inside decoder layers are not supported yet",
-            )
-        if _has_params(module):
-            raise InferenceError(
-                f"how to rebuild {path}.{', '.join(names)}",
-                "the module also holds parameters, so it cannot be rebuilt by construction",
-            )
-        owner_path, _, attr = path.rpartition(".")
-        owner = ctx.probe.module(owner_path)
-        cons = model_structure.find_construction(ctx.index, type(owner), attr)
-        fact = f"how {type(owner).__name__} builds self.{attr}"
-        if cons is None:
-            raise InferenceError(fact, "no plain `self.%s = Class(...)` in its __init__" % attr)
-        if cons.callee.rpartition(".")[2] != type(module).__name__:
-            raise ProbeMismatch(fact, f"{cons.callee}(...) ({cons.where})", type(module).__name__)
-        args = tuple(_buffer_arg(fact, cons, kw, expr) for kw, expr in cons.args)
-        spec = BufferModule(
-            owner=owner_path,
-            attr=attr,
-            cls=ClassRef(type(module).__module__, type(module).__name__),
-            args=args,
-            buffers=tuple(names),
-            built_at=cons.where,
-            evidence=(f"{cons.where} `{cons.code}`",),
-        )
-        _check_rebuild(fact, spec, tiny)
-        ctx.fact(
-            f"rebuilt buffers of {path}",
-            ", ".join(names),
-            spec.evidence + ("probe: rebuilding on a tiny model reproduces the buffers exactly",),
-        )
-        out.append(spec)
-    return out
-
-
-def _buffer_arg(fact, cons, keyword, expr) -> BufferArg:
-    name = dotted(expr)
-    config_params = [p for p in cons.init_params[1:] if "config" in p]
-    if name is not None:
-        head, _, rest = name.partition(".")
-        if head in config_params:
-            if rest and not is_dotted_path(rest):
-                raise InferenceError(fact, f"unexpected attribute path {rest!r}")
-            return BufferArg(keyword, "owner_config", rest)
-        if head == "self" and rest and is_dotted_path(rest):
-            return BufferArg(keyword, "owner_attr", rest)
-    code = _code(expr)
+def _rebuilt_buffers(ctx: _Context, tiny: nn.Module) -> list[RebuiltBuffers]:
+    """The buffers a meta build leaves empty, confirmed to come back equal through the runtime's
+    rebuild_buffers: a tiny model built on the meta device, given the weights of the same model
+    built normally, must end with every buffer equal (torch.equal, same dtype) to the normal one."""
+    meta = build_model(type(tiny), tiny.config, "meta")
+    meta.load_state_dict(tiny.state_dict(), strict=False, assign=True)
+    empty = empty_buffers(meta)
+    fact = "how to rebuild the buffers a meta build leaves empty"
     try:
-        value = ast.literal_eval(code)
-    except (ValueError, SyntaxError):
-        raise InferenceError(
-            fact,
-            f"argument `{code}` is neither the config, an attribute nor a literal",
-            [cons.where],
-        ) from None
-    if keyword is not None and not is_identifier(keyword):
-        raise InferenceError(fact, f"bad keyword {keyword!r}")
-    return BufferArg(keyword, "literal", "", value)
-
-
-def _code(expr) -> str:
-    import libcst as cst
-
-    return cst.Module(body=[]).code_for_node(expr)
-
-
-def resolve_buffer_args(spec: BufferModule, owner: nn.Module):
-    """(args, kwargs) of a BufferModule's constructor for a concrete owner module."""
-    args, kwargs = [], {}
-    for a in spec.args:
-        if a.kind == "owner_config":
-            value = owner.config
-            for part in filter(None, a.path.split(".")):
-                value = getattr(value, part)
-        elif a.kind == "owner_attr":
-            value = owner
-            for part in a.path.split("."):
-                value = getattr(value, part)
-        else:
-            value = a.literal
-        if a.keyword is None:
-            args.append(value)
-        else:
-            kwargs[a.keyword] = value
-    return args, kwargs
-
-
-def _check_rebuild(fact: str, spec: BufferModule, tiny: nn.Module) -> None:
-    import importlib
-
-    owner = tiny.get_submodule(spec.owner) if spec.owner else tiny
-    original = getattr(owner, spec.attr)
-    cls = getattr(importlib.import_module(spec.cls.module), spec.cls.name)
-    args, kwargs = resolve_buffer_args(spec, owner)
-    rebuilt = cls(*args, **kwargs)
-    for name in spec.buffers:
-        a, b = getattr(original, name), getattr(rebuilt, name)
-        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
-            raise InferenceError(fact, f"rebuilding does not reproduce buffer {name}")
+        rebuild_buffers(meta, "cpu")
+    except Exception as exc:
+        raise InferenceError(fact, f"rebuild_buffers fails: {type(exc).__name__}: {exc}") from None
+    want = dict(tiny.named_buffers())
+    got = dict(meta.named_buffers())
+    for name, ref in want.items():
+        b = got.get(name)
+        if b is None or b.dtype != ref.dtype or b.shape != ref.shape or not torch.equal(b, ref):
+            raise InferenceError(
+                f"how to rebuild buffer {name}",
+                "the owning model's _init_weights does not reproduce the value the model "
+                "computes when built normally",
+            )
+    owners = init_owners(meta)
+    out = []
+    for path, names in empty.items():
+        init_class = type(owners[path]).__name__
+        evidence = (
+            f"probe: {', '.join(names)} of {type(meta.get_submodule(path)).__name__} stay on the "
+            "meta device after loading the state dict",
+            f"probe: {init_class}._init_weights rebuilds them equal to a normal build",
+        )
+        out.append(RebuiltBuffers(path, tuple(names), init_class, evidence))
+        ctx.fact(f"rebuilt buffers of {path or 'the model'}", ", ".join(names), evidence)
+    return out
 
 
 # -- names ----------------------------------------------------------------------------------------

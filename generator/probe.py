@@ -133,15 +133,6 @@ class Probe:
         out = self.model.get_output_embeddings()
         return out is not None and out.weight is self.model.get_input_embeddings().weight
 
-    def buffer_modules(self) -> list[tuple[str, list[str]]]:
-        """(module path, names) of modules holding non-persistent buffers directly."""
-        found = []
-        for name, mod in self.model.named_modules():
-            non_persistent = sorted(getattr(mod, "_non_persistent_buffers_set", set()))
-            if non_persistent:
-                found.append((name, non_persistent))
-        return found
-
     # -- tiny model checks ------------------------------------------------------------------
     def tiny_config(self, **extra: Any) -> Any:
         try:

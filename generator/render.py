@@ -1,8 +1,8 @@
 """Stage 6: DescriptorSpec -> Jinja (StrictUndefined) -> black -> files, written atomically.
 
 Templates read only the spec; this module adds the few derived views a template cannot compute
-cleanly (sorted import lines, expressions for rebuilt buffer modules) and the filters that keep
-every string from a config or modeling source safe: `pyrepr` (repr of validated scalars) and
+cleanly (sorted import lines) and the filters that keep every string from a config or modeling
+source safe: `pyrepr` (repr of validated scalars) and
 `location` (file:line only).
 """
 
@@ -20,7 +20,7 @@ import jinja2
 
 from . import __version__
 from .errors import PuzzleGenError
-from .spec import BufferModule, DescriptorSpec, is_dotted_path, is_identifier
+from .spec import DescriptorSpec, is_dotted_path, is_identifier
 
 BLACK_MODE = black.Mode(line_length=100, target_versions={black.TargetVersion.PY311})
 RUNTIME = "puzzletron_runtime"
@@ -29,6 +29,11 @@ _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")
 
 
 def _templates_dir() -> Path:
+    # a source checkout first: an editable install elsewhere (another worktree) must not supply
+    # the templates of this checkout's generator
+    checkout = Path(__file__).resolve().parent.parent / "templates"
+    if (checkout / "descriptor.py.j2").is_file() and (checkout / "__init__.py").is_file():
+        return checkout
     try:
         from importlib.resources import files
 
@@ -37,7 +42,7 @@ def _templates_dir() -> Path:
             return path
     except (ImportError, TypeError):
         pass
-    return Path(__file__).resolve().parent.parent / "templates"  # a source checkout
+    return checkout
 
 
 def _pyrepr(value: object) -> str:
@@ -55,36 +60,6 @@ def _location(where: str) -> str:
     return f"{match.group(1)}:{match.group(2)}"
 
 
-def _owner_expr(b: BufferModule) -> str:
-    if b.owner and not is_dotted_path(b.owner):
-        raise PuzzleGenError(f"cannot address module {b.owner!r} by attributes")
-    return f"model.{b.owner}" if b.owner else "model"
-
-
-def _buffer_path(b: BufferModule) -> str:
-    return f"{b.owner}.{b.attr}" if b.owner else b.attr
-
-
-def _buffer_args(b: BufferModule) -> str:
-    owner = _owner_expr(b)
-    parts = []
-    for a in b.args:
-        if a.kind == "owner_config":
-            expr = f"{owner}.config" + (f".{a.path}" if a.path else "")
-        elif a.kind == "owner_attr":
-            expr = f"{owner}.{a.path}"
-        elif a.kind == "literal":
-            expr = _pyrepr(a.literal)
-        else:
-            raise PuzzleGenError(f"unknown buffer argument kind {a.kind!r}")
-        if a.path and not is_dotted_path(a.path):
-            raise PuzzleGenError(f"bad attribute path {a.path!r}")
-        if a.keyword is not None and not is_identifier(a.keyword):
-            raise PuzzleGenError(f"bad keyword {a.keyword!r}")
-        parts.append(f"{a.keyword}={expr}" if a.keyword else expr)
-    return ", ".join(parts)
-
-
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(_templates_dir())),
@@ -95,9 +70,6 @@ def _env() -> jinja2.Environment:
     env.filters.update(
         pyrepr=_pyrepr,
         location=_location,
-        owner_expr=_owner_expr,
-        buffer_path=_buffer_path,
-        buffer_args=_buffer_args,
         code=lambda s: f"`{s}`",
     )
     return env
@@ -115,8 +87,6 @@ def _import_lines(spec: DescriptorSpec) -> list[str]:
     third: dict[str, set[str]] = {"torch": {"nn"}}
     for ref in spec.decoder_layer_classes:
         third.setdefault(ref.module, set()).add(ref.name)
-    for b in spec.buffer_modules:
-        third.setdefault(b.cls.module, set()).add(b.cls.name)
     no_op = {r.replacement for sb in (spec.attention, spec.ffn) for r in sb.replacements}
     if any(r.tuple_size for sb in (spec.attention, spec.ffn) for r in sb.replacements):
         no_op.add("return_tuple_of_size")
@@ -128,6 +98,8 @@ def _import_lines(spec: DescriptorSpec) -> list[str]:
         first[f"{RUNTIME}.puzzformer.no_op"] = no_op
     if spec.dummy_block.returns_tuple or spec.dummy_block.attributes:
         first[f"{RUNTIME}.utils.dummy_modules"] = {"DummyBlock"}
+    if spec.rebuilt_buffers:
+        first[f"{RUNTIME}.buffers"] = {"rebuild_buffers"}
     for module, names in list(third.items()) + list(first.items()):
         if not is_dotted_path(module) or not all(is_identifier(n) for n in names):
             raise PuzzleGenError(f"refusing to import {sorted(names)} from {module!r}")
@@ -181,6 +153,12 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
             raise PuzzleGenError(f"refusing to render the module path {path!r}")
     if not is_identifier(spec.class_name):
         raise PuzzleGenError(f"refusing to render the class name {spec.class_name!r}")
+    for b in spec.rebuilt_buffers:
+        names = (*b.buffers, b.init_class)
+        if (b.module and not is_dotted_path(b.module, allow_digits=True)) or not all(
+            is_identifier(n) for n in names
+        ):
+            raise PuzzleGenError(f"refusing to render the buffers {b.module!r}: {names!r}")
     layer_types = [c.name for c in spec.decoder_layer_classes]
     source = (
         _env()

@@ -69,25 +69,14 @@ class Subblock:
 
 
 @dataclass(frozen=True)
-class BufferArg:
-    """One argument of a buffer module's constructor, relative to the module that owns it."""
+class RebuiltBuffers:
+    """Buffers of one module that are not in the state dict (rotary inv_freq, Gemma's
+    embed_scale, causal masks): a meta-device build leaves them empty and the runtime's
+    rebuild_buffers fills them with the owning pretrained model's `_init_weights`."""
 
-    keyword: str | None
-    kind: str  # "owner_config" (owner.config[.path]) | "owner_attr" (owner.path) | "literal"
-    path: str = ""  # attribute path below the owner's config or the owner itself
-    literal: Any = None
-
-
-@dataclass(frozen=True)
-class BufferModule:
-    """A module whose buffers are not in the state dict (rotary inv_freq) and is rebuilt."""
-
-    owner: str  # path of the owning module below the model ("" for the model itself)
-    attr: str
-    cls: ClassRef
-    args: tuple[BufferArg, ...]
+    module: str  # path of the module holding them below the model ("" for the model itself)
     buffers: tuple[str, ...]
-    built_at: str  # location of the construction in the owner's __init__
+    init_class: str  # the PreTrainedModel class whose _init_weights rebuilds them
     evidence: tuple[str, ...] = ()
 
 
@@ -144,7 +133,7 @@ class DescriptorSpec:
     attention: Subblock
     ffn: Subblock
     shared_modules: tuple[str, ...]
-    buffer_modules: tuple[BufferModule, ...]
+    rebuilt_buffers: tuple[RebuiltBuffers, ...]
     dummy_block: DummyBlock
     predicates: Predicates
     facts: tuple[Fact, ...] = field(default=())

@@ -13,6 +13,7 @@ from .block_config import (
     MoEConfig,
     maybe_cast_block_configs,
 )
+from .buffers import rebuild_buffers
 from .loading import CheckpointError, Runtime, load_model
 from .model_descriptor import ModelDescriptor, ModelDescriptorFactory
 from .puzzformer import MatchingZeros, Same, deci_x_patcher, return_tuple_of_size
@@ -32,6 +33,7 @@ __all__ = [
     "Same",
     "deci_x_patcher",
     "load_model",
+    "rebuild_buffers",
     "maybe_cast_block_configs",
     "return_tuple_of_size",
 ]
