@@ -306,6 +306,15 @@ def _subblock(
     for name in sb.members:
         core = name in sb.cores
         size = arity.get(name)
+        if name in sb.residual_args:
+            position, keyword = sb.residual_args[name]
+            if not is_identifier(keyword):
+                raise InferenceError(f"the residual argument of {name}", f"{keyword!r}")
+            why = "core that adds the residual it is passed: its no-op returns that residual"
+            replacements.append(
+                ModuleReplacement(name, "PassResidual", size, (why,), position, keyword)
+            )
+            continue
         why = (
             "core: its output joins the residual, so zeros make the subblock a no-op"
             if core

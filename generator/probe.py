@@ -19,7 +19,7 @@ from torch import nn
 from .analysis.layer_flow import ChildInfo
 from .errors import InferenceError
 from .source import ModelSource
-from .tiny import tiny_config
+from .tiny import default_config, tiny_config
 
 
 @contextlib.contextmanager
@@ -83,7 +83,7 @@ class Probe:
         self.source = source
         try:
             with quiet_transformers():
-                self.config = source.config_cls()
+                self.config = default_config(source.config_cls)
         except Exception as exc:
             raise InferenceError(
                 "the default config", f"{source.config_cls.__name__}() fails: {exc}"

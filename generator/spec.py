@@ -44,8 +44,11 @@ class ModuleReplacement:
 
     attr: str
     replacement: str  # "Same" (passes its input through) | "MatchingZeros" (zeros like input)
+    # | "PassResidual" (returns the residual argument the module adds to its output)
     tuple_size: int | None  # wrap in return_tuple_of_size(..., size) when the caller unpacks
     evidence: tuple[str, ...] = ()
+    residual_position: int | None = None  # PassResidual: where the residual is passed
+    residual_keyword: str | None = None  # PassResidual: the parameter's name
 
 
 @dataclass(frozen=True)

@@ -281,6 +281,59 @@ class NoResidualLayer(PreNormLayer):
         return self.mlp(hidden_states)
 
 
+class ResidualAddingAttention(Attention):
+    """Bloom's attention: adds the residual it is passed to its own output."""
+
+    def forward(self, hidden_states, residual, attention_mask=None):
+        output = self.o(self.q(hidden_states))
+        output = dropout_add(output, residual, 0.0, self.training)
+        return output, None
+
+
+class ResidualAddingMLP(MLP):
+    """MPT's MLP: `output + residual` inside the module."""
+
+    def forward(self, hidden_states, residual):
+        output = self.down(self.up(hidden_states))
+        output = output + residual
+        return output
+
+
+class ResidualGatedMLP(MLP):
+    """Receives the residual too, but multiplies by it: no join inside."""
+
+    def forward(self, hidden_states, residual):
+        return self.down(self.up(hidden_states)) * residual
+
+
+class ResidualIntoSubblockLayer(nn.Module):
+    """Bloom / MPT: the residual is passed into each subblock, which joins it itself."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.input_layernorm = Norm(config.hidden_size)
+        self.self_attention = ResidualAddingAttention(config)
+        self.post_attention_layernorm = Norm(config.hidden_size)
+        self.mlp = ResidualAddingMLP(config)
+
+    def forward(self, hidden_states, attention_mask=None):
+        layernorm_output = self.input_layernorm(hidden_states)
+        residual = hidden_states
+        attention_output, _ = self.self_attention(
+            layernorm_output, residual, attention_mask=attention_mask
+        )
+        layernorm_output = self.post_attention_layernorm(attention_output)
+        residual = attention_output
+        output = self.mlp(layernorm_output, residual=residual)
+        return output, None
+
+
+class ResidualGatedLayer(ResidualIntoSubblockLayer):
+    def __init__(self, config, layer_idx=0):
+        super().__init__(config, layer_idx)
+        self.mlp = ResidualGatedMLP(config)
+
+
 class ToyModel(nn.Module):
     """A base model: embeddings before the loop, the loop reads `attention_type`, final norm."""
 
