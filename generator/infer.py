@@ -81,11 +81,13 @@ def infer(model_type: str) -> DescriptorSpec:
 
     owner_path = stack_path.rpartition(".")[0]
     owner = probe.module(owner_path)
+    optional = model_structure.optional_modules(ctx.index, type(owner), owner)
     loop = model_structure.analyze_loop(
         ctx.index,
         type(owner),
         stack_path.rpartition(".")[2],
         {n for n, _ in owner.named_children()},
+        frozenset(optional),
     )
     final_norm = _join(owner_path, loop.final_norm) if loop.final_norm else None
     ctx.fact(
@@ -120,15 +122,31 @@ def infer(model_type: str) -> DescriptorSpec:
             ],
         )
 
-    embeddings = _unique(
-        [input_embedding]
-        + [
-            _join(owner_path, name)
-            for name in loop.before_loop
-            if _has_params(probe.module(_join(owner_path, name)))
+    def weighted(names: list[str]) -> list[str]:
+        # a module other configs add is grouped by where it is called (it is absent here)
+        return [
+            _join(owner_path, n)
+            for n in names
+            if n in optional or _has_params(probe.module(_join(owner_path, n)))
         ]
+
+    embeddings = _unique([input_embedding] + weighted(loop.before_loop))
+    lm_head = _unique(
+        ([final_norm] if final_norm else []) + weighted(loop.after_loop) + [output_embedding]
     )
-    lm_head = _unique(([final_norm] if final_norm else []) + [output_embedding])
+    for name in optional:
+        group = (
+            "embeddings"
+            if name in loop.before_loop
+            else "lm_head" if name in loop.after_loop else None
+        )
+        if group is None:
+            continue
+        ctx.fact(
+            f"module other configs add: {_join(owner_path, name)}",
+            f"grouped with {group}",
+            [optional[name], f"called {'before' if group == 'embeddings' else 'after'} the layer loop"],
+        )
     attention_weights = list(subblocks[ATTENTION].weight_modules) + [
         s for s in flow.shared if _has_params(getattr(layer, s))
     ]
@@ -359,21 +377,76 @@ def _overrides(ctx, flow, kind, sb, layer, stack_path) -> tuple[ConfigOverride, 
         value = _changed_value(kind, current, tiny_text)
         if value is None:
             continue
-        changed = probe.shape_change(field, value, f"{stack_path}.0")
+        diff = probe.shape_diff({field: value}, f"{stack_path}.0")
+        changed = {k.split(".")[0] for k in diff}
         tried.append(f"{field}={value} changes {sorted(changed) or 'nothing'}")
-        if changed and changed <= set(sb.members) and changed & set(sb.cores):
-            evidence = (
-                f"{reads[field]} reads config.{field}",
-                f"probe: setting {field}={value} changes the shapes of {', '.join(sorted(changed))} only",
+        flag = None
+        if kind == FFN and not _has_dim(diff, value):
+            # the model transforms the field before use (rounds it, scales it): find a flag
+            # read beside it that makes the model use it verbatim, else refuse
+            hidden = getattr(tiny_text, "hidden_size", None)
+            widths = sorted({d for shape in diff.values() for d in shape} - {hidden})
+            flag = _verbatim_flag(probe, reads, tiny_text, field, value, sb, stack_path)
+            if flag is None:
+                tried.append(
+                    f"config.{field} is transformed before use: {field}={value} does not build "
+                    f"that width (widths seen: {widths or 'unchanged'}), so a block config's "
+                    "width cannot be written to it"
+                )
+                continue
+            diff = probe.shape_diff({field: value, flag[0]: flag[1]}, f"{stack_path}.0")
+            changed = {k.split(".")[0] for k in diff}
+        if not (changed and changed <= set(sb.members) and changed & set(sb.cores)):
+            continue
+        evidence = [
+            f"{reads[field]} reads config.{field}",
+            f"probe: setting {field}={value} changes the shapes of {', '.join(sorted(changed))} only",
+        ]
+        if flag is not None:
+            evidence.append(
+                f"probe: {field}={value} alone does not build width {value}; with "
+                f"{flag[0]}={flag[1]!r} (read at {reads[flag[0]]}) it does"
             )
-            ctx.fact(f"{kind} override", f"config.{field} <- block_config.{block_attr}", evidence)
-            return (ConfigOverride(field, block_attr, reads[field], evidence),)
+        ctx.fact(
+            f"{kind} override",
+            f"config.{field} <- block_config.{block_attr}"
+            + (f"; config.{flag[0]} <- {flag[1]!r}" if flag else ""),
+            evidence,
+        )
+        return (
+            ConfigOverride(
+                field,
+                block_attr,
+                reads[field],
+                tuple(evidence),
+                flag[0] if flag else None,
+                flag[1] if flag else None,
+            ),
+        )
     ctx.fact(
         f"{kind} override",
         "none",
         tried or [f"the {kind} modules read none of {', '.join(candidates)}"],
     )
     return ()
+
+
+def _has_dim(diff: dict[str, tuple], value: int) -> bool:
+    return any(value in shape for shape in diff.values())
+
+
+def _verbatim_flag(probe, reads, tiny_text, field, value, sb, stack_path):
+    """(flag, value) of a boolean config field read by the subblock whose flip makes `field`
+    the real width, or None."""
+    for flag in reads:
+        current = getattr(tiny_text, flag, None)
+        if not isinstance(current, bool) or flag == field or not is_identifier(flag):
+            continue
+        diff = probe.shape_diff({field: value, flag: not current}, f"{stack_path}.0")
+        changed = {k.split(".")[0] for k in diff}
+        if changed and changed <= set(sb.members) and _has_dim(diff, value):
+            return flag, not current
+    return None
 
 
 def _changed_value(kind: str, current, config):
@@ -383,7 +456,9 @@ def _changed_value(kind: str, current, config):
             return None
         options = [d for d in range(1, heads + 1) if heads % d == 0 and d != current]
         return options[0] if options else None
-    return current * 2 if isinstance(current, int) else 96
+    # not a round multiple, so that a model rounding the width (to a multiple of 64, 256...)
+    # does not happen to build exactly this width
+    return current * 2 + 24 if isinstance(current, int) else 104
 
 
 def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:

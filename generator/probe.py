@@ -190,14 +190,21 @@ class Probe:
     def shape_change(self, field: str, value: Any, layer_path: str) -> set[str]:
         """Children of the layer at `layer_path` whose parameter shapes change when the tiny
         config sets `field` to `value` (built on the meta device)."""
+        return {k.split(".")[0] for k in self.shape_diff({field: value}, layer_path)}
+
+    def shape_diff(self, changes: dict[str, Any], layer_path: str) -> dict[str, tuple]:
+        """Parameters (below the layer at `layer_path`) whose shapes change when the tiny config
+        sets `changes`, with their new shapes (() when the parameter disappears); {} when the
+        changed config does not build."""
         base = build_model(self.source.causal_lm_cls, self.tiny_config())
         changed_config = self.tiny_config()
         target = changed_config.get_text_config()
-        setattr(target, field, value)
+        for field, value in changes.items():
+            setattr(target, field, value)
         try:
             changed = build_model(self.source.causal_lm_cls, changed_config)
         except Exception:
-            return set()
+            return {}
         a = {k: tuple(v.shape) for k, v in base.get_submodule(layer_path).named_parameters()}
         b = {k: tuple(v.shape) for k, v in changed.get_submodule(layer_path).named_parameters()}
-        return {k.split(".")[0] for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        return {k: b.get(k, ()) for k in set(a) | set(b) if a.get(k) != b.get(k)}

@@ -59,6 +59,10 @@ class ConfigOverride:
     block_config_attr: str  # "attention.num_key_value_heads" | "ffn.intermediate_size"
     read_at: str  # location of the config read that decided it (file:line)
     evidence: tuple[str, ...] = ()
+    # a config flag set alongside, so that the model uses the field verbatim (LFM2's
+    # block_auto_adjust_ff_dim would otherwise scale the width by 2/3): (field, value)
+    with_flag: str | None = None
+    flag_value: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,10 @@ def _per_layer(values: dict[str, Any], n: int) -> tuple[dict[str, list], dict[st
     (`per_layer_config`) is read as the per-layer list of its values (None where absent)."""
     lists, indices = {}, {}
     for key, value in values.items():
+        layered = any(w in key for w in ("idx", "layer", "indices"))
         if (
-            isinstance(value, dict)
+            layered
+            and isinstance(value, dict)
             and value
             and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < n for k in value)
         ):
@@ -131,16 +133,16 @@ def _per_layer(values: dict[str, Any], n: int) -> tuple[dict[str, list], dict[st
             continue
         if not isinstance(value, (list, tuple)) or key.endswith("token_id"):
             continue
-        if len(value) == n and n > 1:
-            lists[key] = list(value)
-        elif (
-            value
+        if (
+            layered
+            and value
             and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
             and all(0 <= i < n for i in value)
             and list(value) == sorted(set(value))
-            and any(w in key for w in ("idx", "layer", "indices"))
         ):
             indices[key] = list(value)
+        elif len(value) == n and n > 1:
+            lists[key] = list(value)
     return lists, indices
 
 

@@ -384,3 +384,31 @@ class ZipLoopModel(nn.Module):
         for idx, (layer, mask) in enumerate(zip(self.layers, masks)):
             hidden_states = layer(hidden_states=hidden_states, attention_mask=mask)
         return self.final_layernorm(hidden_states)
+
+
+class OptionalProjectionModel(nn.Module):
+    """OPT: projections that exist only when the embedding width differs from the hidden size."""
+
+    def __init__(self, config):
+        super().__init__()
+        proj_dim = getattr(config, "word_embed_proj_dim", config.hidden_size)
+        self.embed_tokens = nn.Embedding(16, proj_dim)
+        if proj_dim != config.hidden_size:
+            self.project_in = nn.Linear(proj_dim, config.hidden_size)
+            self.project_out = nn.Linear(config.hidden_size, proj_dim)
+        else:
+            self.project_in = None
+            self.project_out = None
+        self.layers = nn.ModuleList([PreNormLayer(config) for _ in range(config.num_hidden_layers)])
+        self.final_layer_norm = Norm(config.hidden_size)
+
+    def forward(self, input_ids):
+        hidden_states = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            hidden_states = self.project_in(hidden_states)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)
+        return hidden_states

@@ -1,0 +1,79 @@
+"""Config variants: one descriptor serves every config of its model type.
+
+Modules that other config values add are grouped too (OPT's project_in / project_out), and an
+override whose config field the model transforms before use maps the block config's width to
+the real width (LFM2's 2/3 auto-adjusted FFN) or is refused.
+"""
+
+import synthetic_models as sm
+
+from generator import predicates
+from generator.analysis import model_structure
+from generator.analysis.source_index import SourceIndex
+from generator.infer import infer
+from generator.probe import build_model, quiet_transformers
+from generator.source import resolve
+from generator.tiny import tiny_config
+
+
+def test_modules_built_on_an_untaken_branch_are_found():
+    """Without the rule the loop analysis sees only the probed children: no projections."""
+    model = sm.OptionalProjectionModel(sm.make_config())
+    assert model.project_in is None
+    optional = model_structure.optional_modules(SourceIndex(), type(model), model)
+    assert set(optional) == {"project_in", "project_out"}
+    children = {n for n, _ in model.named_children()}
+    loop = model_structure.analyze_loop(
+        SourceIndex(), type(model), "layers", children, frozenset(optional)
+    )
+    assert loop.before_loop == ["embed_tokens", "project_in"]
+    assert loop.final_norm == "final_layer_norm"
+    assert loop.after_loop == ["project_out"]
+
+
+def test_present_modules_are_not_optional():
+    model = sm.OptionalProjectionModel(sm.make_config(word_embed_proj_dim=4))
+    assert model_structure.optional_modules(SourceIndex(), type(model), model) == {}
+
+
+def test_opt_groups_the_projections_of_350m_style_configs():
+    spec = infer("opt")
+    config_cls = resolve("opt").config_cls
+    with quiet_transformers():
+        config = tiny_config(config_cls, word_embed_proj_dim=32)
+    model = build_model(resolve("opt").causal_lm_cls, config)
+    keys = list(model.state_dict())
+    assert any("project_in" in k for k in keys) and any("project_out" in k for k in keys)
+    predicates.validate(spec.predicates, keys, config.num_hidden_layers, "OPT-350m-style")
+    groups = predicates.compile_groups(spec.predicates, config.num_hidden_layers)
+    assert groups["embeddings"].match("model.decoder.project_in.weight")
+    assert groups["lm_head"].match("model.decoder.project_out.weight")
+
+
+def test_transformed_width_is_mapped_through_the_flag_that_disables_it():
+    """LFM2 scales intermediate_size by 2/3 and rounds it up unless block_auto_adjust_ff_dim is
+    off: the override turns it off, so the block config's width is the built width."""
+    spec = infer("lfm2")
+    (o,) = spec.ffn.overrides
+    assert (o.config_field, o.with_flag, o.flag_value) == (
+        "intermediate_size",
+        "block_auto_adjust_ff_dim",
+        False,
+    )
+    source = resolve("lfm2")
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    setattr(config, o.config_field, 200)
+    setattr(config, o.with_flag, o.flag_value)
+    model = build_model(source.causal_lm_cls, config)
+    w1 = model.get_submodule(f"{spec.layer_stack}.0.feed_forward.w1").weight
+    assert w1.shape[0] == 200
+    # and without the flag the width would not be the block config's
+    setattr(config, o.with_flag, True)
+    model = build_model(source.causal_lm_cls, config)
+    assert model.get_submodule(f"{spec.layer_stack}.0.feed_forward.w1").weight.shape[0] != 200
+
+
+def test_plain_width_needs_no_flag():
+    (o,) = infer("llama").ffn.overrides
+    assert o.with_flag is None
