@@ -155,12 +155,13 @@ def infer(model_type: str) -> DescriptorSpec:
     )
     predicates.validate(preds, probe.state_keys, probe.num_layers, "the default model's state dict")
     tiny = probe.tiny_model()
-    predicates.validate(
-        preds,
-        tiny.state_dict().keys(),
-        int(tiny.config.get_text_config().num_hidden_layers),
-        "the tiny model's state dict",
-    )
+    tiny_layers = int(tiny.config.get_text_config().num_hidden_layers)
+    predicates.validate(preds, tiny.state_dict().keys(), tiny_layers, "the tiny model's state dict")
+    on_disk = probe.checkpoint_names(tiny)
+    preds, renamed = predicates.with_checkpoint_names(preds, on_disk, tiny_layers)
+    if renamed:
+        ctx.fact("checkpoint names", "grouped with the modules they load into", renamed)
+    predicates.validate(preds, on_disk, tiny_layers, "the names save_pretrained writes")
 
     buffers = _rebuilt_buffers(ctx, tiny)
     causal = source.causal_lm_cls

@@ -187,6 +187,33 @@ class Probe:
             out[name] = CallTrace(len(sizes), sizes[0])
         return out
 
+    def checkpoint_names(self, model: nn.Module) -> dict[str, str]:
+        """{name as save_pretrained writes it: the module name transformers loads it into}."""
+        import tempfile
+        from pathlib import Path
+
+        from safetensors import safe_open
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
+            model.save_pretrained(tmp)
+            names = []
+            for path in sorted(Path(tmp).glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as f:
+                    names.extend(f.keys())
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = model.state_dict()
+        out = {}
+        for name in names:
+            target, _ = rename_source_key(
+                name, renamings, converters, model.base_model_prefix, meta
+            )
+            out[name] = target
+        return out
+
     def shape_change(self, field: str, value: Any, layer_path: str) -> set[str]:
         """Children of the layer at `layer_path` whose parameter shapes change when the tiny
         config sets `field` to `value` (built on the meta device)."""

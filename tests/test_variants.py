@@ -77,3 +77,40 @@ def test_transformed_width_is_mapped_through_the_flag_that_disables_it():
 def test_plain_width_needs_no_flag():
     (o,) = infer("llama").ffn.overrides
     assert o.with_flag is None
+
+
+def test_checkpoint_names_join_the_group_of_the_module_they_load_into():
+    """save_pretrained writes legacy names (GPT-NeoX's `embed_out`, Mixtral's per-expert
+    `block_sparse_moe`); the predicates must partition those too, the way Model Optimizer's
+    converter calls get_weight_groups on a checkpoint's names."""
+    import pytest
+
+    from generator.errors import InferenceError
+
+    pred = predicates.build(
+        ["model.embed_tokens"], ["model.norm", "lm_head"], "model.layers", ["attn"], ["mlp"]
+    )
+    disk = {
+        "embed_out.weight": "lm_head.weight",
+        "model.layers.0.block_sparse_moe.experts.0.w1.weight": "model.layers.0.mlp.experts.up",
+        "model.layers.1.block_sparse_moe.gate.weight": "model.layers.1.mlp.gate.weight",
+        "model.layers.0.attn.q.weight": "model.layers.0.attn.q.weight",
+    }
+    with pytest.raises(InferenceError, match="embed_out.weight"):
+        predicates.validate(pred, disk, 2, "checkpoint names")
+    extended, evidence = predicates.with_checkpoint_names(pred, disk, 2)
+    predicates.validate(extended, disk, 2, "checkpoint names")
+    predicates.validate(extended, disk.values(), 2, "module names")
+    groups = predicates.compile_groups(extended, 2)
+    assert groups["lm_head"].match("embed_out.weight")
+    assert groups["block_1_ffn"].match("model.layers.1.block_sparse_moe.experts.7.w2.weight")
+    assert len(evidence) == 2
+    with pytest.raises(InferenceError, match="no group"):
+        predicates.with_checkpoint_names(pred, {"x.weight": "nowhere.weight"}, 2)
+
+
+def test_gpt_neox_groups_its_head_by_its_name_on_disk():
+    spec = infer("gpt_neox")
+    groups = predicates.compile_groups(spec.predicates, 2)
+    assert groups["lm_head"].match("embed_out.weight")
+    assert groups["lm_head"].match("lm_head.weight")
