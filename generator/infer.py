@@ -6,6 +6,7 @@ findings, when they disagree. Every fact records its evidence.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from .analysis.layer_flow import ATTENTION, FFN, LayerFlow
 from .analysis.source_index import SourceIndex
 from .errors import InferenceError, ProbeMismatch
 from .probe import Probe, build_model, layer_children
+from .variants import variant_children
 from .source import ModelSource, resolve
 from .spec import (
     ClassRef,
@@ -112,6 +114,21 @@ def infer(model_type: str) -> DescriptorSpec:
         kind: _subblock(ctx, flow, kind, arity, layer, stack_path) for kind in (ATTENTION, FFN)
     }
     _check_coverage(ctx, flow, layer, subblocks)
+    for child in variant_children(probe, ctx.index, layer, stack_path):
+        if not child.kind:
+            ctx.fact(f"{child.name} (other configs)", "not grouped", child.evidence)
+            continue
+        if not is_identifier(child.name):
+            raise InferenceError("a layer child other configs add", repr(child.name))
+        sb = subblocks[child.kind]
+        why = "built by other configs; passes its input through on a no-op"
+        subblocks[child.kind] = dataclasses.replace(
+            sb,
+            replacements=sb.replacements
+            + (ModuleReplacement(child.name, "Same", None, (why,) + child.evidence),),
+            weight_modules=sb.weight_modules + (child.name,),
+        )
+        ctx.fact(f"{child.name} (other configs)", f"in the {child.kind} subblock", child.evidence)
     if flow.shared:
         ctx.fact(
             "shared modules",

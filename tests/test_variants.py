@@ -51,27 +51,54 @@ def test_opt_groups_the_projections_of_350m_style_configs():
 
 
 def test_transformed_width_is_mapped_through_the_flag_that_disables_it():
-    """LFM2 scales intermediate_size by 2/3 and rounds it up unless block_auto_adjust_ff_dim is
-    off: the override turns it off, so the block config's width is the built width."""
-    spec = infer("lfm2")
-    (o,) = spec.ffn.overrides
-    assert (o.config_field, o.with_flag, o.flag_value) == (
-        "intermediate_size",
-        "block_auto_adjust_ff_dim",
-        False,
-    )
-    source = resolve("lfm2")
-    with quiet_transformers():
-        config = tiny_config(source.config_cls)
-    setattr(config, o.config_field, 200)
-    setattr(config, o.with_flag, o.flag_value)
-    model = build_model(source.causal_lm_cls, config)
-    w1 = model.get_submodule(f"{spec.layer_stack}.0.feed_forward.w1").weight
-    assert w1.shape[0] == 200
-    # and without the flag the width would not be the block config's
-    setattr(config, o.with_flag, True)
-    model = build_model(source.causal_lm_cls, config)
-    assert model.get_submodule(f"{spec.layer_stack}.0.feed_forward.w1").weight.shape[0] != 200
+    """LFM2 scales intermediate_size by 2/3 and rounds it up to a multiple of 256 unless
+    block_auto_adjust_ff_dim is off: the override search finds that flag, so the block config's
+    width is the built width. (LFM2 itself is refused for its conv layers; see below.)"""
+    from types import SimpleNamespace
+
+    from generator.infer import _has_dim, _verbatim_flag
+    from generator.probe import Probe
+
+    probe = Probe(resolve("lfm2"))
+    layer = probe.module("model.layers.0")
+    reads = dict(model_structure.config_reads(SourceIndex(), type(layer.feed_forward)))
+    tiny_text = probe.tiny_config().get_text_config()
+    sb = SimpleNamespace(members=["ffn_norm", "feed_forward"])
+    assert not _has_dim(probe.shape_diff({"intermediate_size": 280}, "model.layers.0"), 280)
+    flag = _verbatim_flag(probe, reads, tiny_text, "intermediate_size", 280, sb, "model.layers")
+    assert flag == ("block_auto_adjust_ff_dim", False)
+    diff = probe.shape_diff({"intermediate_size": 280, flag[0]: flag[1]}, "model.layers.0")
+    assert _has_dim(diff, 280)
+
+
+def test_other_layer_kind_is_refused_with_the_reason():
+    import pytest
+
+    from generator.errors import InferenceError
+
+    with pytest.raises(InferenceError, match="conv .*another layer kind"):
+        infer("lfm2")
+
+
+def test_layer_children_other_configs_add_are_grouped_by_their_data_flow():
+    """Falcon-40B-style configs (new_decoder_architecture) have ln_attn / ln_mlp, sequential
+    ones a post_attention_layernorm; the descriptor from the default config groups them all."""
+    spec = infer("falcon")
+    assert "ln_attn" in spec.attention.weight_modules
+    assert {"ln_mlp", "post_attention_layernorm"} <= set(spec.ffn.weight_modules)
+    source = resolve("falcon")
+    for variant in ({"new_decoder_architecture": True}, {"parallel_attn": False}):
+        with quiet_transformers():
+            config = tiny_config(source.config_cls, **variant)
+        keys = list(build_model(source.causal_lm_cls, config).state_dict())
+        predicates.validate(spec.predicates, keys, config.num_hidden_layers, str(variant))
+
+
+def test_cross_attention_only_an_encoder_input_reaches_is_not_grouped():
+    spec = infer("gpt2")
+    fact = spec.fact("crossattention (other configs)")
+    assert fact.value == "not grouped"
+    assert "encoder_hidden_states" in " ".join(fact.evidence)
 
 
 def test_plain_width_needs_no_flag():
