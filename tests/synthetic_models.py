@@ -334,6 +334,48 @@ class ResidualGatedLayer(ResidualIntoSubblockLayer):
         self.mlp = ResidualGatedMLP(config)
 
 
+class SelfResidualAttentionBlock(nn.Module):
+    """CPM-Ant's attention block: norm, attention and the residual add inside one module."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layernorm_before_attention = Norm(config.hidden_size)
+        self.self_attention = Attention(config)
+
+    def forward(self, hidden_states, attention_mask, position_bias=None):
+        outputs = self.layernorm_before_attention(hidden_states)
+        outputs, attn_weights = self.self_attention(outputs, attention_mask)
+        hidden_states = hidden_states + outputs
+        return hidden_states, attn_weights
+
+
+class SelfResidualFFNBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layernorm_before_ffn = Norm(config.hidden_size)
+        self.ffn = MLP(config)
+
+    def forward(self, hidden_states):
+        outputs = self.ffn(self.layernorm_before_ffn(hidden_states))
+        return hidden_states + outputs
+
+
+class BlocksOwnTheirResidualLayer(nn.Module):
+    """The layer only chains two blocks; each adds its own input to its output."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.self_att = SelfResidualAttentionBlock(config)
+        self.ffn = SelfResidualFFNBlock(config)
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None):
+        hidden_states, attn_weights = self.self_att(
+            hidden_states, attention_mask=attention_mask, position_bias=position_bias
+        )
+        hidden_states = self.ffn(hidden_states)
+        return hidden_states, attn_weights
+
+
 class ToyModel(nn.Module):
     """A base model: embeddings before the loop, the loop reads `attention_type`, final norm."""
 

@@ -133,6 +133,16 @@ def test_residual_passed_in_but_not_added_is_not_a_join():
         flow_of(sm.ResidualGatedLayer)
 
 
+def test_child_adding_its_own_input_is_a_join_inside_it():
+    """CPM-Ant: `self.self_att(x)` returns `x + attention(norm(x))`. Without the rule the layer
+    has no residual join at all."""
+    flow = flow_of(sm.BlocksOwnTheirResidualLayer)
+    attn, ffn = flow.subblocks[ATTENTION], flow.subblocks[FFN]
+    assert attn.members == ["self_att"] and ffn.members == ["ffn"]
+    assert attn.residual_args == {"self_att": (0, "hidden_states")}
+    assert ffn.residual_args == {"ffn": (0, "hidden_states")}
+
+
 def test_layer_without_residual_is_an_inference_error():
     with pytest.raises(InferenceError, match="residual"):
         flow_of(sm.NoResidualLayer)

@@ -73,8 +73,13 @@ def analyze_layer(
     if graph.returned is None:
         raise InferenceError(fact, "forward returns nothing")
 
+    memo: dict[tuple[str, int | str], str | None] = {}
+
     def adds_argument(call: Call, slot: int | str) -> str | None:
-        return _adds_argument(instance, call.target, slot, index)
+        key = (call.target, slot)
+        if key not in memo:
+            memo[key] = _adds_argument(instance, call.target, slot, index)
+        return memo[key]
 
     return _segments(cls.__name__, graph, children, fact, adds_argument)
 
@@ -210,9 +215,21 @@ def _main_stream(
 
 
 def _inner_residual(graph: FlowGraph, call: Call, derived: list[Node], adds_argument):
-    """The residual `call` receives besides a value computed from it, when the child adds it."""
+    """The residual `call` joins inside the child: the stream value it receives besides a value
+    computed from it (`self.mlp(norm(x), x)`), or its only stream input (`self.self_att(x)`
+    whose forward returns `x + attention(norm(x))`: CPM-Ant), when the child's forward adds
+    that argument to its output."""
     derived = _unique(derived)
-    if adds_argument is None or len(derived) != 2:
+    if adds_argument is None:
+        return None
+    if len(derived) == 1:
+        slot = call.slot_of(derived[0])
+        param = adds_argument(call, slot) if slot is not None else None
+        if param is not None:
+            call.residual_slot, call.residual_param = slot, param
+            return derived[0]
+        return None
+    if len(derived) != 2:
         return None
     for r in derived:
         (other,) = [x for x in derived if x is not r]
