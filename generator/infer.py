@@ -388,6 +388,18 @@ def _overrides(ctx, flow, kind, sb, layer, stack_path) -> tuple[ConfigOverride, 
     probe = ctx.probe
     tiny_text = probe.tiny_config().get_text_config()
     tried = []
+    if kind == FFN:
+        # after the usual names, any other number the FFN modules read (a width under another
+        # name, or a ratio the model multiplies: then refused below, with the reason)
+        others = [
+            f
+            for f in reads
+            if f not in candidates
+            and isinstance(getattr(tiny_text, f, None), (int, float))
+            and not isinstance(getattr(tiny_text, f, None), bool)
+            and is_identifier(f)
+        ]
+        candidates = tuple(candidates) + tuple(others)
     for field in candidates:
         if field not in reads:
             continue
@@ -397,9 +409,10 @@ def _overrides(ctx, flow, kind, sb, layer, stack_path) -> tuple[ConfigOverride, 
             continue
         diff = probe.shape_diff({field: value}, f"{stack_path}.0")
         changed = {k.split(".")[0] for k in diff}
-        tried.append(f"{field}={value} changes {sorted(changed) or 'nothing'}")
+        if (changed and changed <= set(sb.members)) or field in OVERRIDES[kind][1]:
+            tried.append(f"{field}={value} changes {sorted(changed) or 'nothing'}")
         flag = None
-        if kind == FFN and not _has_dim(diff, value):
+        if kind == FFN and changed and not _has_dim(diff, value):
             # the model transforms the field before use (rounds it, scales it): find a flag
             # read beside it that makes the model use it verbatim, else refuse
             hidden = getattr(tiny_text, "hidden_size", None)
@@ -476,6 +489,8 @@ def _changed_value(kind: str, current, config):
         return options[0] if options else None
     # not a round multiple, so that a model rounding the width (to a multiple of 64, 256...)
     # does not happen to build exactly this width
+    if isinstance(current, float):
+        return current * 2 + 0.75
     return current * 2 + 24 if isinstance(current, int) else 104
 
 

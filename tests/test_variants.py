@@ -141,3 +141,15 @@ def test_gpt_neox_groups_its_head_by_its_name_on_disk():
     groups = predicates.compile_groups(spec.predicates, 2)
     assert groups["lm_head"].match("embed_out.weight")
     assert groups["lm_head"].match("lm_head.weight")
+
+
+def test_width_the_model_multiplies_is_refused_with_the_reason():
+    """GPT-NeoX-Japanese's FFN width is hidden_size x intermediate_multiple_size: no field holds
+    the width, so no override is emitted, and the spec says why."""
+    spec = infer("gpt_neox_japanese")
+    assert spec.ffn.overrides == ()
+    fact = spec.fact("ffn override")
+    assert fact.value == "none"
+    assert any(
+        "intermediate_multiple_size is transformed before use" in e for e in fact.evidence
+    )
