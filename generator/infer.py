@@ -151,6 +151,20 @@ def infer(model_type: str) -> DescriptorSpec:
     lm_head = _unique(
         ([final_norm] if final_norm else []) + weighted(loop.after_loop) + [output_embedding]
     )
+    # weighted modules of the causal LM beside the base model (ModernBERT-decoder's prediction
+    # head before its decoder): the base model holds the embeddings and the layers, so they
+    # run on its output, like the LM head
+    base = stack_path.split(".")[0]
+    for name, child in probe.model.named_children():
+        grouped = any(p == name or p.startswith(name + ".") for p in embeddings + lm_head)
+        if name != base and not grouped and _has_params(child):
+            lm_head.insert(len(lm_head) - 1, name)
+            ctx.fact(
+                f"{name} (beside the base model)",
+                "grouped with lm_head",
+                [f"probe: {type(child).__name__} outside {base}, which holds the embeddings "
+                 "and layers: it runs on the base model's output"],
+            )
     for name in optional:
         group = (
             "embeddings"
@@ -359,7 +373,14 @@ def _subblock(
         replacements.append(
             ModuleReplacement(name, "MatchingZeros" if core else "Same", size, (why,))
         )
-    weight_modules = tuple(n for n in sb.members if _has_params(getattr(layer, n)))
+    # a child may hold weights in some layers only (ModernBERT-decoder's attn_norm is an
+    # Identity in layer 0): weights anywhere in the stack count
+    stack = ctx.probe.module(stack_path)
+    weight_modules = tuple(
+        n
+        for n in sb.members
+        if any(_has_params(getattr(each, n)) for each in stack if hasattr(each, n))
+    )
     ctx.fact(
         f"{kind} subblock",
         " -> ".join(sb.members),

@@ -153,3 +153,15 @@ def test_width_the_model_multiplies_is_refused_with_the_reason():
     assert any(
         "intermediate_multiple_size is transformed before use" in e for e in fact.evidence
     )
+
+
+def test_weights_in_some_layers_only_and_a_head_beside_the_base_model():
+    """ModernBERT-decoder: layer 0's attn_norm is an Identity, the others' a LayerNorm (weights
+    anywhere in the stack count); its prediction head sits beside the base model and runs
+    before the decoder projection (grouped with lm_head)."""
+    spec = infer("modernbert-decoder")
+    assert "attn_norm" in spec.attention.weight_modules
+    groups = predicates.compile_groups(spec.predicates, 4)
+    assert groups["block_3_attention"].match("model.layers.3.attn_norm.weight")
+    assert groups["lm_head"].match("lm_head.dense.weight")
+    assert groups["lm_head"].match("decoder.weight")
