@@ -111,3 +111,18 @@ def test_loaded_model_buffers_equal_a_normal_build(model_type, tmp_path: Path):
     save_sharded(reference, tmp_path)
     loaded = load_model(d, tmp_path, dtype=torch.float32)
     assert buffer_mismatches(reference, loaded) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["gemma", "gptj", "gpt_bigcode"])
+def test_buffers_are_rebuilt_on_the_target_device(model_type):
+    reference, meta = reference_and_meta(model_type)
+    empty = empty_buffers(meta)
+    rebuild_buffers(meta, "cuda")
+    refs = dict(reference.named_buffers())
+    for path, names in empty.items():
+        module = meta.get_submodule(path) if path else meta
+        name = f"{path}.{names[0]}" if path else names[0]
+        buffer, ref = getattr(module, names[0]), refs[name]
+        assert buffer.device.type == "cuda", name
+        assert buffer.dtype == ref.dtype and torch.equal(buffer.cpu(), ref), name
