@@ -26,6 +26,7 @@ from .source import ModelSource, resolve
 from .spec import (
     ClassRef,
     ConfigOverride,
+    ConfigVariant,
     DescriptorSpec,
     DummyBlock,
     Fact,
@@ -114,7 +115,12 @@ def infer(model_type: str) -> DescriptorSpec:
         kind: _subblock(ctx, flow, kind, arity, layer, stack_path) for kind in (ATTENTION, FFN)
     }
     _check_coverage(ctx, flow, layer, subblocks)
+    variants: list[ConfigVariant] = []
     for child in variant_children(probe, ctx.index, layer, stack_path):
+        flag = child.flag if child.flag and is_identifier(child.flag) else None
+        variants.append(
+            ConfigVariant(child.name, child.kind, flag, child.flag_value if flag else None)
+        )
         if not child.kind:
             ctx.fact(f"{child.name} (other configs)", "not grouped", child.evidence)
             continue
@@ -173,6 +179,7 @@ def infer(model_type: str) -> DescriptorSpec:
         )
         if group is None:
             continue
+        variants.append(ConfigVariant(_join(owner_path, name), group))
         ctx.fact(
             f"module other configs add: {_join(owner_path, name)}",
             f"grouped with {group}",
@@ -224,6 +231,7 @@ def infer(model_type: str) -> DescriptorSpec:
         dummy_block=dummy,
         predicates=preds,
         facts=tuple(ctx.facts),
+        config_variants=tuple(variants),
     )
 
 

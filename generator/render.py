@@ -153,6 +153,11 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
             raise PuzzleGenError(f"refusing to render the module path {path!r}")
     if not is_identifier(spec.class_name):
         raise PuzzleGenError(f"refusing to render the class name {spec.class_name!r}")
+    for v in spec.config_variants:
+        if not is_dotted_path(v.module) or (v.flag is not None and not is_identifier(v.flag)):
+            raise PuzzleGenError(f"refusing to render the config variant {v.module!r}")
+        if v.group not in ("", "attention", "ffn", "embeddings", "lm_head"):
+            raise PuzzleGenError(f"unknown weight group {v.group!r}")
     for b in spec.rebuilt_buffers:
         names = (*b.buffers, b.init_class)
         if (b.module and not is_dotted_path(b.module, allow_digits=True)) or not all(
@@ -174,6 +179,7 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
                 _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
             ],
             overrides=[*spec.attention.overrides, *spec.ffn.overrides],
+            variant_names=[v.module for v in spec.config_variants if v.group in ("attention", "ffn")],
             layer_type=layer_types[0] if len(layer_types) == 1 else "nn.Module",
             top_groups=[
                 ("embeddings", spec.predicates.embeddings),

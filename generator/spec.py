@@ -88,6 +88,17 @@ class RebuiltBuffers:
 
 
 @dataclass(frozen=True)
+class ConfigVariant:
+    """A module the default config does not build but other configs of the type do."""
+
+    module: str  # layer-relative child (`ln_attn`) or full path (`model.decoder.project_in`)
+    group: str  # "attention" | "ffn" | "embeddings" | "lm_head" | "" (not grouped)
+    flag: str | None = None  # the boolean config field whose flip builds it, if one does
+    flag_value: bool | None = None
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DummyBlock:
     """What the model loop expects from a replaced (unowned) decoder block."""
 
@@ -144,6 +155,7 @@ class DescriptorSpec:
     dummy_block: DummyBlock
     predicates: Predicates
     facts: tuple[Fact, ...] = field(default=())
+    config_variants: tuple[ConfigVariant, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)

@@ -26,6 +26,8 @@ class VariantChild:
     name: str
     kind: str  # layer_flow.ATTENTION | layer_flow.FFN | "" (never called by a causal LM)
     evidence: tuple[str, ...]
+    flag: str | None = None  # the boolean config field whose flip builds it
+    flag_value: bool | None = None
 
 
 def variant_children(probe, index, layer: nn.Module, stack_path: str) -> list[VariantChild]:
@@ -91,12 +93,16 @@ def variant_children(probe, index, layer: nn.Module, stack_path: str) -> list[Va
                             f"probe: with {flag}={value!r} the layer has {name}, in its {kind} "
                             "segment",
                         ),
+                        flag,
+                        value,
                     )
             if name not in found and name in flow.shared:
                 found[name] = VariantChild(
                     name,
                     layer_flow.ATTENTION,
                     (optional[name], f"probe: with {flag}={value!r} {name} feeds both subblocks"),
+                    flag,
+                    value,
                 )
     missing = [n for n in optional if n not in found]
     if missing:
