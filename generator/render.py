@@ -179,7 +179,9 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
                 _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
             ],
             overrides=[*spec.attention.overrides, *spec.ffn.overrides],
-            variant_names=[v.module for v in spec.config_variants if v.group in ("attention", "ffn")],
+            variant_names=[
+                v.module for v in spec.config_variants if v.group in ("attention", "ffn")
+            ],
             layer_type=layer_types[0] if len(layer_types) == 1 else "nn.Module",
             top_groups=[
                 ("embeddings", spec.predicates.embeddings),

@@ -178,7 +178,9 @@ def _shrink_rope(rope: Any, half: int, tiny_half: int) -> Any:
         return rope
     out = {}
     for key, value in rope.items():
-        numbers = isinstance(value, list) and value and all(isinstance(x, (int, float)) for x in value)
+        numbers = (
+            isinstance(value, list) and value and all(isinstance(x, (int, float)) for x in value)
+        )
         if isinstance(value, dict):
             out[key] = _shrink_rope(value, half, tiny_half)
         elif numbers and len(value) == half:
@@ -201,9 +203,7 @@ def _is_config(value: Any) -> bool:
 def tiny_overrides(default_config: Any) -> dict[str, Any]:
     """The keyword arguments that turn `type(default_config)()` into a tiny config."""
     present = default_config.to_dict()
-    overrides: dict[str, Any] = {
-        k: v for k, v in TINY_SIZES.items() if present.get(k) is not None
-    }
+    overrides: dict[str, Any] = {k: v for k, v in TINY_SIZES.items() if present.get(k) is not None}
 
     # layers and per-layer patterns
     count = _layer_count(present)

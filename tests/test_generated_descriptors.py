@@ -264,7 +264,9 @@ def test_weight_groups_cover_config_variants_with_biases(case):
     """The descriptor is per model type, not per config: turning on every `*_bias` option the
     config has adds tensors that must still land in exactly one group."""
     _, d, config_cls = case
-    flags = {k: True for k, v in config_cls().to_dict().items() if k.endswith("_bias") and v is False}
+    flags = {
+        k: True for k, v in config_cls().to_dict().items() if k.endswith("_bias") and v is False
+    }
     config = tiny_config(config_cls, **flags)
     model = build(d, config, device="meta")
     keys = list(model.state_dict())

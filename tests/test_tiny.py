@@ -26,10 +26,14 @@ def test_every_layer_kind_of_a_pattern_is_kept():
     default = resolve("gemma3_text").config_cls()
     config = tiny("gemma3_text")
     # five sliding layers then a full one: six layers show both kinds
-    assert set(config.layer_types) == set(default.layer_types) == {
-        "sliding_attention",
-        "full_attention",
-    }
+    assert (
+        set(config.layer_types)
+        == set(default.layer_types)
+        == {
+            "sliding_attention",
+            "full_attention",
+        }
+    )
     assert config.num_hidden_layers == len(config.layer_types) == 6
     assert config.layer_types == default.layer_types[:6]
 

@@ -56,7 +56,7 @@ def test_transformed_width_is_mapped_through_the_flag_that_disables_it():
     width is the built width. (LFM2 itself is refused for its conv layers; see below.)"""
     from types import SimpleNamespace
 
-    from generator.infer import _has_dim, _verbatim_flag
+    from generator.overrides import _has_dim, _verbatim_flag
     from generator.probe import Probe
 
     probe = Probe(resolve("lfm2"))
@@ -150,9 +150,7 @@ def test_width_the_model_multiplies_is_refused_with_the_reason():
     assert spec.ffn.overrides == ()
     fact = spec.fact("ffn override")
     assert fact.value == "none"
-    assert any(
-        "intermediate_multiple_size is transformed before use" in e for e in fact.evidence
-    )
+    assert any("intermediate_multiple_size is transformed before use" in e for e in fact.evidence)
 
 
 def test_weights_in_some_layers_only_and_a_head_beside_the_base_model():
