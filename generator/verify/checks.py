@@ -162,7 +162,7 @@ def _variants(s: Subject):
 
 
 def check_groups(s: Subject) -> str:
-    d, ref = s.descriptor, s.reference
+    ref = s.reference
     for label, config in _variants(s):
         names = list(shapes(reference_model(config, device="meta")))
         n = int(config.get_text_config().num_hidden_layers)
@@ -217,7 +217,8 @@ def check_groups(s: Subject) -> str:
 def check_overrides(s: Subject) -> str:
     ref = s.reference
     fields = ref.size_fields
-    expect(fields, "the model reads no block-config size from its config")
+    if not fields:  # nothing a block config carries changes a shape (Bloom: 4 x hidden, MHA)
+        return "the model reads no block-config size from its config: nothing to override"
     done = []
     for size, sf in fields.items():
         kind, layer = sf.kind, sf.layer

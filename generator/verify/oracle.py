@@ -145,6 +145,30 @@ def _has_context(args: tuple, kwargs: dict) -> bool:
     return False
 
 
+def _second_stream(args: tuple, kwargs: dict):
+    """Where a call passed a second tensor shaped like its hidden states (Bloom passes the
+    residual into its attention and MLP): ("arg", position) or ("kw", name); None if none."""
+    hidden = call_input(args, kwargs)
+    if hidden is None:
+        return None
+
+    def alike(v) -> bool:
+        return isinstance(v, torch.Tensor) and v is not hidden and v.shape == hidden.shape
+
+    for pos, value in enumerate(args):
+        if alike(value):
+            return ("arg", pos)
+    for name, value in kwargs.items():
+        if alike(value):
+            return ("kw", name)
+    return None
+
+
+def _stream_value(where, args: tuple, kwargs: dict):
+    kind, key = where
+    return args[key] if kind == "arg" else kwargs[key]
+
+
 class Reference:
     """The reference model of `config` and the facts the oracle reads off it."""
 
@@ -312,14 +336,18 @@ class Reference:
 
     def zeroed(self, i: int, kind: str | tuple[str, ...]):
         """Hooks (a context manager) that make subblock `kind` of layer i contribute nothing:
-        its cores return zeros, and so does every child of the layer called on those zeros."""
+        its cores return zeros (or, for a core that adds the residual it is passed, that
+        residual), and so does every child of the layer called on those zeros."""
         kinds = (kind,) if isinstance(kind, str) else kind
         layer = self.layer(i)
         cores = {n for n, k in self.roles_cores(i).items() if k in kinds}
+        adds = {n: self.adds_passed_stream(i, n) for n in cores}
         produced: list[torch.Tensor] = []  # keep the zero tensors alive: identity matters
 
         def hook(_m, args, kwargs, output, name):
             src = call_input(args, kwargs)
+            if adds.get(name) is not None:  # it adds the residual it is passed: return that
+                return replace_first(output, _stream_value(adds[name], args, kwargs))
             if name in cores or any(src is z for z in produced):
                 t = first_tensor(output)
                 if t is not None:
@@ -335,6 +363,51 @@ class Reference:
             for name, child in layer.named_children()
         ]
         return hooks(*handles)
+
+    def adds_passed_stream(self, i: int, name: str):
+        """Where core `name` of layer i is passed a second hidden-states tensor that it adds to
+        its output unchanged (a residual join inside the module): shifting that argument by a
+        constant shifts the output by the same constant. None for a core that does not."""
+        if not hasattr(self, "_adds"):
+            self._adds: dict[tuple[int, str], Any] = {}
+        if (i, name) in self._adds:
+            return self._adds[(i, name)]
+        core = self.layer(i).get_submodule(name)
+        seen: dict[str, Any] = {}
+
+        def where(_m, args, kwargs):
+            seen.setdefault("where", _second_stream(args, kwargs))
+
+        def output(_m, _a, _k, out):
+            seen.setdefault("outs", []).append(first_tensor(out))
+
+        with hooks(
+            core.register_forward_pre_hook(where, with_kwargs=True),
+            core.register_forward_hook(output, with_kwargs=True),
+        ):
+            logits(self.model, self.input_ids)
+        found = seen.get("where")
+        if found is not None:
+
+            def shift(_m, args, kwargs):
+                kind, key = found
+                if kind == "arg":
+                    args = (*args[:key], args[key] + 0.25, *args[key + 1 :])
+                else:
+                    kwargs = {**kwargs, key: kwargs[key] + 0.25}
+                return args, kwargs
+
+            with hooks(
+                core.register_forward_pre_hook(shift, with_kwargs=True),
+                core.register_forward_hook(output, with_kwargs=True),
+            ):
+                logits(self.model, self.input_ids)
+            base, shifted = seen["outs"][0], seen["outs"][-1]
+            delta = shifted - base
+            if not torch.allclose(delta, torch.full_like(delta, 0.25), atol=1e-4):
+                found = None
+        self._adds[(i, name)] = found
+        return found
 
     def roles_cores(self, i: int) -> dict[str, str]:
         """Only the cores (computing them does not need the zeroing hooks)."""
