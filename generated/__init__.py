@@ -12,10 +12,23 @@ import importlib
 
 # model type -> (subpackage, descriptor class)
 _DESCRIPTORS = {
+    "cohere": ("cohere", "CohereModelDescriptor"),
+    "falcon": ("falcon", "FalconModelDescriptor"),
+    "gemma": ("gemma", "GemmaModelDescriptor"),
+    "gemma2": ("gemma2", "Gemma2ModelDescriptor"),
+    "gemma3_text": ("gemma3_text", "Gemma3ModelDescriptor"),
+    "gpt2": ("gpt2", "GPT2ModelDescriptor"),
+    "gpt_bigcode": ("gpt_bigcode", "GPTBigCodeModelDescriptor"),
+    "gptj": ("gptj", "GPTJModelDescriptor"),
     "llama": ("llama", "LlamaModelDescriptor"),
     "mistral": ("mistral", "MistralModelDescriptor"),
+    "olmo2": ("olmo2", "Olmo2ModelDescriptor"),
+    "opt": ("opt", "OPTModelDescriptor"),
+    "phi": ("phi", "PhiModelDescriptor"),
+    "phi3": ("phi3", "Phi3ModelDescriptor"),
     "qwen2": ("qwen2", "Qwen2ModelDescriptor"),
     "qwen3": ("qwen3", "Qwen3ModelDescriptor"),
+    "starcoder2": ("starcoder2", "Starcoder2ModelDescriptor"),
 }
 
 

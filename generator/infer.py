@@ -6,12 +6,14 @@ findings, when they disagree. Every fact records its evidence.
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from puzzletron_runtime.buffers import empty_buffers, init_owners, rebuild_buffers
 
 from . import __version__, predicates
 from .analysis import layer_flow, model_structure
@@ -19,30 +21,22 @@ from .analysis.layer_flow import ATTENTION, FFN, LayerFlow
 from .analysis.source_index import SourceIndex, dotted
 from .checkpoint import check_checkpoint, origin_fields
 from .errors import InferenceError, ProbeMismatch
-from .probe import Probe, layer_children
+from .probe import Probe, build_model, layer_children
+from .overrides import infer_overrides
+from .variants import variant_children
 from .source import ModelSource, resolve
 from .spec import (
-    BufferArg,
-    BufferModule,
     ClassRef,
-    ConfigOverride,
+    ConfigVariant,
     DescriptorSpec,
     DummyBlock,
     Fact,
     ModuleReplacement,
+    RebuiltBuffers,
     Subblock,
-    is_dotted_path,
     is_identifier,
 )
 
-# Config fields a block config can override, in order of preference; the model's own
-# __init__ reads decide which one applies, and a probe build confirms it changes the right shapes.
-KV_HEAD_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
-FFN_WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff")
-OVERRIDES = {
-    ATTENTION: ("attention.num_key_value_heads", KV_HEAD_FIELDS),
-    FFN: ("ffn.intermediate_size", FFN_WIDTH_FIELDS),
-}
 _CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "Model")
 
 
@@ -84,11 +78,13 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
 
     owner_path = stack_path.rpartition(".")[0]
     owner = probe.module(owner_path)
+    optional = model_structure.optional_modules(ctx.index, type(owner), owner)
     loop = model_structure.analyze_loop(
         ctx.index,
         type(owner),
         stack_path.rpartition(".")[2],
         {n for n, _ in owner.named_children()},
+        frozenset(optional),
     )
     final_norm = _join(owner_path, loop.final_norm) if loop.final_norm else None
     ctx.fact(
@@ -113,6 +109,26 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         kind: _subblock(ctx, flow, kind, arity, layer, stack_path) for kind in (ATTENTION, FFN)
     }
     _check_coverage(ctx, flow, layer, subblocks)
+    variants: list[ConfigVariant] = []
+    for child in variant_children(probe, ctx.index, layer, stack_path):
+        flag = child.flag if child.flag and is_identifier(child.flag) else None
+        variants.append(
+            ConfigVariant(child.name, child.kind, flag, child.flag_value if flag else None)
+        )
+        if not child.kind:
+            ctx.fact(f"{child.name} (other configs)", "not grouped", child.evidence)
+            continue
+        if not is_identifier(child.name):
+            raise InferenceError("a layer child other configs add", repr(child.name))
+        sb = subblocks[child.kind]
+        why = "built by other configs; passes its input through on a no-op"
+        subblocks[child.kind] = dataclasses.replace(
+            sb,
+            replacements=sb.replacements
+            + (ModuleReplacement(child.name, "Same", None, (why,) + child.evidence),),
+            weight_modules=sb.weight_modules + (child.name,),
+        )
+        ctx.fact(f"{child.name} (other configs)", f"in the {child.kind} subblock", child.evidence)
     if flow.shared:
         ctx.fact(
             "shared modules",
@@ -123,15 +139,51 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
             ],
         )
 
-    embeddings = _unique(
-        [input_embedding]
-        + [
-            _join(owner_path, name)
-            for name in loop.before_loop
-            if _has_params(probe.module(_join(owner_path, name)))
+    def weighted(names: list[str]) -> list[str]:
+        # a module other configs add is grouped by where it is called (it is absent here)
+        return [
+            _join(owner_path, n)
+            for n in names
+            if n in optional or _has_params(probe.module(_join(owner_path, n)))
         ]
+
+    embeddings = _unique([input_embedding] + weighted(loop.before_loop))
+    lm_head = _unique(
+        ([final_norm] if final_norm else []) + weighted(loop.after_loop) + [output_embedding]
     )
-    lm_head = _unique(([final_norm] if final_norm else []) + [output_embedding])
+    # weighted modules of the causal LM beside the base model (ModernBERT-decoder's prediction
+    # head before its decoder): the base model holds the embeddings and the layers, so they
+    # run on its output, like the LM head
+    base = stack_path.split(".")[0]
+    for name, child in probe.model.named_children():
+        grouped = any(p == name or p.startswith(name + ".") for p in embeddings + lm_head)
+        if name != base and not grouped and _has_params(child):
+            lm_head.insert(len(lm_head) - 1, name)
+            ctx.fact(
+                f"{name} (beside the base model)",
+                "grouped with lm_head",
+                [
+                    f"probe: {type(child).__name__} outside {base}, which holds the embeddings "
+                    "and layers: it runs on the base model's output"
+                ],
+            )
+    for name in optional:
+        group = (
+            "embeddings"
+            if name in loop.before_loop
+            else "lm_head" if name in loop.after_loop else None
+        )
+        if group is None:
+            continue
+        variants.append(ConfigVariant(_join(owner_path, name), group))
+        ctx.fact(
+            f"module other configs add: {_join(owner_path, name)}",
+            f"grouped with {group}",
+            [
+                optional[name],
+                f"called {'before' if group == 'embeddings' else 'after'} the layer loop",
+            ],
+        )
     attention_weights = list(subblocks[ATTENTION].weight_modules) + [
         s for s in flow.shared if _has_params(getattr(layer, s))
     ]
@@ -140,16 +192,17 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     )
     predicates.validate(preds, probe.state_keys, probe.num_layers, "the default model's state dict")
     tiny = probe.tiny_model()
-    predicates.validate(
-        preds,
-        tiny.state_dict().keys(),
-        int(tiny.config.get_text_config().num_hidden_layers),
-        "the tiny model's state dict",
-    )
+    tiny_layers = int(tiny.config.get_text_config().num_hidden_layers)
+    predicates.validate(preds, tiny.state_dict().keys(), tiny_layers, "the tiny model's state dict")
+    on_disk = probe.checkpoint_names(tiny)
+    preds, renamed = predicates.with_checkpoint_names(preds, on_disk, tiny_layers)
+    if renamed:
+        ctx.fact("checkpoint names", "grouped with the modules they load into", renamed)
+    predicates.validate(preds, on_disk, tiny_layers, "the names save_pretrained writes")
     if source.checkpoint is not None:
         check_checkpoint(source.checkpoint, preds, probe)
 
-    buffers = _buffer_modules(ctx, stack_path, tiny)
+    buffers = _rebuilt_buffers(ctx, tiny)
     causal = source.causal_lm_cls
     layer_cls = layer_classes[0]
     return DescriptorSpec(
@@ -175,10 +228,11 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         attention=subblocks[ATTENTION],
         ffn=subblocks[FFN],
         shared_modules=tuple(flow.shared),
-        buffer_modules=tuple(buffers),
+        rebuilt_buffers=tuple(buffers),
         dummy_block=dummy,
         predicates=preds,
         facts=tuple(ctx.facts),
+        config_variants=tuple(variants),
         **origin_fields(source),
     )
 
@@ -312,6 +366,15 @@ def _subblock(
     for name in sb.members:
         core = name in sb.cores
         size = arity.get(name)
+        if name in sb.residual_args:
+            position, keyword = sb.residual_args[name]
+            if not is_identifier(keyword):
+                raise InferenceError(f"the residual argument of {name}", f"{keyword!r}")
+            why = "core that adds the residual it is passed: its no-op returns that residual"
+            replacements.append(
+                ModuleReplacement(name, "PassResidual", size, (why,), position, keyword)
+            )
+            continue
         why = (
             "core: its output joins the residual, so zeros make the subblock a no-op"
             if core
@@ -320,7 +383,14 @@ def _subblock(
         replacements.append(
             ModuleReplacement(name, "MatchingZeros" if core else "Same", size, (why,))
         )
-    weight_modules = tuple(n for n in sb.members if _has_params(getattr(layer, n)))
+    # a child may hold weights in some layers only (ModernBERT-decoder's attn_norm is an
+    # Identity in layer 0): weights anywhere in the stack count
+    stack = ctx.probe.module(stack_path)
+    weight_modules = tuple(
+        n
+        for n in sb.members
+        if any(_has_params(getattr(each, n)) for each in stack if hasattr(each, n))
+    )
     ctx.fact(
         f"{kind} subblock",
         " -> ".join(sb.members),
@@ -333,54 +403,10 @@ def _subblock(
             f"a tuple of {size}" if size else "a tensor",
             [flow.sites[name], "probe: a traced forward of a tiny model agrees"],
         )
-    overrides = _overrides(ctx, flow, kind, sb, layer, stack_path)
+    overrides = infer_overrides(ctx, kind, sb, layer, stack_path)
     return Subblock(
         kind, tuple(replacements), weight_modules, overrides, tuple(sb.joins), tuple(sb.evidence)
     )
-
-
-def _overrides(ctx, flow, kind, sb, layer, stack_path) -> tuple[ConfigOverride, ...]:
-    block_attr, candidates = OVERRIDES[kind]
-    classes = [type(layer)] + [type(getattr(layer, n)) for n in sb.members]
-    reads: dict[str, str] = {}
-    for cls in classes:
-        for field, where in model_structure.config_reads(ctx.index, cls):
-            reads.setdefault(field, where)
-    probe = ctx.probe
-    tiny_text = probe.tiny_config().get_text_config()
-    tried = []
-    for field in candidates:
-        if field not in reads:
-            continue
-        current = getattr(tiny_text, field, None)
-        value = _changed_value(kind, current, tiny_text)
-        if value is None:
-            continue
-        changed = probe.shape_change(field, value, f"{stack_path}.0")
-        tried.append(f"{field}={value} changes {sorted(changed) or 'nothing'}")
-        if changed and changed <= set(sb.members) and changed & set(sb.cores):
-            evidence = (
-                f"{reads[field]} reads config.{field}",
-                f"probe: setting {field}={value} changes the shapes of {', '.join(sorted(changed))} only",
-            )
-            ctx.fact(f"{kind} override", f"config.{field} <- block_config.{block_attr}", evidence)
-            return (ConfigOverride(field, block_attr, reads[field], evidence),)
-    ctx.fact(
-        f"{kind} override",
-        "none",
-        tried or [f"the {kind} modules read none of {', '.join(candidates)}"],
-    )
-    return ()
-
-
-def _changed_value(kind: str, current, config):
-    if kind == ATTENTION:
-        heads = getattr(config, "num_attention_heads", None)
-        if not isinstance(current, int) or not isinstance(heads, int):
-            return None
-        options = [d for d in range(1, heads + 1) if heads % d == 0 and d != current]
-        return options[0] if options else None
-    return current * 2 if isinstance(current, int) else 96
 
 
 def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
@@ -419,112 +445,40 @@ def _dummy_block(ctx, loop, layer: nn.Module) -> DummyBlock:
 
 
 # -- buffers ------------------------------------------------------------------------------------
-def _buffer_modules(ctx: _Context, stack_path: str, tiny: nn.Module) -> list[BufferModule]:
-    out = []
-    for path, names in ctx.probe.buffer_modules():
-        module = ctx.probe.module(path)
-        if path.startswith(stack_path + "."):
-            raise InferenceError(
-                f"how to rebuild the buffers of {path}",
-                "buffers inside decoder layers are not supported yet",
-            )
-        if _has_params(module):
-            raise InferenceError(
-                f"how to rebuild {path}.{', '.join(names)}",
-                "the module also holds parameters, so it cannot be rebuilt by construction",
-            )
-        owner_path, _, attr = path.rpartition(".")
-        owner = ctx.probe.module(owner_path)
-        cons = model_structure.find_construction(ctx.index, type(owner), attr)
-        fact = f"how {type(owner).__name__} builds self.{attr}"
-        if cons is None:
-            raise InferenceError(fact, "no plain `self.%s = Class(...)` in its __init__" % attr)
-        if cons.callee.rpartition(".")[2] != type(module).__name__:
-            raise ProbeMismatch(fact, f"{cons.callee}(...) ({cons.where})", type(module).__name__)
-        args = tuple(_buffer_arg(fact, cons, kw, expr) for kw, expr in cons.args)
-        spec = BufferModule(
-            owner=owner_path,
-            attr=attr,
-            cls=ClassRef(type(module).__module__, type(module).__name__),
-            args=args,
-            buffers=tuple(names),
-            built_at=cons.where,
-            evidence=(f"{cons.where} `{cons.code}`",),
-        )
-        _check_rebuild(fact, spec, tiny)
-        ctx.fact(
-            f"rebuilt buffers of {path}",
-            ", ".join(names),
-            spec.evidence + ("probe: rebuilding on a tiny model reproduces the buffers exactly",),
-        )
-        out.append(spec)
-    return out
-
-
-def _buffer_arg(fact, cons, keyword, expr) -> BufferArg:
-    name = dotted(expr)
-    config_params = [p for p in cons.init_params[1:] if "config" in p]
-    if name is not None:
-        head, _, rest = name.partition(".")
-        if head in config_params:
-            if rest and not is_dotted_path(rest):
-                raise InferenceError(fact, f"unexpected attribute path {rest!r}")
-            return BufferArg(keyword, "owner_config", rest)
-        if head == "self" and rest and is_dotted_path(rest):
-            return BufferArg(keyword, "owner_attr", rest)
-    code = _code(expr)
+def _rebuilt_buffers(ctx: _Context, tiny: nn.Module) -> list[RebuiltBuffers]:
+    """The buffers a meta build leaves empty, confirmed to come back equal through the runtime's
+    rebuild_buffers: a tiny model built on the meta device, given the weights of the same model
+    built normally, must end with every buffer equal (torch.equal, same dtype) to the normal one."""
+    meta = build_model(type(tiny), tiny.config, "meta")
+    meta.load_state_dict(tiny.state_dict(), strict=False, assign=True)
+    empty = empty_buffers(meta)
+    fact = "how to rebuild the buffers a meta build leaves empty"
     try:
-        value = ast.literal_eval(code)
-    except (ValueError, SyntaxError):
-        raise InferenceError(
-            fact,
-            f"argument `{code}` is neither the config, an attribute nor a literal",
-            [cons.where],
-        ) from None
-    if keyword is not None and not is_identifier(keyword):
-        raise InferenceError(fact, f"bad keyword {keyword!r}")
-    return BufferArg(keyword, "literal", "", value)
-
-
-def _code(expr) -> str:
-    import libcst as cst
-
-    return cst.Module(body=[]).code_for_node(expr)
-
-
-def resolve_buffer_args(spec: BufferModule, owner: nn.Module):
-    """(args, kwargs) of a BufferModule's constructor for a concrete owner module."""
-    args, kwargs = [], {}
-    for a in spec.args:
-        if a.kind == "owner_config":
-            value = owner.config
-            for part in filter(None, a.path.split(".")):
-                value = getattr(value, part)
-        elif a.kind == "owner_attr":
-            value = owner
-            for part in a.path.split("."):
-                value = getattr(value, part)
-        else:
-            value = a.literal
-        if a.keyword is None:
-            args.append(value)
-        else:
-            kwargs[a.keyword] = value
-    return args, kwargs
-
-
-def _check_rebuild(fact: str, spec: BufferModule, tiny: nn.Module) -> None:
-    import importlib
-
-    owner = tiny.get_submodule(spec.owner) if spec.owner else tiny
-    original = getattr(owner, spec.attr)
-    cls = getattr(importlib.import_module(spec.cls.module), spec.cls.name)
-    args, kwargs = resolve_buffer_args(spec, owner)
-    rebuilt = cls(*args, **kwargs)
-    for name in spec.buffers:
-        a, b = getattr(original, name), getattr(rebuilt, name)
-        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
-            raise InferenceError(fact, f"rebuilding does not reproduce buffer {name}")
+        rebuild_buffers(meta, "cpu")
+    except Exception as exc:
+        raise InferenceError(fact, f"rebuild_buffers fails: {type(exc).__name__}: {exc}") from None
+    want = dict(tiny.named_buffers())
+    got = dict(meta.named_buffers())
+    for name, ref in want.items():
+        b = got.get(name)
+        if b is None or b.dtype != ref.dtype or b.shape != ref.shape or not torch.equal(b, ref):
+            raise InferenceError(
+                f"how to rebuild buffer {name}",
+                "the owning model's _init_weights does not reproduce the value the model "
+                "computes when built normally",
+            )
+    owners = init_owners(meta)
+    out = []
+    for path, names in empty.items():
+        init_class = type(owners[path]).__name__
+        evidence = (
+            f"probe: {', '.join(names)} of {type(meta.get_submodule(path)).__name__} stay on the "
+            "meta device after loading the state dict",
+            f"probe: {init_class}._init_weights rebuilds them equal to a normal build",
+        )
+        out.append(RebuiltBuffers(path, tuple(names), init_class, evidence))
+        ctx.fact(f"rebuilt buffers of {path or 'the model'}", ", ".join(names), evidence)
+    return out
 
 
 # -- names ----------------------------------------------------------------------------------------

@@ -80,3 +80,58 @@ def validate(pred: Predicates, keys: Iterable[str], num_layers: int, what: str) 
         raise InferenceError(
             "layer_name_predicates", f"the groups do not partition {what}: {'; '.join(problems)}"
         )
+
+
+def with_checkpoint_names(
+    pred: Predicates, disk_to_module: dict[str, str], num_layers: int
+) -> tuple[Predicates, list[str]]:
+    """Extend `pred` so that checkpoint names (as save_pretrained writes them) land in the group
+    of the module name transformers loads them into (`embed_out.weight` -> `lm_head.weight`).
+
+    `disk_to_module` maps each on-disk name to its module name. Returns the predicates and one
+    evidence line per added alternative; raises when a renamed tensor's module is in no group.
+    """
+    groups = compile_groups(pred, num_layers)
+    added: dict[str, list[str]] = {"embeddings": [], "lm_head": [], "attention": [], "ffn": []}
+    evidence = []
+    prefix = re.compile(rf"^{pred.layer_prefix}\.(\d+)\.(.+)$")
+    for disk, module_name in sorted(disk_to_module.items()):
+        if disk == module_name or any(p.match(disk) for p in groups.values()):
+            continue
+        hits = [g for g, p in groups.items() if p.match(module_name)]
+        if len(hits) != 1:
+            raise InferenceError(
+                "the group of checkpoint tensor " + disk,
+                f"it loads into {module_name}, which is in {hits or 'no group'}",
+            )
+        module = disk.rpartition(".")[0]
+        group = hits[0]
+        if group.startswith("block_"):
+            match = prefix.match(module)
+            if match is None:
+                raise InferenceError(
+                    "the group of checkpoint tensor " + disk,
+                    f"it loads into layer tensor {module_name} but is not below the layer stack",
+                )
+            kind = group.rpartition("_")[2]
+            # the layer's child on disk (`block_sparse_moe`), like module names are grouped by
+            # the layer's children: every tensor below it, whatever the expert count
+            alt = module_alternative(match.group(2).split(".")[0])
+        else:
+            kind = group
+            alt = module_alternative(module)
+        if alt not in added[kind]:
+            added[kind].append(alt)
+            evidence.append(f"checkpoint name {disk} loads into {module_name} ({kind})")
+        groups = compile_groups(_extended(pred, added), num_layers)
+    return _extended(pred, added), evidence
+
+
+def _extended(pred: Predicates, added: dict[str, list[str]]) -> Predicates:
+    return Predicates(
+        embeddings=pred.embeddings + tuple(added["embeddings"]),
+        lm_head=pred.lm_head + tuple(added["lm_head"]),
+        layer_prefix=pred.layer_prefix,
+        attention=pred.attention + tuple(added["attention"]),
+        ffn=pred.ffn + tuple(added["ffn"]),
+    )

@@ -20,7 +20,7 @@ from torch import nn
 from .analysis.layer_flow import ChildInfo
 from .errors import InferenceError
 from .source import ModelSource
-from .tiny import tiny_config, tiny_overrides
+from .tiny import default_config, tiny_config, tiny_overrides
 
 
 @contextlib.contextmanager
@@ -88,7 +88,7 @@ class Probe:
         else:
             try:
                 with quiet_transformers():
-                    self.config = source.config_cls()
+                    self.config = default_config(source.config_cls)
             except Exception as exc:
                 raise InferenceError(
                     "the default config", f"{source.config_cls.__name__}() fails: {exc}"
@@ -138,15 +138,6 @@ class Probe:
     def tied(self) -> bool:
         out = self.model.get_output_embeddings()
         return out is not None and out.weight is self.model.get_input_embeddings().weight
-
-    def buffer_modules(self) -> list[tuple[str, list[str]]]:
-        """(module path, names) of modules holding non-persistent buffers directly."""
-        found = []
-        for name, mod in self.model.named_modules():
-            non_persistent = sorted(getattr(mod, "_non_persistent_buffers_set", set()))
-            if non_persistent:
-                found.append((name, non_persistent))
-        return found
 
     # -- tiny model checks ------------------------------------------------------------------
     def tiny_config(self, **extra: Any) -> Any:
@@ -204,20 +195,54 @@ class Probe:
             out[name] = CallTrace(len(sizes), sizes[0])
         return out
 
+    def checkpoint_names(self, model: nn.Module) -> dict[str, str]:
+        """{name as save_pretrained writes it: the module name transformers loads it into}."""
+        import tempfile
+        from pathlib import Path
+
+        from safetensors import safe_open
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
+            model.save_pretrained(tmp)
+            names = []
+            for path in sorted(Path(tmp).glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as f:
+                    names.extend(f.keys())
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = model.state_dict()
+        out = {}
+        for name in names:
+            target, _ = rename_source_key(
+                name, renamings, converters, model.base_model_prefix, meta
+            )
+            out[name] = target
+        return out
+
     def shape_change(self, field: str, value: Any, layer_path: str) -> set[str]:
         """Children of the layer at `layer_path` whose parameter shapes change when the tiny
         config sets `field` to `value` (built on the meta device)."""
+        return {k.split(".")[0] for k in self.shape_diff({field: value}, layer_path)}
+
+    def shape_diff(self, changes: dict[str, Any], layer_path: str) -> dict[str, tuple]:
+        """Parameters (below the layer at `layer_path`) whose shapes change when the tiny config
+        sets `changes`, with their new shapes (() when the parameter disappears); {} when the
+        changed config does not build."""
         base = build_model(self.source.causal_lm_cls, self.tiny_config())
         changed_config = self.tiny_config()
         target = changed_config.get_text_config()
-        setattr(target, field, value)
+        for field, value in changes.items():
+            setattr(target, field, value)
         try:
             changed = build_model(self.source.causal_lm_cls, changed_config)
         except Exception:
-            return set()
+            return {}
         a = {k: tuple(v.shape) for k, v in base.get_submodule(layer_path).named_parameters()}
         b = {k: tuple(v.shape) for k, v in changed.get_submodule(layer_path).named_parameters()}
-        return {k.split(".")[0] for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        return {k: b.get(k, ()) for k in set(a) | set(b) if a.get(k) != b.get(k)}
 
 
 def tiny_config_from(config: Any, **extra: Any) -> Any:

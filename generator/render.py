@@ -1,8 +1,8 @@
 """Stage 6: DescriptorSpec -> Jinja (StrictUndefined) -> black -> files, written atomically.
 
 Templates read only the spec; this module adds the few derived views a template cannot compute
-cleanly (sorted import lines, expressions for rebuilt buffer modules) and the filters that keep
-every string from a config or modeling source safe: `pyrepr` (repr of validated scalars) and
+cleanly (sorted import lines) and the filters that keep every string from a config or modeling
+source safe: `pyrepr` (repr of validated scalars) and
 `location` (file:line only).
 """
 
@@ -22,7 +22,6 @@ import jinja2
 from . import __version__
 from .errors import PuzzleGenError
 from .spec import (
-    BufferModule,
     ClassRef,
     DescriptorSpec,
     SpecError,
@@ -59,10 +58,10 @@ def _class_expr(ref: ClassRef) -> str:
 
 
 def _templates_dir() -> Path:
-    # A source checkout first: an editable install's finder maps generator.templates to the
-    # checkout it was installed from, which need not be the one this module runs from.
+    # a source checkout first: an editable install elsewhere (another worktree) must not supply
+    # the templates of this checkout's generator
     checkout = Path(__file__).resolve().parent.parent / "templates"
-    if (checkout / "descriptor.py.j2").is_file():
+    if (checkout / "descriptor.py.j2").is_file() and (checkout / "__init__.py").is_file():
         return checkout
     try:
         from importlib.resources import files
@@ -72,7 +71,7 @@ def _templates_dir() -> Path:
             return path
     except (ImportError, TypeError):
         pass
-    return Path(__file__).resolve().parent.parent / "templates"  # a source checkout
+    return checkout
 
 
 def _pyrepr(value: object) -> str:
@@ -90,36 +89,6 @@ def _location(where: str) -> str:
     return f"{match.group(1)}:{match.group(2)}"
 
 
-def _owner_expr(b: BufferModule) -> str:
-    if b.owner and not is_dotted_path(b.owner):
-        raise PuzzleGenError(f"cannot address module {b.owner!r} by attributes")
-    return f"model.{b.owner}" if b.owner else "model"
-
-
-def _buffer_path(b: BufferModule) -> str:
-    return f"{b.owner}.{b.attr}" if b.owner else b.attr
-
-
-def _buffer_args(b: BufferModule) -> str:
-    owner = _owner_expr(b)
-    parts = []
-    for a in b.args:
-        if a.kind == "owner_config":
-            expr = f"{owner}.config" + (f".{a.path}" if a.path else "")
-        elif a.kind == "owner_attr":
-            expr = f"{owner}.{a.path}"
-        elif a.kind == "literal":
-            expr = _pyrepr(a.literal)
-        else:
-            raise PuzzleGenError(f"unknown buffer argument kind {a.kind!r}")
-        if a.path and not is_dotted_path(a.path):
-            raise PuzzleGenError(f"bad attribute path {a.path!r}")
-        if a.keyword is not None and not is_identifier(a.keyword):
-            raise PuzzleGenError(f"bad keyword {a.keyword!r}")
-        parts.append(f"{a.keyword}={expr}" if a.keyword else expr)
-    return ", ".join(parts)
-
-
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(_templates_dir())),
@@ -130,9 +99,6 @@ def _env() -> jinja2.Environment:
     env.filters.update(
         pyrepr=_pyrepr,
         location=_location,
-        owner_expr=_owner_expr,
-        buffer_path=_buffer_path,
-        buffer_args=_buffer_args,
         code=lambda s: f"`{s}`",
         class_expr=_class_expr,
     )
@@ -154,12 +120,6 @@ def _import_lines(spec: DescriptorSpec) -> list[str]:
     for ref in spec.decoder_layer_classes:
         if not is_remote(ref):
             third.setdefault(ref.module, set()).add(ref.name)
-    for b in spec.buffer_modules:
-        if is_remote(b.cls):
-            raise PuzzleGenError(
-                f"rebuilding {b.cls.name} from the checkpoint's own code is not supported yet"
-            )
-        third.setdefault(b.cls.module, set()).add(b.cls.name)
     imported = {n for names in third.values() for n in names} - {"nn"}
     clashes = sorted(n for n in imported if n in _TEMPLATE_NAMES or hasattr(builtins, n))
     if spec.class_name in imported | _TEMPLATE_NAMES or clashes:
@@ -178,6 +138,8 @@ def _import_lines(spec: DescriptorSpec) -> list[str]:
         first[f"{RUNTIME}.puzzformer.no_op"] = no_op
     if spec.dummy_block.returns_tuple or spec.dummy_block.attributes:
         first[f"{RUNTIME}.utils.dummy_modules"] = {"DummyBlock"}
+    if spec.rebuilt_buffers:
+        first[f"{RUNTIME}.buffers"] = {"rebuild_buffers"}
     for module, names in list(third.items()) + list(first.items()):
         if not is_dotted_path(module) or not all(is_identifier(n) for n in names):
             raise PuzzleGenError(f"refusing to import {sorted(names)} from {module!r}")
@@ -285,6 +247,17 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
             raise PuzzleGenError(f"refusing to render the module path {path!r}")
     if not is_identifier(spec.class_name):
         raise PuzzleGenError(f"refusing to render the class name {spec.class_name!r}")
+    for v in spec.config_variants:
+        if not is_dotted_path(v.module) or (v.flag is not None and not is_identifier(v.flag)):
+            raise PuzzleGenError(f"refusing to render the config variant {v.module!r}")
+        if v.group not in ("", "attention", "ffn", "embeddings", "lm_head"):
+            raise PuzzleGenError(f"unknown weight group {v.group!r}")
+    for b in spec.rebuilt_buffers:
+        names = (*b.buffers, b.init_class)
+        if (b.module and not is_dotted_path(b.module, allow_digits=True)) or not all(
+            is_identifier(n) for n in names
+        ):
+            raise PuzzleGenError(f"refusing to render the buffers {b.module!r}: {names!r}")
     layer_types = [c.name for c in spec.decoder_layer_classes]
     source = (
         _env()
@@ -298,6 +271,9 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
                 _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
             ],
             overrides=[*spec.attention.overrides, *spec.ffn.overrides],
+            variant_names=[
+                v.module for v in spec.config_variants if v.group in ("attention", "ffn")
+            ],
             layer_type=(
                 layer_types[0]
                 if len(layer_types) == 1 and not is_remote(spec.decoder_layer_classes[0])

@@ -43,9 +43,12 @@ class ModuleReplacement:
     """On a no-op, the decoder layer's child `attr` is replaced by `replacement`."""
 
     attr: str
-    replacement: str  # "Same" (passes its input through) | "MatchingZeros" (zeros like input)
+    replacement: str  # "Same" (its input) | "MatchingZeros" (zeros like it) | "PassResidual"
+    # | "PassResidual" (returns the residual argument the module adds to its output)
     tuple_size: int | None  # wrap in return_tuple_of_size(..., size) when the caller unpacks
     evidence: tuple[str, ...] = ()
+    residual_position: int | None = None  # PassResidual: where the residual is passed
+    residual_keyword: str | None = None  # PassResidual: the parameter's name
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class ConfigOverride:
     block_config_attr: str  # "attention.num_key_value_heads" | "ffn.intermediate_size"
     read_at: str  # location of the config read that decided it (file:line)
     evidence: tuple[str, ...] = ()
+    # a config flag set alongside, so that the model uses the field verbatim (LFM2's
+    # block_auto_adjust_ff_dim would otherwise scale the width by 2/3): (field, value)
+    with_flag: str | None = None
+    flag_value: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -69,25 +76,25 @@ class Subblock:
 
 
 @dataclass(frozen=True)
-class BufferArg:
-    """One argument of a buffer module's constructor, relative to the module that owns it."""
+class RebuiltBuffers:
+    """Buffers of one module that are not in the state dict (rotary inv_freq, Gemma's
+    embed_scale, causal masks): a meta-device build leaves them empty and the runtime's
+    rebuild_buffers fills them with the owning pretrained model's `_init_weights`."""
 
-    keyword: str | None
-    kind: str  # "owner_config" (owner.config[.path]) | "owner_attr" (owner.path) | "literal"
-    path: str = ""  # attribute path below the owner's config or the owner itself
-    literal: Any = None
+    module: str  # path of the module holding them below the model ("" for the model itself)
+    buffers: tuple[str, ...]
+    init_class: str  # the PreTrainedModel class whose _init_weights rebuilds them
+    evidence: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class BufferModule:
-    """A module whose buffers are not in the state dict (rotary inv_freq) and is rebuilt."""
+class ConfigVariant:
+    """A module the default config does not build but other configs of the type do."""
 
-    owner: str  # path of the owning module below the model ("" for the model itself)
-    attr: str
-    cls: ClassRef
-    args: tuple[BufferArg, ...]
-    buffers: tuple[str, ...]
-    built_at: str  # location of the construction in the owner's __init__
+    module: str  # layer-relative child (`ln_attn`) or full path (`model.decoder.project_in`)
+    group: str  # "attention" | "ffn" | "embeddings" | "lm_head" | "" (not grouped)
+    flag: str | None = None  # the boolean config field whose flip builds it, if one does
+    flag_value: bool | None = None
     evidence: tuple[str, ...] = ()
 
 
@@ -144,7 +151,7 @@ class DescriptorSpec:
     attention: Subblock
     ffn: Subblock
     shared_modules: tuple[str, ...]
-    buffer_modules: tuple[BufferModule, ...]
+    rebuilt_buffers: tuple[RebuiltBuffers, ...]
     dummy_block: DummyBlock
     predicates: Predicates
     facts: tuple[Fact, ...] = field(default=())
@@ -152,6 +159,7 @@ class DescriptorSpec:
     requires_trust_remote_code: bool = False
     code_origin: str = "transformers"
     source_argument: str | None = None  # the checkpoint directory as typed; None: a model type
+    config_variants: tuple[ConfigVariant, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
@@ -192,8 +200,9 @@ _MODULE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")  # dynamic modules ha
 _MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-REPLACEMENTS = ("Same", "MatchingZeros")
+REPLACEMENTS = ("Same", "MatchingZeros", "PassResidual")
 LAYOUTS = ("sequential", "parallel")
+_VARIANT_GROUPS = ("attention", "ffn", "embeddings", "lm_head", "")
 BLOCK_CONFIG_ATTRS = ("attention.num_key_value_heads", "ffn.intermediate_size")
 CODE_ORIGINS = (
     "transformers",
@@ -277,15 +286,23 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                 "the block config attribute",
                 o.block_config_attr,
             )
+            if o.with_flag is not None:
+                ident(o.with_flag, "the override's config flag")
+                need(type(o.flag_value) is bool, "the override's flag value", o.flag_value)
     for name in spec.shared_modules:
         ident(name, "the shared module")
-    for b in spec.buffer_modules:
-        if b.owner:
-            path(b.owner, "the buffer owner path")
-        ident(b.attr, "the buffer module attribute")
-        class_ref(b.cls, "the buffer module class")
+    for b in spec.rebuilt_buffers:
+        if b.module:
+            path(b.module, "the buffer owner path")
+        ident(b.init_class, "the class whose _init_weights rebuilds buffers")
         for name in b.buffers:
             ident(name, "the buffer name")
+    for v in spec.config_variants:
+        path(v.module, "the config-variant module")
+        need(v.group in _VARIANT_GROUPS, "the config-variant group", v.group)
+        if v.flag is not None:
+            ident(v.flag, "the config-variant flag")
+            need(type(v.flag_value) is bool, "the config-variant flag value", v.flag_value)
     need(
         type(spec.dummy_block.returns_tuple) is bool,
         "the dummy block's tuple flag",

@@ -13,6 +13,7 @@ from .block_config import (
     MoEConfig,
     maybe_cast_block_configs,
 )
+from .buffers import rebuild_buffers
 from .loading import CheckpointError, Runtime, load_model
 from .model_descriptor import ModelDescriptor, ModelDescriptorFactory
 from .pipeline import StageModule, load_stage, pipeline_stage, stage_blocks
@@ -35,6 +36,7 @@ __all__ = [
     "deci_x_patcher",
     "load_model",
     "load_stage",
+    "rebuild_buffers",
     "maybe_cast_block_configs",
     "pipeline_stage",
     "return_tuple_of_size",

@@ -5,7 +5,9 @@ The model is built on the meta device through the descriptor's patcher; blocks a
 owns become parameter-free dummies (and so do the input embedding without block 0, and the
 final norm and LM head without the last block); then exactly the remaining tensors are read,
 shape-checked and assigned, tied weights are re-tied and buffers that are not in the state dict
-are rebuilt on the target device. One code path for CPU and CUDA.
+are rebuilt on the target device by the descriptor's `init_rotary_embedding` (generated
+descriptors call `buffers.rebuild_buffers`, which serves every model through transformers' own
+`_init_weights`). One code path for CPU and CUDA.
 """
 
 from __future__ import annotations

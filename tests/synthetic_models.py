@@ -281,6 +281,101 @@ class NoResidualLayer(PreNormLayer):
         return self.mlp(hidden_states)
 
 
+class ResidualAddingAttention(Attention):
+    """Bloom's attention: adds the residual it is passed to its own output."""
+
+    def forward(self, hidden_states, residual, attention_mask=None):
+        output = self.o(self.q(hidden_states))
+        output = dropout_add(output, residual, 0.0, self.training)
+        return output, None
+
+
+class ResidualAddingMLP(MLP):
+    """MPT's MLP: `output + residual` inside the module."""
+
+    def forward(self, hidden_states, residual):
+        output = self.down(self.up(hidden_states))
+        output = output + residual
+        return output
+
+
+class ResidualGatedMLP(MLP):
+    """Receives the residual too, but multiplies by it: no join inside."""
+
+    def forward(self, hidden_states, residual):
+        return self.down(self.up(hidden_states)) * residual
+
+
+class ResidualIntoSubblockLayer(nn.Module):
+    """Bloom / MPT: the residual is passed into each subblock, which joins it itself."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.input_layernorm = Norm(config.hidden_size)
+        self.self_attention = ResidualAddingAttention(config)
+        self.post_attention_layernorm = Norm(config.hidden_size)
+        self.mlp = ResidualAddingMLP(config)
+
+    def forward(self, hidden_states, attention_mask=None):
+        layernorm_output = self.input_layernorm(hidden_states)
+        residual = hidden_states
+        attention_output, _ = self.self_attention(
+            layernorm_output, residual, attention_mask=attention_mask
+        )
+        layernorm_output = self.post_attention_layernorm(attention_output)
+        residual = attention_output
+        output = self.mlp(layernorm_output, residual=residual)
+        return output, None
+
+
+class ResidualGatedLayer(ResidualIntoSubblockLayer):
+    def __init__(self, config, layer_idx=0):
+        super().__init__(config, layer_idx)
+        self.mlp = ResidualGatedMLP(config)
+
+
+class SelfResidualAttentionBlock(nn.Module):
+    """CPM-Ant's attention block: norm, attention and the residual add inside one module."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layernorm_before_attention = Norm(config.hidden_size)
+        self.self_attention = Attention(config)
+
+    def forward(self, hidden_states, attention_mask, position_bias=None):
+        outputs = self.layernorm_before_attention(hidden_states)
+        outputs, attn_weights = self.self_attention(outputs, attention_mask)
+        hidden_states = hidden_states + outputs
+        return hidden_states, attn_weights
+
+
+class SelfResidualFFNBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layernorm_before_ffn = Norm(config.hidden_size)
+        self.ffn = MLP(config)
+
+    def forward(self, hidden_states):
+        outputs = self.ffn(self.layernorm_before_ffn(hidden_states))
+        return hidden_states + outputs
+
+
+class BlocksOwnTheirResidualLayer(nn.Module):
+    """The layer only chains two blocks; each adds its own input to its output."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.self_att = SelfResidualAttentionBlock(config)
+        self.ffn = SelfResidualFFNBlock(config)
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None):
+        hidden_states, attn_weights = self.self_att(
+            hidden_states, attention_mask=attention_mask, position_bias=position_bias
+        )
+        hidden_states = self.ffn(hidden_states)
+        return hidden_states, attn_weights
+
+
 class ToyModel(nn.Module):
     """A base model: embeddings before the loop, the loop reads `attention_type`, final norm."""
 
@@ -331,3 +426,31 @@ class ZipLoopModel(nn.Module):
         for idx, (layer, mask) in enumerate(zip(self.layers, masks)):
             hidden_states = layer(hidden_states=hidden_states, attention_mask=mask)
         return self.final_layernorm(hidden_states)
+
+
+class OptionalProjectionModel(nn.Module):
+    """OPT: projections that exist only when the embedding width differs from the hidden size."""
+
+    def __init__(self, config):
+        super().__init__()
+        proj_dim = getattr(config, "word_embed_proj_dim", config.hidden_size)
+        self.embed_tokens = nn.Embedding(16, proj_dim)
+        if proj_dim != config.hidden_size:
+            self.project_in = nn.Linear(proj_dim, config.hidden_size)
+            self.project_out = nn.Linear(config.hidden_size, proj_dim)
+        else:
+            self.project_in = None
+            self.project_out = None
+        self.layers = nn.ModuleList([PreNormLayer(config) for _ in range(config.num_hidden_layers)])
+        self.final_layer_norm = Norm(config.hidden_size)
+
+    def forward(self, input_ids):
+        hidden_states = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            hidden_states = self.project_in(hidden_states)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)
+        return hidden_states

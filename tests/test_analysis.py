@@ -114,6 +114,35 @@ def test_helper_method_is_inlined():
     assert members(flow, FFN) == ["post_attention_layernorm", "mlp"]
 
 
+def test_residual_passed_into_the_subblock_joins_inside_it():
+    """Bloom / MPT: `self.mlp(norm(x), x)` where the module adds `x` to its own output. Without
+    the rule, the main stream stops at a call that combines two streams."""
+    flow = flow_of(sm.ResidualIntoSubblockLayer)
+    assert flow.layout == "sequential"
+    attn, ffn = flow.subblocks[ATTENTION], flow.subblocks[FFN]
+    assert attn.members == ["input_layernorm", "self_attention"]
+    assert ffn.members == ["post_attention_layernorm", "mlp"]
+    # positional at the attention call, by keyword at the MLP call
+    assert attn.residual_args == {"self_attention": (1, "residual")}
+    assert ffn.residual_args == {"mlp": (None, "residual")}
+    assert flow.arity["self_attention"] == 2
+
+
+def test_residual_passed_in_but_not_added_is_not_a_join():
+    with pytest.raises(InferenceError, match="combines several streams"):
+        flow_of(sm.ResidualGatedLayer)
+
+
+def test_child_adding_its_own_input_is_a_join_inside_it():
+    """CPM-Ant: `self.self_att(x)` returns `x + attention(norm(x))`. Without the rule the layer
+    has no residual join at all."""
+    flow = flow_of(sm.BlocksOwnTheirResidualLayer)
+    attn, ffn = flow.subblocks[ATTENTION], flow.subblocks[FFN]
+    assert attn.members == ["self_att"] and ffn.members == ["ffn"]
+    assert attn.residual_args == {"self_att": (0, "hidden_states")}
+    assert ffn.residual_args == {"ffn": (0, "hidden_states")}
+
+
 def test_layer_without_residual_is_an_inference_error():
     with pytest.raises(InferenceError, match="residual"):
         flow_of(sm.NoResidualLayer)

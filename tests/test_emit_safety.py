@@ -19,9 +19,9 @@ from generator import predicates, render
 from generator.errors import PuzzleGenError
 from generator.infer import infer
 from generator.spec import (
-    BufferModule,
     ClassRef,
     ConfigOverride,
+    ConfigVariant,
     DescriptorSpec,
     DummyBlock,
     ModuleReplacement,
@@ -119,7 +119,8 @@ def spec_for(stack, tops, attention, ffn, dummy_attrs=()) -> DescriptorSpec:
         attention=sub("attention", attention, base.attention),
         ffn=sub("ffn", ffn, base.ffn),
         shared_modules=(),
-        buffer_modules=(),
+        rebuilt_buffers=(),
+        config_variants=(),
         dummy_block=DummyBlock(False, tuple(dummy_attrs)),
         predicates=predicates.build([emb], [norm, head], stack, attention, ffn),
     )
@@ -188,7 +189,12 @@ def _set(path: str):
 
 def llama_with_buffers_and_attrs() -> DescriptorSpec:
     base = base_spec()
-    return dataclasses.replace(base, dummy_block=DummyBlock(True, ("attention_type",)))
+    assert base.rebuilt_buffers, "llama's rotary buffers are rebuilt"
+    return dataclasses.replace(
+        base,
+        dummy_block=DummyBlock(True, ("attention_type",)),
+        config_variants=(ConfigVariant("extra_norm", "attention", "use_extra_norm", True),),
+    )
 
 
 FIELDS = [
@@ -218,11 +224,13 @@ FIELDS = [
     "ffn.overrides.config_field",
     "ffn.overrides.block_config_attr",
     "ffn.overrides.read_at",
-    "buffer_modules.owner",
-    "buffer_modules.attr",
-    "buffer_modules.buffers",
-    "buffer_modules.cls.name",
-    "buffer_modules.cls.module",
+    "ffn.overrides.with_flag",
+    "rebuilt_buffers.module",
+    "rebuilt_buffers.buffers",
+    "rebuilt_buffers.init_class",
+    "config_variants.module",
+    "config_variants.group",
+    "config_variants.flag",
     "dummy_block.attributes",
     "predicates.embeddings",
     "predicates.layer_prefix",

@@ -27,13 +27,12 @@ def test_llama_spec_facts_and_evidence():
     ]
     assert spec.final_norm == "model.norm"
     assert re.fullmatch(r"transformers/models/llama/modeling_llama\.py:\d+", spec.final_norm_at)
-    (rotary,) = spec.buffer_modules
-    assert (rotary.owner, rotary.attr, rotary.cls.name) == (
-        "model",
-        "rotary_emb",
-        "LlamaRotaryEmbedding",
+    (rotary,) = spec.rebuilt_buffers
+    assert (rotary.module, rotary.buffers, rotary.init_class) == (
+        "model.rotary_emb",
+        ("inv_freq", "original_inv_freq"),
+        "LlamaModel",
     )
-    assert [(a.keyword, a.kind) for a in rotary.args] == [("config", "owner_config")]
     for fact in spec.facts:
         assert fact.evidence, f"{fact.name} has no evidence"
 

@@ -16,8 +16,9 @@ Evidence (line numbers in transformers 5.23.0):
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_llama.py:157; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_llama.py:402).
-- model.rotary_emb holds inv_freq, original_inv_freq outside the state dict; it is rebuilt
-  the way modeling_llama.py:347 builds it.
+- Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
+  device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
+  model.rotary_emb: inv_freq, original_inv_freq (LlamaModel).
 - Weight groups name modules, not single tensors: every tensor below a module (a bias that
   another config of this model type adds, say) lands in the module's group.
 """
@@ -26,9 +27,10 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from puzzletron_runtime.block_config import BlockConfig
+from puzzletron_runtime.buffers import rebuild_buffers
 from puzzletron_runtime.model_descriptor import ModelDescriptor, ModelDescriptorFactory
 from puzzletron_runtime.puzzformer.no_op import MatchingZeros, Same, return_tuple_of_size
 
@@ -62,7 +64,7 @@ class LlamaModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def init_rotary_embedding(model: nn.Module, runtime) -> None:
-        model.model.rotary_emb = LlamaRotaryEmbedding(config=model.model.config).to(runtime.device)
+        rebuild_buffers(model, runtime.device)
 
     @staticmethod
     def input_embedding_name() -> str:

@@ -53,6 +53,18 @@ class Call(Node):
     target: str = ""
     unpacked: int | None = None  # `a, b = self.x(...)` -> 2
     indexed: bool = False  # `out = self.x(...); out[0]`
+    # per input: its positional index, or its keyword (None for *args / **kwargs)
+    slots: tuple[int | str | None, ...] = ()
+    # set by the segment reader when the child adds the argument at this slot to its output
+    residual_slot: int | str | None = None
+    residual_param: str | None = None
+
+    def slot_of(self, node: "Node") -> int | str | None:
+        """How `node` is passed to the call (first occurrence)."""
+        for x, slot in zip(self.inputs, self.slots):
+            if x is node:
+                return slot
+        return None
 
 
 @dataclass(eq=False)
@@ -146,19 +158,23 @@ class FlowInterpreter:
         self._depth = 0
 
     # -- entry point -------------------------------------------------------------------------
-    def run(self, func: cst.FunctionDef) -> FlowGraph:
+    def run(self, func: cst.FunctionDef, input_param: str | None = None) -> FlowGraph:
+        """Interpret `func`; its first parameter after self is the input, or `input_param`."""
         names = param_names(func)
         if len(names) < 2 or names[0] != "self":
             raise InferenceError(
                 f"data flow of {func.name.value}", "expected a method taking the hidden states"
             )
-        inp = Input(name=names[1], where=self.parsed.where(func))
-        env, known = self._bind_params(func, [inp], {}, first_is_input=True)
+        name = input_param or names[1]
+        if name not in names[1:]:
+            raise InferenceError(f"data flow of {func.name.value}", f"no parameter {name!r}")
+        inp = Input(name=name, where=self.parsed.where(func))
+        env, known = self._bind_params(func, [], {name: inp})
         returned, returns_tuple = self._run_body(func, env, known)
         return FlowGraph(inp, self.calls, returned, returns_tuple)
 
     # -- functions ---------------------------------------------------------------------------
-    def _bind_params(self, func, args, kwargs, first_is_input=False):
+    def _bind_params(self, func, args, kwargs):
         p = func.params
         env: dict[str, Node] = {}
         known: dict[str, object] = {}
@@ -405,8 +421,13 @@ class FlowInterpreter:
         if name is not None and name.startswith("self.") and name.count(".") >= 1:
             path = name[len("self.") :]
             if self.is_child(path):
+                slots = (*range(len(args)), *kwargs, *([None] * len(extra)))
                 call = Call(
-                    inputs=all_inputs, target=path, where=where, code=self.parsed.code(node)
+                    inputs=all_inputs,
+                    target=path,
+                    where=where,
+                    code=self.parsed.code(node),
+                    slots=slots,
                 )
                 self.calls.append(call)
                 return call

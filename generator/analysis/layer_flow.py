@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InferenceError
 from .dataflow import Call, FlowGraph, FlowInterpreter, Input, Item, Node, Op, Phi
-from .source_index import SourceIndex
+from .source_index import SourceIndex, param_names
 
 ATTENTION, FFN = "attention", "ffn"
 _MIXER_NAME = re.compile(r"attn|attention|mixer|mamba|ssm|retention|time_?mix|conv", re.I)
@@ -44,6 +44,9 @@ class Subblock:
     members: list[str]  # every child of the subblock in data-flow order (cores included)
     joins: list[str] = field(default_factory=list)  # where its residual joins are
     evidence: list[str] = field(default_factory=list)
+    # cores that add the residual they are passed to their own output: core -> (position or
+    # None when passed by keyword, parameter name); their no-op returns that argument
+    residual_args: dict[str, tuple[int | None, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,7 +68,23 @@ def analyze_layer(
 ) -> LayerFlow:
     """Analyse `cls.forward` with `self` bound to the probed `instance`."""
     parsed, owner, func = index.find_method(cls, "forward")
+    graph = _interpreter(instance, set(children), index, parsed).run(func)
+    fact = f"residual segments of {cls.__name__}.forward ({parsed.where(func)})"
+    if graph.returned is None:
+        raise InferenceError(fact, "forward returns nothing")
 
+    memo: dict[tuple[str, int | str], str | None] = {}
+
+    def adds_argument(call: Call, slot: int | str) -> str | None:
+        key = (call.target, slot)
+        if key not in memo:
+            memo[key] = _adds_argument(instance, call.target, slot, index)
+        return memo[key]
+
+    return _segments(cls.__name__, graph, children, fact, adds_argument)
+
+
+def _interpreter(instance: object, children: set[str], index: SourceIndex, parsed):
     def is_child(path: str) -> bool:
         return path.split(".")[0] in children
 
@@ -78,11 +97,37 @@ def analyze_layer(
             return None
         return p, f
 
-    graph = FlowInterpreter(parsed, instance, is_child, method_source).run(func)
-    fact = f"residual segments of {cls.__name__}.forward ({parsed.where(func)})"
-    if graph.returned is None:
-        raise InferenceError(fact, "forward returns nothing")
-    return _segments(cls.__name__, graph, children, fact)
+    return FlowInterpreter(parsed, instance, is_child, method_source)
+
+
+def _adds_argument(instance: object, target: str, slot: int | str, index: SourceIndex):
+    """The parameter name when child `target`'s forward adds the argument passed at `slot` to
+    its output (`return dropout_add(out, residual, ...)`, `output + residual`): a residual join
+    inside the subblock. None when it does not, or when its source cannot be read."""
+    module = instance
+    for part in target.split("."):
+        module = getattr(module, part, None)
+    if module is None or isinstance(slot, bool):
+        return None
+    try:
+        parsed, _, func = index.find_method(type(module), "forward")
+    except InferenceError:
+        return None
+    names = param_names(func)[1:]
+    name = names[slot] if isinstance(slot, int) and slot < len(names) else slot
+    if not isinstance(name, str) or name not in names:
+        return None
+    grand = {n for n, _ in module.named_children()} if hasattr(module, "named_children") else set()
+    try:
+        graph = _interpreter(module, grand, index, parsed).run(func, input_param=name)
+    except InferenceError:
+        return None
+    out = graph.returned
+    if isinstance(out, Op) and out.additive:
+        terms = _flatten_sum(graph, out) if out.kind in ("Add", "+=") else list(out.inputs)
+        if any(t is graph.input for t in terms):
+            return name
+    return None
 
 
 def _top(call: Call) -> str:
@@ -126,11 +171,17 @@ def _calls_between(graph: FlowGraph, start: Node, end: Node) -> list[Call]:
     ]
 
 
-def _main_stream(graph: FlowGraph, fact: str) -> list[tuple[str, Node, Node | None, Node | None]]:
+def _main_stream(
+    graph: FlowGraph, fact: str, adds_argument=None
+) -> list[tuple[str, Node, Node | None, Node | None]]:
     """Walk back from the output to the input along the residual stream.
 
     Returns, in forward order, ("join", op, residual, branch) for each residual join and
     ("stream", call, None, None) for each module applied to the stream itself (post-norms).
+    A child call that receives both a value and something derived from it through calls
+    (`self.mlp(norm(x), x)`) joins the residual inside itself when its forward adds that
+    argument to its output (`adds_argument` confirms it from the child's source): the join node
+    is then the call itself.
     """
     events: list[tuple[str, Node, Node | None, Node | None]] = []
     node = graph.returned
@@ -144,7 +195,12 @@ def _main_stream(graph: FlowGraph, fact: str) -> list[tuple[str, Node, Node | No
             continue
         derived = [x for x in node.inputs if graph.derived(x)]
         if isinstance(node, Call):
-            if len(derived) != 1:
+            residual = _inner_residual(graph, node, derived, adds_argument)
+            if residual is not None:
+                events.append(("join", node, residual, node))
+                node = residual
+                continue
+            if len(_unique(derived)) != 1:
                 raise InferenceError(fact, f"{node.target} combines several streams", [node.where])
             events.append(("stream", node, None, None))
         elif len(derived) != 1:
@@ -156,6 +212,35 @@ def _main_stream(graph: FlowGraph, fact: str) -> list[tuple[str, Node, Node | No
             )
         node = derived[0]
     raise InferenceError(fact, "the main stream does not reach the input")
+
+
+def _inner_residual(graph: FlowGraph, call: Call, derived: list[Node], adds_argument):
+    """The residual `call` joins inside the child: the stream value it receives besides a value
+    computed from it (`self.mlp(norm(x), x)`), or its only stream input (`self.self_att(x)`
+    whose forward returns `x + attention(norm(x))`: CPM-Ant), when the child's forward adds
+    that argument to its output."""
+    derived = _unique(derived)
+    if adds_argument is None:
+        return None
+    if len(derived) == 1:
+        slot = call.slot_of(derived[0])
+        param = adds_argument(call, slot) if slot is not None else None
+        if param is not None:
+            call.residual_slot, call.residual_param = slot, param
+            return derived[0]
+        return None
+    if len(derived) != 2:
+        return None
+    for r in derived:
+        (other,) = [x for x in derived if x is not r]
+        if id(r) not in graph.ancestors(other) or not _calls_between(graph, r, other):
+            continue
+        slot = call.slot_of(r)
+        param = adds_argument(call, slot) if slot is not None else None
+        if param is not None:
+            call.residual_slot, call.residual_param = slot, param
+            return r
+    return None
 
 
 def _calls_per_segment(graph: FlowGraph, events):
@@ -191,8 +276,8 @@ def _calls_per_segment(graph: FlowGraph, events):
     return calls, evidence, sites
 
 
-def _segments(class_name, graph: FlowGraph, children, fact) -> LayerFlow:
-    events = _main_stream(graph, fact)
+def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) -> LayerFlow:
+    events = _main_stream(graph, fact, adds_argument)
     if not any(e[0] == "join" for e in events):
         raise InferenceError(fact, "no residual join found (expected `residual + ...`)")
     seg_calls, seg_evidence, seg_joins = _calls_per_segment(graph, events)
@@ -285,6 +370,16 @@ def _segments(class_name, graph: FlowGraph, children, fact) -> LayerFlow:
                 sb.members.append(name)
     for sb in subblocks.values():
         sb.members.sort(key=order.index)
+    for kind, n, _r, _b in events:
+        if kind == "join" and isinstance(n, Call) and n.residual_param is not None:
+            for sb in subblocks.values():
+                if _top(n) in sb.cores:
+                    position = n.residual_slot if isinstance(n.residual_slot, int) else None
+                    sb.residual_args[_top(n)] = (position, n.residual_param)
+                    sb.evidence.append(
+                        f"{n.where} `{n.code}`: {_top(n)} adds its argument "
+                        f"{n.residual_param!r} (the residual) to its output"
+                    )
 
     arity: dict[str, int | None] = {}
     indexed: dict[str, bool] = {}

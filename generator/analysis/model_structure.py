@@ -41,6 +41,7 @@ class LoopFinding:
     final_norm_at: str | None
     before_loop: list[str]  # children of the owner called before the loop
     evidence: list[str] = field(default_factory=list)
+    after_loop: list[str] = field(default_factory=list)  # others called after it (project_out)
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,36 @@ def config_reads(index: SourceIndex, cls: type) -> list[tuple[str, str]]:
     return reads
 
 
-def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[str]) -> LoopFinding:
-    """Read `cls.forward`: the loop over `self.<stack_attr>` and what surrounds it."""
+def optional_modules(index: SourceIndex, cls: type, instance: object) -> dict[str, str]:
+    """Modules `cls.__init__` builds under a condition the probed `instance` did not take
+    (`self.project_in = nn.Linear(...)` when `word_embed_proj_dim != hidden_size`, else None):
+    attr -> where it is built. Other configs of the model type have them."""
+    try:
+        parsed, _, init = index.find_method(cls, "__init__")
+    except InferenceError:
+        return {}
+    found: dict[str, str] = {}
+    for attr, value, stmt in _init_assignments(parsed, init):
+        if not isinstance(value, cst.Call) or m.matches(value, _MODULE_LIST):
+            continue
+        callee = dotted(value.func) or ""
+        if not callee.rpartition(".")[2][:1].isupper():
+            continue  # a class instantiation (a module), not a helper function call
+        if getattr(instance, attr, None) is None:
+            found.setdefault(attr, f"{parsed.where(stmt)} `{parsed.code(stmt)}`")
+    return found
+
+
+def analyze_loop(
+    index: SourceIndex,
+    cls: type,
+    stack_attr: str,
+    children: set[str],
+    optional: frozenset[str] = frozenset(),
+) -> LoopFinding:
+    """Read `cls.forward`: the loop over `self.<stack_attr>` and what surrounds it.
+    `optional` names modules other configs add; calls of them count as calls of children, but
+    the final norm is always a module the probed instance has."""
     parsed, _, func = index.find_method(cls, "forward")
     fact = f"the layer loop of {cls.__name__}.forward ({parsed.where(func)})"
     body = list(func.body.body)
@@ -195,6 +224,7 @@ def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[s
             fact, "cannot tell which variable carries the hidden states", [parsed.where(loop)]
         )
 
+    known = set(children) | set(optional)
     final_norm = final_norm_at = None
     for stmt in body[position + 1 :]:
         call = next(
@@ -212,8 +242,16 @@ def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[s
             break
 
     before = list(
+        dict.fromkeys(child for stmt in body[:position] for child, _ in _child_calls(stmt, known))
+    )
+    after = list(
         dict.fromkeys(
-            child for stmt in body[:position] for child, _ in _child_calls(stmt, children)
+            child
+            for stmt in body[position + 1 :]
+            for child, node in _child_calls(stmt, known)
+            if child != final_norm
+            and node.args
+            and m.matches(node.args[0].value, m.Name(hidden_var))
         )
     )
     return LoopFinding(
@@ -226,6 +264,7 @@ def analyze_loop(index: SourceIndex, cls: type, stack_attr: str, children: set[s
         final_norm_at=final_norm_at,
         before_loop=before,
         evidence=evidence,
+        after_loop=after,
     )
 
 

@@ -1,6 +1,12 @@
 """Building heterogeneous models: the decoder-layer patcher and the no-op stand-ins."""
 
-from .no_op import MatchingZeros, Same, return_tuple_of_size
+from .no_op import MatchingZeros, PassResidual, Same, return_tuple_of_size
 from .patcher import deci_x_patcher
 
-__all__ = ["MatchingZeros", "Same", "deci_x_patcher", "return_tuple_of_size"]
+__all__ = [
+    "MatchingZeros",
+    "PassResidual",
+    "Same",
+    "deci_x_patcher",
+    "return_tuple_of_size",
+]

@@ -1,7 +1,8 @@
 """Stand-ins that turn a subblock into a no-op.
 
 `Same` passes its input through (norms around a removed subblock); `MatchingZeros` returns zeros
-shaped like its input (the module whose output is added to the residual); and
+shaped like its input (the module whose output is added to the residual); `PassResidual`
+returns the residual a module adds to its own output (`self.mlp(x, residual)`: Bloom, MPT); and
 `return_tuple_of_size` wraps either for call sites that unpack a tuple
 (`hidden_states, _ = self.self_attn(...)`). None of them holds parameters or buffers.
 """
@@ -13,7 +14,13 @@ import functools
 import torch
 from torch import nn
 
-__all__ = ["MatchingZeros", "Same", "find_hidden_states", "return_tuple_of_size"]
+__all__ = [
+    "MatchingZeros",
+    "PassResidual",
+    "Same",
+    "find_hidden_states",
+    "return_tuple_of_size",
+]
 
 # keyword names under which model code passes the hidden states to a submodule
 HIDDEN_STATE_KEYWORDS = (
@@ -60,6 +67,27 @@ class MatchingZeros(nn.Module):
 
     def forward(self, *args, **kwargs):
         return torch.zeros_like(find_hidden_states(args, kwargs))
+
+
+class PassResidual(nn.Module):
+    """For a module that adds the residual it is passed to its own output: returns that
+    residual (its output with the branch removed). `position` is where the call site passes it
+    positionally (None: by keyword), `keyword` the parameter's name."""
+
+    def __init__(self, position: int | None, keyword: str):
+        super().__init__()
+        self.position = position
+        self.keyword = keyword
+
+    def forward(self, *args, **kwargs):
+        if self.position is not None and len(args) > self.position:
+            return args[self.position]
+        if kwargs.get(self.keyword) is not None:
+            return kwargs[self.keyword]
+        raise TypeError(f"no-op module called without its residual argument {self.keyword!r}")
+
+    def extra_repr(self) -> str:
+        return f"position={self.position}, keyword={self.keyword!r}"
 
 
 @functools.cache
