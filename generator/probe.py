@@ -8,6 +8,7 @@ returns) and lets the inference check that a config override changes the shapes 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -204,6 +205,9 @@ class Probe:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, rename_source_key
 
+        # save a copy: save_pretrained writes into the model's config (dtype becomes a string),
+        # which later builds from that config would inherit
+        model = copy.deepcopy(model)
         with tempfile.TemporaryDirectory() as tmp, quiet_transformers():
             model.save_pretrained(tmp)
             names = []

@@ -163,3 +163,16 @@ def test_weights_in_some_layers_only_and_a_head_beside_the_base_model():
     assert groups["block_3_attention"].match("model.layers.3.attn_norm.weight")
     assert groups["lm_head"].match("lm_head.dense.weight")
     assert groups["lm_head"].match("decoder.weight")
+
+
+def test_reading_checkpoint_names_leaves_the_model_config_alone():
+    """save_pretrained writes into the config it saves (dtype becomes a string); Apertus builds
+    an activation from config.dtype, so later probe builds from that config would fail."""
+    from generator.probe import Probe
+
+    probe = Probe(resolve("apertus"))
+    tiny = probe.tiny_model()
+    before = tiny.config.dtype
+    probe.checkpoint_names(tiny)
+    assert tiny.config.dtype == before and not isinstance(tiny.config.dtype, str)
+    build_model(type(tiny), tiny.config)
