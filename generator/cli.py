@@ -207,10 +207,11 @@ def _targets(args_list: list[str], trust_remote_code: bool = False) -> list:
 
 def _default_config(source):
     from .probe import quiet_transformers
+    from .tiny import default_config
 
     try:
         with quiet_transformers():
-            return source.config_cls()
+            return default_config(source.config_cls)
     except Exception:  # inference reports a config that does not build, with its reason
         return None
 

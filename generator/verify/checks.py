@@ -29,6 +29,7 @@ from .models import (
     shapes,
     under,
 )
+from ..tiny import default_config
 from .oracle import KINDS, Reference, set_size
 
 _PREFIX = {"attention": "attn", "ffn": "mlp"}
@@ -151,7 +152,7 @@ def _partition(s: Subject, names, label: str, n: int) -> None:
 def _variants(s: Subject):
     """Other configs of the same type the descriptor must also partition: the default sizes,
     tied embeddings, and every `*_bias` option the config has turned on."""
-    yield "default-size", s.config_cls()
+    yield "default-size", default_config(s.config_cls)
     yield "tiny tied", s.tied_config
     flags = {k: True for k, v in s.config.to_dict().items() if k.endswith("_bias") and v is False}
     if flags:
