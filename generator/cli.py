@@ -117,18 +117,22 @@ def _plan_one(target, out_flag: str | None, keep_going: bool = False):
     config = target.config if not isinstance(target, str) else None
     if config is None:
         config = _default_config(resolve(target if isinstance(target, str) else target.model_type))
-    fam = coverage.family(config)
+    try:
+        fam = coverage.family(config)
+    except Exception:  # a config that does not describe its layers the usual way
+        fam = ""
     try:
         if keep_going:
             reason = coverage.out_of_scope(target, config)
             if reason is not None:
                 return coverage.Row(target, coverage.OUT_OF_SCOPE, reason, fam)
         spec = infer(target)
-    except PuzzleGenError as exc:
+    except Exception as exc:  # with --all, one type's failure never stops the others
         if not keep_going:
             raise
-        _progress(f"    not generated: {exc}")
-        return coverage.Row(target, coverage.NOT_GENERATED, coverage.first_line(exc), fam)
+        reason = str(exc) if isinstance(exc, PuzzleGenError) else f"internal error: {exc!r}"
+        _progress(f"    not generated: {reason}")
+        return coverage.Row(target, coverage.NOT_GENERATED, coverage.first_line(reason), fam)
     return _Planned(
         spec.model_type,
         spec.package,

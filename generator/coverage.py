@@ -52,6 +52,9 @@ def out_of_scope(model_type: str, config: Any) -> str | None:
         return "the decoder half of an encoder-decoder model (its layers cross-attend)"
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return "an encoder (transformers maps it to a masked LM); it decodes only as is_decoder"
+    fields = config.to_dict() if config is not None else {}
+    if any(name.startswith("cross_attention") for name in fields):  # TrOCR: sized for an encoder
+        return "a decoder built to cross-attend to an encoder (used inside an encoder-decoder)"
     return None
 
 
@@ -59,6 +62,20 @@ FAMILIES = ("dense", "MoE", "hybrid", "multimodal")
 
 # config field names that declare a mixer other than attention (Mamba, SSM, convolutions, ...)
 _NON_ATTENTION_FIELD_WORDS = ("mamba", "ssm", "conv_kernel", "block_types", "attn_layer")
+# sub-configs of another modality (GIT's vision_config, Moshi's audio_encoder_config)
+_OTHER_MODALITIES = ("vision", "audio", "image", "speech")
+# attention head counts: a config with none has no attention at all (RWKV)
+_HEAD_COUNT_FIELDS = (
+    "num_attention_heads",
+    "n_head",
+    "num_heads",
+    "n_heads",
+    "decoder_attention_heads",
+    "attention_heads",
+    "num_attention_heads_per_layer",
+)
+# recurrent families that name themselves in their model type (xLSTM keeps a num_heads field)
+_RECURRENT_TYPES = ("lstm", "rwkv")
 # config fields that hold an expert count
 _EXPERT_FIELDS = (
     "num_local_experts",
@@ -71,27 +88,54 @@ _EXPERT_FIELDS = (
 
 def family(config: Any) -> str:
     """Which kind of stack a default config describes, for reporting coverage by family:
-    multimodal (a nested text config), hybrid (a layer type that is linear attention or not
-    attention at all, or fields of a Mamba / SSM / convolution mixer), MoE (an expert count above
-    one), else dense. "" when the config does not build."""
+    multimodal (a nested text config, or a sub-config of another modality), hybrid (a layer
+    type that is linear attention or not attention at all, fields of a Mamba / SSM /
+    convolution mixer, or no attention heads at all), MoE (expert fields), else dense. "" when
+    the config does not build."""
     if config is None:
         return ""
     try:
         text = config.get_text_config()
     except Exception:
         return ""
-    if text is not config:
+    if text is not config or any(
+        name.endswith("_config") and any(m in name for m in _OTHER_MODALITIES)
+        for name in config.to_dict()
+    ):
         return "multimodal"
     fields = text.to_dict()
     layer_types = [t for t in fields.get("layer_types") or [] if isinstance(t, str)]
-    if any("linear" in t or "attention" not in t for t in layer_types) or any(
-        word in name for name in fields for word in _NON_ATTENTION_FIELD_WORDS
+    recurrent = not any(name in fields for name in _HEAD_COUNT_FIELDS) or any(
+        word in str(fields.get("model_type", "")) for word in _RECURRENT_TYPES
+    )
+    if (
+        recurrent
+        or any("linear" in t or "attention" not in t for t in layer_types)
+        or any(word in name for name in fields for word in _NON_ATTENTION_FIELD_WORDS)
     ):
         return "hybrid"
-    experts = [fields.get(name) for name in _EXPERT_FIELDS]
-    if any(isinstance(n, int) and not isinstance(n, bool) and n > 1 for n in experts):
+    if _has_experts(fields):
         return "MoE"
     return "dense"
+
+
+def _has_experts(fields: dict) -> bool:
+    """An expert count above one, or any set expert / MoE field (a default of one expert, as
+    in HunYuan-MoE, or of None, as in dots1, still makes a mixture-of-experts family), also in
+    nested sub-configs (DBRX's ffn_config)."""
+    for name, value in fields.items():
+        if not isinstance(name, str):  # id2label and other int-keyed tables
+            continue
+        if isinstance(value, dict):
+            if _has_experts(value):
+                return True
+            continue
+        if name in _EXPERT_FIELDS and isinstance(value, int) and value > 1:
+            return True
+        lowered = name.lower()
+        if ("moe" in lowered or "expert" in lowered) and value not in (None, False, 0, [], ""):
+            return True
+    return False
 
 
 def load(out_dir: Path) -> dict[str, Row]:

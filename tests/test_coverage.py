@@ -107,3 +107,24 @@ def test_committed_coverage_lists_every_known_type():
         assert f"| `{t}` |" in table
     for t in generated.available():
         assert rows[t].status in coverage.GENERATED_STATUSES
+
+
+def test_generate_all_records_an_internal_error_and_goes_on(tmp_path, monkeypatch):
+    """A crash inside one type's inference (a bug, not a user error) is that type's reason."""
+    import generator.infer as infer_module
+
+    real = infer_module.infer
+
+    def crashing(target):
+        if target == "qwen2":
+            raise AttributeError("'Qwen2Config' object has no attribute 'num_hidden_layers'")
+        return real(target)
+
+    monkeypatch.setattr(infer_module, "infer", crashing)
+    monkeypatch.setattr(source_module, "known_model_types", lambda: ["llama", "qwen2"])
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "--all", "--jobs", "1", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert rows["qwen2"]["status"] == coverage.NOT_GENERATED
+    assert rows["qwen2"]["reason"].startswith("internal error: AttributeError(")
+    assert rows["llama"]["status"] == coverage.UNVERIFIED

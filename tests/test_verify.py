@@ -171,3 +171,25 @@ def test_oracle_finds_cores_that_add_the_residual_they_are_passed():
 def test_an_ordinary_core_adds_nothing_it_is_passed(phi_reference):
     assert phi_reference.adds_passed_stream(1, "self_attn") is None
     assert phi_reference.adds_passed_stream(1, "mlp") is None
+
+
+@pytest.mark.parametrize(
+    "model_type, norm",
+    [
+        ("olmo", "model.norm"),  # a LayerNorm without weights
+        ("nanochat", "model.norm"),  # one module norms the embeddings and the last layer
+        ("opt", "model.decoder.final_layer_norm"),
+    ],
+)
+def test_final_norm_is_found_by_what_it_does(model_type, norm):
+    from generator.source import resolve
+
+    ref = Reference(verification_config(resolve(model_type).config_cls))
+    assert ref.final_norms == [norm]
+
+
+def test_an_ffn_width_under_another_name_is_found_by_its_shapes():
+    from transformers import CTRLConfig
+
+    field = Reference(verification_config(CTRLConfig)).size_fields["ffn.intermediate_size"]
+    assert field.field == "dff"

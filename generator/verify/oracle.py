@@ -208,23 +208,30 @@ class Reference:
     @cached_property
     def spans(self) -> dict[str, tuple[int, int]]:
         """module path -> (first start, last end) in a forward of the reference model."""
+        return {k: (v[0][0], v[-1][1]) for k, v in self.calls.items()}
+
+    @cached_property
+    def calls(self) -> dict[str, list[tuple[int, int]]]:
+        """module path -> (start, end) of each of its calls in a forward of the reference
+        model (a module may run more than once: NanoChat norms its embeddings and its last
+        hidden states with one module)."""
         tick = itertools.count()
-        spans: dict[str, list[int]] = {}
+        calls: dict[str, list[list[int]]] = {}
         handles = []
         for name, mod in self.model.named_modules():
             if not name:
                 continue
 
             def pre(_m, _a, name=name):
-                spans.setdefault(name, [next(tick), -1])
+                calls.setdefault(name, []).append([next(tick), -1])
 
             def post(_m, _a, _o, name=name):
-                spans[name][1] = next(tick)
+                calls[name][-1][1] = next(tick)
 
             handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
         with hooks(*handles):
             logits(self.model, self.input_ids)
-        return {k: (v[0], v[1]) for k, v in spans.items()}
+        return {k: [(a, b) for a, b in v] for k, v in calls.items()}
 
     def _outside_stack(self, before: bool) -> set[str]:
         first = self.spans[self.layer_path(0)][0]
@@ -261,15 +268,45 @@ class Reference:
 
     @cached_property
     def final_norms(self) -> list[str]:
-        """Modules with vectors only (norms) that run between the last layer and the head."""
+        """The norms the model applies between its last layer and the head: modules run in
+        that window whose weights, if any, are vectors and whose output does not change when
+        their (scaled-up) input is scaled again (a norm, with or without weights; a dropout or
+        an identity does change)."""
         last = self.spans[self.layer_path(self.num_layers - 1)][1]
         head = self.paths[id(self.model.get_output_embeddings())]
         head_start = self.spans[head][0]
-        found = []
-        for p, (s, e) in sorted(self.spans.items(), key=lambda kv: kv[1]):
+        window = []
+        for p, calls in sorted(self.calls.items(), key=lambda kv: kv[1][-1]):
             mod = self.model.get_submodule(p)
             own = list(mod.parameters(recurse=False))
-            if s > last and e < head_start and own and all(t.dim() == 1 for t in own):
+            in_window = any(s > last and e < head_start for s, e in calls)
+            if in_window and all(t.dim() == 1 for t in own):
+                if own or not any(True for _ in mod.children()):
+                    window.append(p)
+        inputs: dict[str, tuple] = {}  # the input of each module's last call
+
+        def keep(p, args, kwargs) -> None:
+            inputs[p] = (args, kwargs)
+
+        handles = [
+            self.model.get_submodule(p).register_forward_pre_hook(
+                lambda _m, args, kwargs, p=p: keep(p, args, kwargs), with_kwargs=True
+            )
+            for p in window
+        ]
+        with hooks(*handles):
+            logits(self.model, self.input_ids)
+        found = []
+        for p in window:
+            args, kwargs = inputs.get(p, ((), {}))
+            x = call_input(args, kwargs)
+            if x is None or not x.is_floating_point():
+                continue
+            mod = self.model.get_submodule(p)
+            with torch.no_grad():  # large scales, so that a norm's epsilon does not show
+                a = first_tensor(mod(x * 100.0))
+                b = first_tensor(mod(x * 1000.0))
+            if a is not None and b is not None and torch.allclose(a, b, rtol=1e-3, atol=1e-4):
                 found.append(p)
         return found
 
@@ -463,7 +500,35 @@ class Reference:
                     )
                     found[size] = SizeField(size, kind, name, value, smaller, layer)
                     break
+            if size == "ffn.intermediate_size" and size not in found:
+                other = self._other_width_field(base, allowed)
+                if other is not None:
+                    found[size] = other
         return found
+
+    def _other_width_field(self, base: dict, allowed: set[str]) -> SizeField | None:
+        """An FFN width under a name the table does not list (CTRL's `dff`): an int field
+        whose halving resizes only FFN tensors, to that very number."""
+        listed = {f for fields in SIZE_FIELDS.values() for f in fields}
+        for name, value in sorted(self.text.to_dict().items()):
+            if name in listed or not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value < 4 or getattr(self.text, name, None) != value:
+                continue
+            smaller = value // 2
+            try:
+                resized = self.meta_shapes(self.with_fields({name: smaller}))
+            except Exception:
+                continue
+            changed = {k for k in base if resized.get(k) != base[k]} | (set(resized) - set(base))
+            if (
+                changed
+                and changed <= allowed
+                and any(smaller in resized.get(k, ()) for k in changed)
+            ):
+                layer = min(i for i in range(self.num_layers) if under(changed, self.layer_path(i)))
+                return SizeField("ffn.intermediate_size", "ffn", name, value, smaller, layer)
+        return None
 
     def _smaller(self, size: str, value: int) -> int | None:
         if size == "attention.num_key_value_heads":
