@@ -494,6 +494,7 @@ def _verify_all(out_dir: Path, jobs: int | None) -> int:
                 coverage.FAILING,
                 coverage.first_line(f"{bad[0].name}: {bad[0].detail}"),
                 family,
+                tuple(c.name for c in bad),
             )
         )
 

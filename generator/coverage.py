@@ -32,6 +32,7 @@ class Row:
     status: str
     reason: str = ""  # the failing check and how, the fact not inferred, or why out of scope
     family: str = ""  # dense | MoE | hybrid | multimodal (see `family`), "" when unknown
+    failed_checks: tuple[str, ...] = ()  # every check a failing type fails, in order
 
     @property
     def verified_or_failing(self) -> bool:
@@ -144,7 +145,13 @@ def load(out_dir: Path) -> dict[str, Row]:
         return {}
     data = json.loads(path.read_text(encoding="utf-8"))
     return {
-        t: Row(t, r["status"], r.get("reason", ""), r.get("family", ""))
+        t: Row(
+            t,
+            r["status"],
+            r.get("reason", ""),
+            r.get("family", ""),
+            tuple(r.get("failed_checks", ())),
+        )
         for t, r in data["types"].items()
     }
 
@@ -153,7 +160,8 @@ def dumps(rows: dict[str, Row], transformers_version: str) -> str:
     data = {
         "transformers_version": transformers_version,
         "types": {
-            t: {k: v for k, v in asdict(rows[t]).items() if k != "model_type"} for t in sorted(rows)
+            t: {k: v for k, v in asdict(rows[t]).items() if k != "model_type" and v != ()}
+            for t in sorted(rows)
         },
     }
     return json.dumps(data, indent=1, sort_keys=False) + "\n"

@@ -56,6 +56,7 @@ def test_verify_all_records_results_and_fails_on_a_broken_descriptor(tmp_path, f
     assert rows["llama"] == {"status": coverage.VERIFIED, "reason": "", "family": "dense"}
     assert rows["qwen3"]["status"] == coverage.FAILING
     assert rows["qwen3"]["reason"].startswith("names: final_norm_name() is None")
+    assert "names" in rows["qwen3"]["failed_checks"]
     table = (out / "COVERAGE.md").read_text()
     assert "| `llama` | dense | verified | `llama.LlamaModelDescriptor` |" in table
     assert "| `qwen3` | dense | failing |" in table

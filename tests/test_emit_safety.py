@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import keyword
 import string
-from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -42,7 +41,7 @@ def base_spec() -> DescriptorSpec:
 def execute(source: str) -> dict:
     """Compile and run a rendered descriptor module; the factory registration is undone."""
     namespace: dict = {"__name__": "_emit_safety_descriptor"}
-    with mock.patch.dict(ModelDescriptorFactory._registry):
+    with ModelDescriptorFactory.scratch():  # the model type may be registered already
         exec(compile(source, "<descriptor>", "exec"), namespace)
     return namespace
 

@@ -45,11 +45,7 @@ def test_verify(model_type, check):
     verified) type; for a type recorded as failing, the recorded check still fails."""
     row = COVERAGE.get(model_type)
     result = run_check(subject(model_type), check)
-    if (
-        row is not None
-        and row.status == coverage.FAILING
-        and row.reason.startswith(check.name + ":")
-    ):
+    if row is not None and row.status == coverage.FAILING and check.name in row.failed_checks:
         assert not result.ok, f"{model_type} is recorded as failing {check.name!r}, but passes it"
     else:
         assert result.ok, f"{model_type}: {check.name}: {result.detail}"
@@ -104,6 +100,8 @@ def test_checkpoint_names_partition(model_type, tmp_path):
 
 @pytest.mark.parametrize("model_type", BY_TYPE)
 def test_a_both_no_op_layer_has_no_subblock_weights(model_type):
+    if COVERAGE.get(model_type) and COVERAGE[model_type].status == coverage.FAILING:
+        pytest.skip("recorded as failing a check: its no-ops are not claimed to work")
     s = subject(model_type)
     blocks = s.reference.own_block_configs()
     blocks[1] = {"attention": {"no_op": True}, "ffn": {"no_op": True}}
