@@ -21,8 +21,8 @@ pytestmark = pytest.mark.xdist_group("mutants")  # one worker builds the two sub
 @pytest.fixture(scope="module")
 def descriptors(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "gen"
-    assert cli.main(["generate", "llama", "phi", "--out", str(out)]) == 0
-    return {t: load_descriptor(t, out) for t in ("llama", "phi")}
+    assert cli.main(["generate", "llama", "phi", "bloom", "--out", str(out)]) == 0
+    return {t: load_descriptor(t, out) for t in ("llama", "phi", "bloom")}
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +280,20 @@ def phi_no_ffn_override(base):
     return M
 
 
+# -- bloom (its attention and MLP add the residual they are passed) ----------------------------
+def bloom_mlp_no_op_returns_zeros(base):
+    """The MLP no-op returns zeros, as for Llama, though Bloom's MLP adds the residual itself:
+    the layer then drops its residual stream."""
+
+    class M(base):
+        @staticmethod
+        def mlp_no_op_post_init(decoder_layer):
+            decoder_layer.post_attention_layernorm = Same()
+            decoder_layer.mlp = MatchingZeros()
+
+    return M
+
+
 MUTANTS = [
     ("llama", llama_norm_in_ffn, "no-ops"),
     ("llama", llama_norm_in_ffn, "weight groups"),
@@ -304,6 +318,7 @@ MUTANTS = [
     ("phi", phi_attention_dense_in_ffn_group, "weight groups"),
     ("phi", phi_no_final_norm, "names"),
     ("phi", phi_no_ffn_override, "overrides"),
+    ("bloom", bloom_mlp_no_op_returns_zeros, "no-ops"),
 ]
 
 
@@ -320,7 +335,7 @@ def test_mutant_fails_the_right_check(descriptors, subjects, model_type, mutate,
     print(f"{mutate.__name__}: {check}: {result.detail}")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi"])
+@pytest.mark.parametrize("model_type", ["llama", "phi", "bloom"])
 def test_unmutated_descriptor_passes(descriptors, model_type):
     assert failed(descriptors[model_type], model_type) == {}
 
