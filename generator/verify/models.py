@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -150,7 +150,3 @@ def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 def under(names, prefix: str) -> set[str]:
     """The names below module `prefix`."""
     return {n for n in names if n.startswith(prefix + ".")}
-
-
-def forward_hook(module: nn.Module, fn: Callable) -> Any:
-    return hooks(module.register_forward_hook(fn, with_kwargs=True))

@@ -179,6 +179,10 @@ class Reference:
         self.model = reference_model(config, seed=seed)
         self.input_ids = sample_input(config)
         self.paths = {id(m): n for n, m in self.model.named_modules()}
+        # per-layer facts, computed on first use (each costs forwards of the reference)
+        self._roles: dict[int, LayerRoles] = {}
+        self._cores: dict[int, dict[str, str]] = {}
+        self._adds: dict[tuple[int, str], Any] = {}
 
     # -- the stack ------------------------------------------------------------------------------
     @cached_property
@@ -327,8 +331,6 @@ class Reference:
 
     # -- roles inside a layer -------------------------------------------------------------------
     def roles(self, i: int) -> LayerRoles:
-        if not hasattr(self, "_roles"):
-            self._roles: dict[int, LayerRoles] = {}
         if i not in self._roles:
             self._roles[i] = self._compute_roles(i)
         return self._roles[i]
@@ -405,8 +407,6 @@ class Reference:
         """Where core `name` of layer i is passed a second hidden-states tensor that it adds to
         its output unchanged (a residual join inside the module): shifting that argument by a
         constant shifts the output by the same constant. None for a core that does not."""
-        if not hasattr(self, "_adds"):
-            self._adds: dict[tuple[int, str], Any] = {}
         if (i, name) in self._adds:
             return self._adds[(i, name)]
         core = self.layer(i).get_submodule(name)
@@ -448,8 +448,6 @@ class Reference:
 
     def roles_cores(self, i: int) -> dict[str, str]:
         """Only the cores (computing them does not need the zeroing hooks)."""
-        if not hasattr(self, "_cores"):
-            self._cores: dict[int, dict[str, str]] = {}
         if i not in self._cores:
             layer = self.layer(i)
             context: dict[str, bool] = {}
