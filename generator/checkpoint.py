@@ -208,7 +208,7 @@ def check_checkpoint(ckpt: Checkpoint, preds, probe) -> None:
 
     tensors = ckpt.tensors
     num_layers = probe.num_layers
-    layer_re = re.compile(rf"^{preds.layer_prefix}\.(\d+)\.")
+    layer_re = re.compile(rf"^{preds.layer_prefix_regex()}\.(\d+)\.")
     seen_layers = {int(m.group(1)) for n in tensors if (m := layer_re.match(n))}
     config_path = ckpt.directory / CONFIG
     if seen_layers and max(seen_layers) >= num_layers:

@@ -406,8 +406,8 @@ def format_spec(spec) -> str:
     rows = [
         ("embeddings", " | ".join(p.embeddings)),
         ("lm_head", " | ".join(p.lm_head)),
-        ("block_i_attention", f"{p.layer_prefix}\\.i\\.({' | '.join(p.attention)})"),
-        ("block_i_ffn", f"{p.layer_prefix}\\.i\\.({' | '.join(p.ffn)})"),
+        ("block_i_attention", f"{p.layer_prefix_regex()}\\.i\\.({' | '.join(p.attention)})"),
+        ("block_i_ffn", f"{p.layer_prefix_regex()}\\.i\\.({' | '.join(p.ffn)})"),
     ]
     lines.extend(f"  {name:<17}  {value}" for name, value in rows)
     return "\n".join(lines)

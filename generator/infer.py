@@ -15,11 +15,12 @@ from torch import nn
 
 from puzzletron_runtime.buffers import empty_buffers, init_owners, rebuild_buffers
 
-from . import __version__, predicates
+from . import __version__, kinds, predicates
 from .analysis import layer_flow, model_structure
 from .analysis.layer_flow import ATTENTION, FFN, LayerFlow
 from .analysis.source_index import SourceIndex, dotted
 from .checkpoint import check_checkpoint, origin_fields
+from .descriptor_view import layer_ranges
 from .errors import InferenceError, ProbeMismatch
 from .probe import Probe, build_model, layer_children
 from .overrides import infer_overrides
@@ -27,13 +28,16 @@ from .variants import variant_children
 from .source import ModelSource, resolve
 from .spec import (
     ClassRef,
+    ConfigOverride,
     ConfigVariant,
     DescriptorSpec,
     DummyBlock,
     Fact,
+    LayerKind,
     ModuleReplacement,
     RebuiltBuffers,
     Subblock,
+    BLOCK_CONFIG_ATTRS,
     is_identifier,
 )
 
@@ -50,9 +54,10 @@ class _Context:
     index: SourceIndex
     probe: Probe
     facts: list[Fact]
+    scope: str = ""  # "<layer kind>: " while a kind of a several-kind stack is analysed
 
     def fact(self, name: str, value: object, evidence) -> None:
-        self.facts.append(Fact(name, str(value), tuple(evidence)))
+        self.facts.append(Fact(self.scope + name, str(value), tuple(evidence)))
 
 
 def infer(model_type: str | ModelSource) -> DescriptorSpec:
@@ -66,15 +71,10 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     probe = ctx.probe
 
     stack_path, stack_at, layer_classes = _layer_stack(ctx)
-    if len(layer_classes) != 1:
-        names = ", ".join(c.__name__ for c in layer_classes)
-        raise InferenceError(
-            "the decoder layer class",
-            f"the stack mixes several classes ({names}); hybrid " "stacks are not supported yet",
-        )
-    layer = probe.module(f"{stack_path}.0")
-    flow = layer_flow.analyze_layer(type(layer), layer, layer_children(layer), ctx.index)
-    arity = _confirm_calls(ctx, flow, f"{stack_path}.0")
+    stack = probe.module(stack_path)
+    groups = kinds.group_layers(stack)
+    tiny = _tiny_model(ctx)
+    tiny_groups = kinds.group_layers(tiny.get_submodule(stack_path))
 
     owner_path = stack_path.rpartition(".")[0]
     owner = probe.module(owner_path)
@@ -96,7 +96,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
             else ["nothing is called on the hidden states after the loop"]
         ),
     )
-    dummy = _dummy_block(ctx, loop, layer)
+    dummy = _dummy_block(ctx, loop, [stack[g.layers[0]] for g in groups])
 
     input_embedding = probe.input_embedding()
     output_embedding = probe.output_embedding()
@@ -105,38 +105,31 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     tied_how = "shares the embedding weight" if probe.tied() else "has its own weight"
     ctx.fact("tied embeddings", probe.tied(), [f"probe: the default config's LM head {tied_how}"])
 
-    subblocks = {
-        kind: _subblock(ctx, flow, kind, arity, layer, stack_path) for kind in (ATTENTION, FFN)
-    }
-    _check_coverage(ctx, flow, layer, subblocks)
+    selectors = kinds.selectors(groups, stack)
+    every_child = {n for g in groups for n in g.names}
+    layer_kinds: list[LayerKind] = []
+    overrides: dict[tuple[str, str], ConfigOverride] = {}
     variants: list[ConfigVariant] = []
-    for child in variant_children(probe, ctx.index, layer, stack_path):
-        flag = child.flag if child.flag and is_identifier(child.flag) else None
-        variants.append(
-            ConfigVariant(child.name, child.kind, flag, child.flag_value if flag else None)
+    for group, selector in zip(groups, selectors):
+        label = kinds.label(group, groups)
+        ctx.scope = f"{label}: " if len(groups) > 1 else ""
+        tiny_index = _tiny_layer(group, tiny_groups, label)
+        kind, found, kind_variants = _layer_kind(
+            ctx, group, label, selector, stack_path, tiny_index, every_child
         )
-        if not child.kind:
-            ctx.fact(f"{child.name} (other configs)", "not grouped", child.evidence)
-            continue
-        if not is_identifier(child.name):
-            raise InferenceError("a layer child other configs add", repr(child.name))
-        sb = subblocks[child.kind]
-        why = "built by other configs; passes its input through on a no-op"
-        subblocks[child.kind] = dataclasses.replace(
-            sb,
-            replacements=sb.replacements
-            + (ModuleReplacement(child.name, "Same", None, (why,) + child.evidence),),
-            weight_modules=sb.weight_modules + (child.name,),
-        )
-        ctx.fact(f"{child.name} (other configs)", f"in the {child.kind} subblock", child.evidence)
-    if flow.shared:
+        layer_kinds.append(kind)
+        variants.extend(v for v in kind_variants if v not in variants)
+        for o in found:
+            overrides.setdefault((o.block_config_attr, o.config_field), o)
+    ctx.scope = ""
+    _check_overrides(overrides.values())
+    order = list(BLOCK_CONFIG_ATTRS)
+    overrides = dict(sorted(overrides.items(), key=lambda kv: order.index(kv[0][0])))
+    if len(groups) > 1:
         ctx.fact(
-            "shared modules",
-            ", ".join(flow.shared),
-            [
-                f"used by both subblocks of the {flow.layout} layout: left in place on a no-op; "
-                "their weights are grouped with the attention subblock"
-            ],
+            "layer kinds",
+            "; ".join(f"{k.label}: layers {layer_ranges(k.layers)}" for k in layer_kinds),
+            [f"probe: the classes and children of every layer in {stack_path}"],
         )
 
     def weighted(names: list[str]) -> list[str]:
@@ -184,14 +177,21 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
                 f"called {'before' if group == 'embeddings' else 'after'} the layer loop",
             ],
         )
-    attention_weights = list(subblocks[ATTENTION].weight_modules) + [
-        s for s in flow.shared if _has_params(getattr(layer, s))
-    ]
+    attention_weights, ffn_weights, tensors, followers = _weight_modules(layer_kinds, stack)
     preds = predicates.build(
-        embeddings, lm_head, stack_path, attention_weights, subblocks[FFN].weight_modules
+        embeddings, lm_head, stack_path, attention_weights, ffn_weights, tensors, followers
     )
+    if followers:
+        ctx.fact(
+            "weight group of " + ", ".join(followers),
+            "the subblock its layer has",
+            [
+                f"{', '.join(followers)} precede the only subblock of every layer kind that has "
+                "them, attention in some and FFN in others: get_weight_groups moves them from "
+                "the attention group to the FFN group of layers without attention"
+            ],
+        )
     predicates.validate(preds, probe.state_keys, probe.num_layers, "the default model's state dict")
-    tiny = probe.tiny_model()
     tiny_layers = int(tiny.config.get_text_config().num_hidden_layers)
     predicates.validate(preds, tiny.state_dict().keys(), tiny_layers, "the tiny model's state dict")
     on_disk = probe.checkpoint_names(tiny)
@@ -204,7 +204,6 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
 
     buffers = _rebuilt_buffers(ctx, tiny)
     causal = source.causal_lm_cls
-    layer_cls = layer_classes[0]
     return DescriptorSpec(
         model_type=model_type,
         package=_package_name(model_type),
@@ -214,7 +213,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         modeling_module=source.modeling_module,
         config_class=ClassRef(source.config_cls.__module__, source.config_cls.__name__),
         causal_lm_class=ClassRef(causal.__module__, causal.__name__),
-        decoder_layer_classes=(ClassRef(layer_cls.__module__, layer_cls.__name__),),
+        decoder_layer_classes=tuple(kinds.ref(c) for c in layer_classes),
         layer_stack=stack_path,
         layer_stack_at=stack_at,
         num_layers_field="num_hidden_layers",
@@ -224,10 +223,8 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         final_norm=final_norm,
         final_norm_at=loop.final_norm_at if final_norm else None,
         tied_embeddings=probe.tied(),
-        layout=flow.layout,
-        attention=subblocks[ATTENTION],
-        ffn=subblocks[FFN],
-        shared_modules=tuple(flow.shared),
+        kinds=tuple(layer_kinds),
+        overrides=tuple(overrides.values()),
         rebuilt_buffers=tuple(buffers),
         dummy_block=dummy,
         predicates=preds,
@@ -313,6 +310,188 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+# -- layer kinds ------------------------------------------------------------------------------
+def _tiny_model(ctx: _Context) -> nn.Module:
+    try:
+        return ctx.probe.tiny_model()
+    except InferenceError:
+        raise
+    except Exception as exc:
+        raise InferenceError(
+            "a traced forward of a tiny model",
+            f"the tiny config does not build: {type(exc).__name__}: {exc}",
+        ) from None
+
+
+def _tiny_layer(group: kinds.KindGroup, tiny_groups: list[kinds.KindGroup], label: str) -> int:
+    """The first layer of the tiny model with the kind of `group` (the tiny model is where the
+    kind is traced and its overrides are proven)."""
+    for g in tiny_groups:
+        if (g.layer_class, g.children) == (group.layer_class, group.children):
+            return g.layers[0]
+    raise InferenceError(
+        "a tiny model with every layer kind",
+        f"the tiny config builds no layer like layers {layer_ranges(group.layers)} of the probed "
+        f"config ({label}); the tiny config's layers are "
+        + "; ".join(f"{layer_ranges(g.layers)}: {', '.join(g.names)}" for g in tiny_groups),
+    )
+
+
+def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child):
+    """Analyse the first layer of a kind: its subblocks, no-op plans, overrides, variants."""
+    probe = ctx.probe
+    first = group.layers[0]
+    layer = probe.module(f"{stack_path}.{first}")
+    flow = layer_flow.analyze_layer(type(layer), layer, layer_children(layer), ctx.index)
+    tiny_path = f"{stack_path}.{tiny_index}"
+    arity = _confirm_calls(ctx, flow, tiny_path)
+    subblocks: dict[str, Subblock] = {}
+    found: list[ConfigOverride] = []
+    for kind in (ATTENTION, FFN):
+        if kind not in flow.subblocks:
+            ctx.fact(
+                f"{kind} subblock",
+                "none",
+                [f"{flow.class_name}: no residual segment of this kind"] + flow.evidence,
+            )
+            continue
+        sb = flow.subblocks[kind]
+        subblocks[kind] = _subblock(ctx, flow, kind, arity, stack_path, group)
+        found.extend(infer_overrides(ctx, kind, sb, layer, tiny_path))
+    if not subblocks:
+        raise InferenceError(
+            f"the subblocks of {flow.class_name}", "no residual segment", flow.evidence
+        )
+    _check_coverage(ctx, flow, layer, subblocks)
+    variants: list[ConfigVariant] = []
+    for child in variant_children(
+        probe, ctx.index, layer, stack_path, tiny_index, known=every_child
+    ):
+        flag = child.flag if child.flag and is_identifier(child.flag) else None
+        variants.append(
+            ConfigVariant(child.name, child.kind, flag, child.flag_value if flag else None)
+        )
+        if not child.kind:
+            ctx.fact(f"{child.name} (other configs)", "not grouped", child.evidence)
+            continue
+        if not is_identifier(child.name):
+            raise InferenceError("a layer child other configs add", repr(child.name))
+        sb = subblocks.get(child.kind)
+        if sb is None:
+            raise InferenceError(
+                f"the subblock of {child.name} (built by other configs)",
+                f"it belongs to the {child.kind} subblock, which this layer kind lacks",
+                child.evidence,
+            )
+        why = "built by other configs; passes its input through on a no-op"
+        subblocks[child.kind] = dataclasses.replace(
+            sb,
+            replacements=sb.replacements
+            + (ModuleReplacement(child.name, "Same", None, (why,) + child.evidence),),
+            weight_modules=sb.weight_modules + (child.name,),
+        )
+        ctx.fact(f"{child.name} (other configs)", f"in the {child.kind} subblock", child.evidence)
+    if flow.shared:
+        ctx.fact(
+            "shared modules",
+            ", ".join(flow.shared),
+            [
+                f"used by both subblocks of the {flow.layout} layout: left in place on a no-op; "
+                "their weights are grouped with the attention subblock"
+            ],
+        )
+    kind = LayerKind(
+        label=label,
+        layer_class=kinds.ref(group.layer_class),
+        children=group.names,
+        layers=tuple(group.layers),
+        layout=flow.layout,
+        attention=subblocks.get(ATTENTION),
+        ffn=subblocks.get(FFN),
+        shared_modules=tuple(flow.shared),
+        selector=selector,
+        evidence=(
+            f"probe: layers {layer_ranges(group.layers)} of the probed config are "
+            f"{group.layer_class.__name__}s with {', '.join(group.names)}",
+        ),
+    )
+    return kind, found, variants
+
+
+def _check_overrides(overrides) -> None:
+    """One config field per block-config size: two sizes written to one field would race."""
+    fields: dict[str, str] = {}
+    for o in overrides:
+        other = fields.setdefault(o.config_field, o.block_config_attr)
+        if other != o.block_config_attr:
+            raise InferenceError(
+                f"the override of config.{o.config_field}",
+                f"two block-config sizes map to it ({other} and {o.block_config_attr})",
+                list(o.evidence),
+            )
+
+
+def _weight_modules(layer_kinds: list[LayerKind], stack):
+    """What the attention and the FFN predicates list, over every kind: layer children, or,
+    for a child that is attention in some kinds and FFN in others (Nemotron-H's `mixer`), the
+    modules and tensors below it, which differ between its roles. A child whose tensors do not
+    differ (Nemotron-H's `norm`) must sit in layers with one subblock: it follows that subblock.
+
+    Returns (attention, ffn, tensors, followers): names relative to a layer, the ones in
+    `tensors` single tensors, `followers` among `attention`."""
+    roles: dict[str, dict[str, list[LayerKind]]] = {}
+    for k in layer_kinds:
+        layer = stack[k.layers[0]]
+        for sb in (k.attention, k.ffn):
+            for name in sb.weight_modules if sb is not None else ():
+                roles.setdefault(name, {}).setdefault(sb.kind, []).append(k)
+        for name in k.shared_modules:
+            if _has_params(getattr(layer, name)):
+                roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
+    attention: list[str] = []
+    ffn: list[str] = []
+    tensors: list[str] = []
+    followers: list[str] = []
+    for name, by_role in roles.items():
+        if len(by_role) == 1:
+            if ATTENTION in by_role:
+                attention.append(name)
+            else:
+                ffn.append(name)
+            continue
+        below = {role: _below(name, kinds_, stack) for role, kinds_ in by_role.items()}
+        if not below[ATTENTION] & below[FFN]:
+            for role, entries in below.items():
+                for entry, is_tensor in sorted(entries):
+                    (attention if role == ATTENTION else ffn).append(entry)
+                    if is_tensor:
+                        tensors.append(entry)
+            continue
+        kinds_ = [k for ks in by_role.values() for k in ks]
+        if all((k.attention is None) != (k.ffn is None) for k in kinds_):
+            attention.append(name)
+            followers.append(name)
+            continue
+        raise InferenceError(
+            f"the weight group of {name}",
+            "it is in the attention subblock in some layer kinds and in the FFN in others, "
+            "in layers with both subblocks, and its tensors are named alike in both",
+            [f"{k.label}: layers {layer_ranges(k.layers)}" for k in kinds_],
+        )
+    return _unique(attention), _unique(ffn), _unique(tensors), followers
+
+
+def _below(name: str, layer_kinds, stack) -> set[tuple[str, bool]]:
+    """(name, is_tensor) of the children with weights and the own parameters of child `name`
+    in layers of `layer_kinds`."""
+    out = set()
+    for k in layer_kinds:
+        child = getattr(stack[k.layers[0]], name)
+        out |= {(f"{name}.{n}", False) for n, c in child.named_children() if _has_params(c)}
+        out |= {(f"{name}.{n}", True) for n, _ in child.named_parameters(recurse=False)}
+    return out
+
+
 # -- layer calls ------------------------------------------------------------------------------
 def _confirm_calls(ctx: _Context, flow: LayerFlow, layer_path: str) -> dict[str, int | None]:
     """Compare the static calls with a traced forward of a tiny model; return tuple sizes."""
@@ -352,16 +531,8 @@ def _confirm_calls(ctx: _Context, flow: LayerFlow, layer_path: str) -> dict[str,
     return arity
 
 
-def _subblock(
-    ctx, flow: LayerFlow, kind: str, arity, layer: nn.Module, stack_path: str
-) -> Subblock:
-    sb = flow.subblocks.get(kind)
-    if sb is None:
-        raise InferenceError(
-            f"the {kind} subblock of {flow.class_name}",
-            "no residual segment of this kind",
-            flow.evidence,
-        )
+def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) -> Subblock:
+    sb = flow.subblocks[kind]
     replacements = []
     for name in sb.members:
         core = name in sb.cores
@@ -384,12 +555,13 @@ def _subblock(
             ModuleReplacement(name, "MatchingZeros" if core else "Same", size, (why,))
         )
     # a child may hold weights in some layers only (ModernBERT-decoder's attn_norm is an
-    # Identity in layer 0): weights anywhere in the stack count
+    # Identity in layer 0): weights in any layer of the kind count
     stack = ctx.probe.module(stack_path)
+    layers = [stack[i] for i in group.layers]
     weight_modules = tuple(
         n
         for n in sb.members
-        if any(_has_params(getattr(each, n)) for each in stack if hasattr(each, n))
+        if any(_has_params(getattr(each, n)) for each in layers if hasattr(each, n))
     )
     ctx.fact(
         f"{kind} subblock",
@@ -403,10 +575,7 @@ def _subblock(
             f"a tuple of {size}" if size else "a tensor",
             [flow.sites[name], "probe: a traced forward of a tiny model agrees"],
         )
-    overrides = infer_overrides(ctx, kind, sb, layer, stack_path)
-    return Subblock(
-        kind, tuple(replacements), weight_modules, overrides, tuple(sb.joins), tuple(sb.evidence)
-    )
+    return Subblock(kind, tuple(replacements), weight_modules, tuple(sb.joins), tuple(sb.evidence))
 
 
 def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
@@ -428,11 +597,12 @@ def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
 
 
 # -- model loop ---------------------------------------------------------------------------------
-def _dummy_block(ctx, loop, layer: nn.Module) -> DummyBlock:
+def _dummy_block(ctx, loop, layers: list[nn.Module]) -> DummyBlock:
+    """What the loop reads from a layer; an attribute counts when every layer kind has it."""
     attrs = []
     for name in loop.layer_attributes:
-        value = getattr(layer, name, None)
-        if value is not None and not callable(value) and not isinstance(value, nn.Module):
+        values = [getattr(layer, name, None) for layer in layers]
+        if all(v is not None and not callable(v) and not isinstance(v, nn.Module) for v in values):
             attrs.append(name)
     evidence = list(loop.evidence[:2])
     ctx.fact(

@@ -8,6 +8,7 @@ the descriptor is right for every config of the model type, not only the probed 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 
@@ -35,15 +36,24 @@ def build(
     layer_stack: str,
     attention: Iterable[str],
     ffn: Iterable[str],
+    tensors: Iterable[str] = (),
+    followers: Iterable[str] = (),
 ) -> Predicates:
     """Predicates from module names: full paths for embeddings / lm_head, layer-relative for the
-    subblocks."""
+    subblocks. Names in `tensors` are single tensors (a parameter of a child, `mixer.A_log`),
+    the rest modules; `followers` (among `attention`) join whichever subblock a layer has."""
+    tensors = set(tensors)
+
+    def alt(name: str) -> str:
+        return tensor_alternative(name) if name in tensors else module_alternative(name)
+
     return Predicates(
         embeddings=tuple(module_alternative(n) for n in embeddings),
         lm_head=tuple(module_alternative(n) for n in lm_head),
         layer_prefix=tensor_alternative(layer_stack),
-        attention=tuple(module_alternative(n) for n in attention),
-        ffn=tuple(module_alternative(n) for n in ffn),
+        attention=tuple(alt(n) for n in attention),
+        ffn=tuple(alt(n) for n in ffn),
+        followers=tuple(alt(n) for n in followers),
     )
 
 
@@ -55,7 +65,7 @@ def compile_groups(pred: Predicates, num_layers: int) -> dict[str, re.Pattern]:
 
     groups = {"embeddings": group("", pred.embeddings), "lm_head": group("", pred.lm_head)}
     for i in range(num_layers):
-        prefix = rf"{pred.layer_prefix}\.{i}\."
+        prefix = rf"{pred.layer_prefix_regex()}\.{i}\."
         groups[f"block_{i}_attention"] = group(prefix, pred.attention)
         groups[f"block_{i}_ffn"] = group(prefix, pred.ffn)
     return groups
@@ -94,7 +104,9 @@ def with_checkpoint_names(
     groups = compile_groups(pred, num_layers)
     added: dict[str, list[str]] = {"embeddings": [], "lm_head": [], "attention": [], "ffn": []}
     evidence = []
-    prefix = re.compile(rf"^{pred.layer_prefix}\.(\d+)\.(.+)$")
+    prefix = re.compile(rf"^{pred.layer_prefix_regex()}\.(\d+)\.(.+)$")
+    indexed = re.compile(r"^(.+?)\.(\d+)\.(.+)$")
+    disk_prefixes: list[str] = list(pred.disk_layer_prefixes)
     for disk, module_name in sorted(disk_to_module.items()):
         if disk == module_name or any(p.match(disk) for p in groups.values()):
             continue
@@ -108,6 +120,19 @@ def with_checkpoint_names(
         group = hits[0]
         if group.startswith("block_"):
             match = prefix.match(module)
+            on_disk, in_module = indexed.match(disk), prefix.match(module_name)
+            if match is None and on_disk and in_module and on_disk[2] == in_module[1]:
+                # the stack itself is named otherwise on disk (`backbone.layers`)
+                alt_prefix = tensor_alternative(on_disk[1])
+                if alt_prefix not in disk_prefixes:
+                    disk_prefixes.append(alt_prefix)
+                    evidence.append(
+                        f"checkpoint name {disk} loads into {module_name}: the layer stack is "
+                        f"{on_disk[1]} on disk"
+                    )
+                pred = dataclasses.replace(pred, disk_layer_prefixes=tuple(disk_prefixes))
+                prefix = re.compile(rf"^{pred.layer_prefix_regex()}\.(\d+)\.(.+)$")
+                match = prefix.match(module)
             if match is None:
                 raise InferenceError(
                     "the group of checkpoint tensor " + disk,
@@ -117,6 +142,9 @@ def with_checkpoint_names(
             # the layer's child on disk (`block_sparse_moe`), like module names are grouped by
             # the layer's children: every tensor below it, whatever the expert count
             alt = module_alternative(match.group(2).split(".")[0])
+            groups = compile_groups(_extended(pred, added), num_layers)
+            if any(p.match(disk) for p in groups.values()):
+                continue  # the other name of the stack was all it needed
         else:
             kind = group
             alt = module_alternative(module)
@@ -134,4 +162,6 @@ def _extended(pred: Predicates, added: dict[str, list[str]]) -> Predicates:
         layer_prefix=pred.layer_prefix,
         attention=pred.attention + tuple(added["attention"]),
         ffn=pred.ffn + tuple(added["ffn"]),
+        followers=pred.followers,
+        disk_layer_prefixes=pred.disk_layer_prefixes,
     )

@@ -180,7 +180,7 @@ class Probe:
             hooks.append(child.register_forward_hook(hook))
         vocab = model.config.get_text_config().vocab_size
         try:
-            with torch.no_grad():
+            with torch.no_grad(), quiet_transformers():
                 model(input_ids=torch.arange(8).unsqueeze(0) % vocab)
         except Exception as exc:
             raise InferenceError(
@@ -247,6 +247,43 @@ class Probe:
         a = {k: tuple(v.shape) for k, v in base.get_submodule(layer_path).named_parameters()}
         b = {k: tuple(v.shape) for k, v in changed.get_submodule(layer_path).named_parameters()}
         return {k: b.get(k, ()) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+    def layer_change_fails(self, changes: dict[str, Any], layer_path: str) -> str | None:
+        """Build the tiny model on the CPU with `changes` to the config of the layer at
+        `layer_path` alone, as Puzzletron's patcher builds a heterogeneous model: None when it
+        builds, else why not (transformers' own weight init may read the whole model's config:
+        Nemotron-H's Mamba init sizes A_log by the model's mamba_num_heads)."""
+        from .verify.models import layer_change_fails
+
+        stack_path, _, index = layer_path.rpartition(".")
+        return layer_change_fails(
+            self.source.causal_lm_cls, self.tiny_config(), stack_path, int(index), changes
+        )
+
+    def attribute_diff(self, changes: dict[str, Any], layer_path: str) -> dict[str, tuple]:
+        """Plain number attributes of the modules below the layer at `layer_path` that differ
+        when the tiny config sets `changes` (a router's `top_k`): "child.attr" -> (before,
+        after); {} when the changed config does not build."""
+        base = build_model(self.source.causal_lm_cls, self.tiny_config())
+        changed_config = self.tiny_config()
+        target = changed_config.get_text_config()
+        for field, value in changes.items():
+            setattr(target, field, value)
+        try:
+            changed = build_model(self.source.causal_lm_cls, changed_config)
+        except Exception:
+            return {}
+
+        def numbers(model) -> dict[str, Any]:
+            out = {}
+            for path, module in model.get_submodule(layer_path).named_modules():
+                for attr, value in vars(module).items():
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        out[f"{path}.{attr}" if path else attr] = value
+            return out
+
+        a, b = numbers(base), numbers(changed)
+        return {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
 
 
 def tiny_config_from(config: Any, **extra: Any) -> Any:

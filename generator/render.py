@@ -35,26 +35,17 @@ RUNTIME = "puzzletron_runtime"
 _LOCATION = re.compile(r"(?:[\w.-]+/)*([\w.-]+\.py):(\d+)\Z")
 _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-REMOTE_PREFIX = "transformers_modules."  # where transformers imports a checkpoint's own code
-# Names the descriptor template itself uses: an imported class must not shadow them.
-_TEMPLATE_NAMES = {
-    "re", "sys", "Any", "nn", "_remote_class", "__all__",
-    "ModelDescriptor", "ModelDescriptorFactory", "BlockConfig", "Same", "MatchingZeros",
-    "return_tuple_of_size", "DummyBlock",
-}  # fmt: skip
 
-
-def is_remote(ref: ClassRef) -> bool:
-    return ref.module.startswith(REMOTE_PREFIX)
-
-
-def _class_expr(ref: ClassRef) -> str:
-    """How a method body names a class: its imported name, or for the checkpoint's own code
-    (importable only after transformers loaded it) a lookup at call time."""
-    if not is_remote(ref):
-        return ref.name
-    module = ref.module.rpartition(".")[2]
-    return f"_remote_class({_pyrepr(module)}, {_pyrepr(ref.name)})"
+from .descriptor_view import (  # noqa: E402  (the descriptor's views live beside the spec)
+    class_expr as _class_expr,
+    import_lines as _import_lines,
+    is_remote,
+    layer_ranges,
+    layer_type,
+    no_op_views,
+    override_groups,
+    referenced_classes,
+)
 
 
 def _templates_dir() -> Path:
@@ -101,64 +92,9 @@ def _env() -> jinja2.Environment:
         location=_location,
         code=lambda s: f"`{s}`",
         class_expr=_class_expr,
+        ranges=layer_ranges,
     )
     return env
-
-
-def _sort_names(names) -> list[str]:
-    def key(n: str):
-        rank = 0 if n.isupper() else 1 if n[:1].isupper() else 2
-        return rank, n.lower()
-
-    return sorted(set(names), key=key)
-
-
-def _import_lines(spec: DescriptorSpec) -> list[str]:
-    import builtins
-
-    third: dict[str, set[str]] = {"torch": {"nn"}}
-    for ref in spec.decoder_layer_classes:
-        if not is_remote(ref):
-            third.setdefault(ref.module, set()).add(ref.name)
-    imported = {n for names in third.values() for n in names} - {"nn"}
-    clashes = sorted(n for n in imported if n in _TEMPLATE_NAMES or hasattr(builtins, n))
-    if spec.class_name in imported | _TEMPLATE_NAMES or clashes:
-        raise PuzzleGenError(
-            f"refusing to import {', '.join(clashes) or spec.class_name}: the name would shadow "
-            "one the descriptor uses"
-        )
-    no_op = {r.replacement for sb in (spec.attention, spec.ffn) for r in sb.replacements}
-    if any(r.tuple_size for sb in (spec.attention, spec.ffn) for r in sb.replacements):
-        no_op.add("return_tuple_of_size")
-    first: dict[str, set[str]] = {
-        f"{RUNTIME}.block_config": {"BlockConfig"},
-        f"{RUNTIME}.model_descriptor": {"ModelDescriptor", "ModelDescriptorFactory"},
-    }
-    if no_op:
-        first[f"{RUNTIME}.puzzformer.no_op"] = no_op
-    if spec.dummy_block.returns_tuple or spec.dummy_block.attributes:
-        first[f"{RUNTIME}.utils.dummy_modules"] = {"DummyBlock"}
-    if spec.rebuilt_buffers:
-        first[f"{RUNTIME}.buffers"] = {"rebuild_buffers"}
-    for module, names in list(third.items()) + list(first.items()):
-        if not is_dotted_path(module) or not all(is_identifier(n) for n in names):
-            raise PuzzleGenError(f"refusing to import {sorted(names)} from {module!r}")
-    lines = ["import re"]
-    if any(is_remote(c) for c in spec.decoder_layer_classes):
-        lines.append("import sys")
-    lines += ["from typing import Any", ""]
-    for group in (third, first):
-        for module in sorted(group):
-            lines.append(f"from {module} import {', '.join(_sort_names(group[module]))}")
-        lines.append("")
-    return lines[:-1]
-
-
-@dataclass(frozen=True)
-class _SubblockView:
-    title: str
-    method: str
-    spec: object
 
 
 def command_for(model_type: str, out: str | None, trust_remote_code: bool = False) -> str:
@@ -237,6 +173,7 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
         *spec.predicates.embeddings,
         *spec.predicates.lm_head,
         spec.predicates.layer_prefix,
+        *spec.predicates.disk_layer_prefixes,
         *spec.predicates.attention,
         *spec.predicates.ffn,
     ):
@@ -258,7 +195,6 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
             is_identifier(n) for n in names
         ):
             raise PuzzleGenError(f"refusing to render the buffers {b.module!r}: {names!r}")
-    layer_types = [c.name for c in spec.decoder_layer_classes]
     source = (
         _env()
         .get_template("descriptor.py.j2")
@@ -266,20 +202,14 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
             **_header(spec_command(spec, out), spec.modeling_module, spec.transformers_version),
             spec=spec,
             imports=_import_lines(spec),
-            subblocks=[
-                _SubblockView("Attention", "attn_no_op_post_init", spec.attention),
-                _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
-            ],
-            overrides=[*spec.attention.overrides, *spec.ffn.overrides],
+            no_ops=no_op_views(spec),
+            override_groups=override_groups(spec),
+            several_kinds=len(spec.kinds) > 1,
             variant_names=[
                 v.module for v in spec.config_variants if v.group in ("attention", "ffn")
             ],
-            layer_type=(
-                layer_types[0]
-                if len(layer_types) == 1 and not is_remote(spec.decoder_layer_classes[0])
-                else "nn.Module"
-            ),
-            remote_classes=[c for c in spec.decoder_layer_classes if is_remote(c)],
+            layer_type=layer_type(spec),
+            remote_classes=[c for c in referenced_classes(spec) if is_remote(c)],
             top_groups=[
                 ("embeddings", spec.predicates.embeddings),
                 ("lm_head", spec.predicates.lm_head),

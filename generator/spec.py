@@ -70,9 +70,44 @@ class Subblock:
     kind: str  # "attention" | "ffn"
     replacements: tuple[ModuleReplacement, ...]  # the no-op plan, in data-flow order
     weight_modules: tuple[str, ...]  # layer children whose tensors belong to this subblock
-    overrides: tuple[ConfigOverride, ...]
     joins: tuple[str, ...]  # locations of the residual joins that close the subblock
     evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KindTest:
+    """One condition on a built decoder layer: `isinstance(decoder_layer, cls)` (child None),
+    `isinstance(decoder_layer.child, cls)`, `decoder_layer.child == value` (a plain attribute
+    the layer keeps, such as Nemotron-H's `block_type`), or, with neither class nor value,
+    `hasattr(decoder_layer, child)` (`not hasattr(...)` when negated)."""
+
+    child: str | None
+    cls: ClassRef | None
+    negate: bool = False
+    value: str | int | bool | None = None
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """The layers of the stack that share a class and a set of children (and their classes):
+    analysed once, on the first such layer, and described by one no-op plan per subblock.
+
+    A kind may lack a subblock (a Mamba-only or MLP-only layer): its group is empty and the no-op
+    of that subblock leaves the layer alone."""
+
+    label: str  # e.g. "linear_attn + mlp (Qwen3NextGatedDeltaNet, Qwen3NextSparseMoeBlock)"
+    layer_class: ClassRef
+    children: tuple[str, ...]  # the layer's children, in module order
+    layers: tuple[int, ...]  # the layers of this kind in the probed config
+    layout: str  # "sequential" | "parallel"
+    attention: Subblock | None
+    ffn: Subblock | None
+    shared_modules: tuple[str, ...]  # children both subblocks use (parallel layouts)
+    selector: tuple[KindTest, ...]  # all hold for this kind and for no other one
+    evidence: tuple[str, ...] = ()
+
+    def subblock(self, kind: str) -> Subblock | None:
+        return self.attention if kind == "attention" else self.ffn
 
 
 @dataclass(frozen=True)
@@ -116,6 +151,18 @@ class Predicates:
     layer_prefix: str  # escaped layer-stack path, e.g. model\.layers
     attention: tuple[str, ...]  # names relative to one layer (escaped regex)
     ffn: tuple[str, ...]
+    # alternatives (among `attention`) of a child that belongs to whichever subblock its layer
+    # has: Nemotron-H's `norm`, before a Mamba mixer, an attention, an MLP or experts
+    followers: tuple[str, ...] = ()
+    # the layer stack as checkpoints name it when that differs (Nemotron-H writes
+    # `backbone.layers` for the module `model.layers`): escaped, like layer_prefix
+    disk_layer_prefixes: tuple[str, ...] = ()
+
+    def layer_prefix_regex(self) -> str:
+        """The regex of the layer stack's path: one path, or an alternation of its names."""
+        if not self.disk_layer_prefixes:
+            return self.layer_prefix
+        return "(?:" + "|".join((self.layer_prefix, *self.disk_layer_prefixes)) + ")"
 
 
 @dataclass(frozen=True)
@@ -147,10 +194,8 @@ class DescriptorSpec:
     final_norm: str | None
     final_norm_at: str | None  # location of the call after the layer loop
     tied_embeddings: bool
-    layout: str  # "sequential" | "parallel"
-    attention: Subblock
-    ffn: Subblock
-    shared_modules: tuple[str, ...]
+    kinds: tuple[LayerKind, ...]  # the layer kinds of the stack, in order of first layer
+    overrides: tuple[ConfigOverride, ...]  # block_config_to_layer_overrides, for every kind
     rebuilt_buffers: tuple[RebuiltBuffers, ...]
     dummy_block: DummyBlock
     predicates: Predicates
@@ -167,6 +212,16 @@ class DescriptorSpec:
     @classmethod
     def from_json(cls, text: str) -> "DescriptorSpec":
         return _build(cls, json.loads(text))
+
+    def kind_of_layer(self, index: int) -> LayerKind:
+        for kind in self.kinds:
+            if index in kind.layers:
+                return kind
+        raise KeyError(index)
+
+    def subblocks(self, kind: str) -> list[Subblock]:
+        """The subblocks of `kind` ("attention" | "ffn") of every layer kind that has one."""
+        return [sb for k in self.kinds if (sb := k.subblock(kind)) is not None]
 
     def fact(self, name: str) -> Fact:
         for f in self.facts:
@@ -203,7 +258,18 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 REPLACEMENTS = ("Same", "MatchingZeros", "PassResidual")
 LAYOUTS = ("sequential", "parallel")
 _VARIANT_GROUPS = ("attention", "ffn", "embeddings", "lm_head", "")
-BLOCK_CONFIG_ATTRS = ("attention.num_key_value_heads", "ffn.intermediate_size")
+BLOCK_CONFIG_ATTRS = (
+    "attention.num_key_value_heads",
+    "attention.mamba.state_dim",
+    "attention.mamba.num_heads",
+    "attention.mamba.head_dim",
+    "attention.mamba.num_groups",
+    "ffn.intermediate_size",
+    "ffn.moe.num_local_experts",
+    "ffn.moe.num_experts_per_tok",
+    "ffn.moe.expert_intermediate_dim",
+    "ffn.moe.shared_expert_intermediate_dim",
+)
 CODE_ORIGINS = (
     "transformers",
     "transformers (the checkpoint's own code was parsed, not imported)",
@@ -267,30 +333,66 @@ def check_renderable(spec: "DescriptorSpec") -> None:
     path(spec.input_embedding, "the input embedding path")
     path(spec.output_embedding, "the output embedding path")
     path(spec.final_norm, "the final norm path", optional=True)
-    need(spec.layout in LAYOUTS, "the layout", spec.layout)
-    for sb in (spec.attention, spec.ffn):
-        for r in sb.replacements:
-            ident(r.attr, f"the {sb.kind} child")
-            need(r.replacement in REPLACEMENTS, "the no-op replacement", r.replacement)
+    need(bool(spec.kinds), "the layer kinds", spec.kinds)
+    for k in spec.kinds:
+        need(isinstance(k.label, str) and bool(_LABEL.match(k.label)), "the kind label", k.label)
+        class_ref(k.layer_class, "a layer kind's class")
+        need(k.layout in LAYOUTS, "the layout", k.layout)
+        need(k.attention is not None or k.ffn is not None, "a layer kind's subblocks", k.label)
+        for name in (*k.children, *k.shared_modules):
+            ident(name, "a layer kind's child")
+        for i in k.layers:
+            need(type(i) is int and i >= 0, "a layer index", i)
+        for t in k.selector:
+            if t.child is not None:
+                ident(t.child, "the child a kind test reads")
+            if t.cls is not None:
+                class_ref(t.cls, "the class a kind test checks")
+            need(t.child is not None or t.cls is not None, "a kind test", t)
+            need(type(t.negate) is bool and not (t.negate and t.cls), "a kind test", t)
             need(
-                r.tuple_size is None or (type(r.tuple_size) is int and 0 < r.tuple_size < 100),
-                "the tuple size",
-                r.tuple_size,
+                t.value is None
+                or (type(t.value) in (int, bool) and t.child is not None and t.cls is None)
+                or (
+                    type(t.value) is str
+                    and not _CONTROL.search(t.value)
+                    and t.child is not None
+                    and t.cls is None
+                ),
+                "a kind test's value",
+                t.value,
             )
-        for name in sb.weight_modules:
-            ident(name, f"the {sb.kind} weight module")
-        for o in sb.overrides:
-            ident(o.config_field, "the config field")
-            need(
-                o.block_config_attr in BLOCK_CONFIG_ATTRS,
-                "the block config attribute",
-                o.block_config_attr,
-            )
-            if o.with_flag is not None:
-                ident(o.with_flag, "the override's config flag")
-                need(type(o.flag_value) is bool, "the override's flag value", o.flag_value)
-    for name in spec.shared_modules:
-        ident(name, "the shared module")
+        for sb in (k.attention, k.ffn):
+            if sb is None:
+                continue
+            for r in sb.replacements:
+                ident(r.attr, f"the {sb.kind} child")
+                need(r.replacement in REPLACEMENTS, "the no-op replacement", r.replacement)
+                need(
+                    r.tuple_size is None or (type(r.tuple_size) is int and 0 < r.tuple_size < 100),
+                    "the tuple size",
+                    r.tuple_size,
+                )
+                if r.residual_keyword is not None:
+                    ident(r.residual_keyword, "the residual argument")
+                need(
+                    r.residual_position is None
+                    or (type(r.residual_position) is int and 0 <= r.residual_position < 100),
+                    "the residual position",
+                    r.residual_position,
+                )
+            for name in sb.weight_modules:
+                ident(name, f"the {sb.kind} weight module")
+    for o in spec.overrides:
+        ident(o.config_field, "the config field")
+        need(
+            o.block_config_attr in BLOCK_CONFIG_ATTRS,
+            "the block config attribute",
+            o.block_config_attr,
+        )
+        if o.with_flag is not None:
+            ident(o.with_flag, "the override's config flag")
+            need(type(o.flag_value) is bool, "the override's flag value", o.flag_value)
     for b in spec.rebuilt_buffers:
         if b.module:
             path(b.module, "the buffer owner path")
@@ -311,7 +413,16 @@ def check_renderable(spec: "DescriptorSpec") -> None:
     for name in spec.dummy_block.attributes:
         ident(name, "the dummy block attribute")
     p = spec.predicates
-    for alt in (*p.embeddings, *p.lm_head, p.layer_prefix, *p.attention, *p.ffn):
+    for alt in p.followers:
+        need(alt in p.attention, "a follower alternative", alt)
+    for alt in (
+        *p.embeddings,
+        *p.lm_head,
+        p.layer_prefix,
+        *p.disk_layer_prefixes,
+        *p.attention,
+        *p.ffn,
+    ):
         need(isinstance(alt, str) and bool(_REGEX_ALT.match(alt)), "the regex alternative", alt)
         try:
             re.compile(alt)
@@ -332,3 +443,4 @@ def check_renderable(spec: "DescriptorSpec") -> None:
 
 
 _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")
+_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_ ,:()]*\Z")  # class and child names only

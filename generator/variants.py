@@ -30,10 +30,18 @@ class VariantChild:
     flag_value: bool | None = None
 
 
-def variant_children(probe, index, layer: nn.Module, stack_path: str) -> list[VariantChild]:
-    """Children other configs add to the layer at `stack_path`.0, each with its subblock."""
+def variant_children(
+    probe, index, layer: nn.Module, stack_path: str, tiny_index: int = 0, known=frozenset()
+) -> list[VariantChild]:
+    """Children other configs add to `layer` (whose kind is layer `tiny_index` of the tiny
+    model), each with its subblock. Children of the stack's other layer kinds (`known`) are not
+    variants: they are analysed with their own kind."""
     optional = model_structure.optional_modules(index, type(layer), layer)
-    optional = {n: w for n, w in optional.items() if n not in dict(layer.named_children())}
+    optional = {
+        n: w
+        for n, w in optional.items()
+        if n not in dict(layer.named_children()) and n not in known
+    }
     if not optional:
         return []
     found: dict[str, VariantChild] = {}
@@ -58,7 +66,7 @@ def variant_children(probe, index, layer: nn.Module, stack_path: str) -> list[Va
         setattr(config.get_text_config(), flag, value)
         try:
             model = build_model(probe.source.causal_lm_cls, config)
-            variant = model.get_submodule(f"{stack_path}.0")
+            variant = model.get_submodule(f"{stack_path}.{tiny_index}")
         except Exception:
             continue
         children = layer_children(variant)

@@ -10,6 +10,7 @@ from .block_config import (
     AttentionConfig,
     BlockConfig,
     FFNConfig,
+    MambaConfig,
     MoEConfig,
     maybe_cast_block_configs,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "DummyBlock",
     "FFNConfig",
     "MatchingZeros",
+    "MambaConfig",
     "MoEConfig",
     "ModelDescriptor",
     "ModelDescriptorFactory",

@@ -14,6 +14,7 @@ __all__ = [
     "AttentionConfig",
     "BlockConfig",
     "FFNConfig",
+    "MambaConfig",
     "MoEConfig",
     "maybe_cast_block_configs",
 ]
@@ -74,19 +75,51 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class MambaConfig:
+    """A Mamba (state-space) mixer in the attention subblock's place, as Model Optimizer
+    describes one: state size, heads, head width and groups (None: the model's own value)."""
+
+    state_dim: int | None = None
+    num_heads: int | None = None
+    head_dim: int | None = None
+    num_groups: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _positive_int(getattr(self, f.name), f"attention.mamba.{f.name}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MambaConfig":
+        _check_keys(cls, data, "attention.mamba")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
-    """The attention subblock of one layer: a no-op, or attention with this many KV heads."""
+    """The attention subblock of one layer: a no-op, attention with this many KV heads, or a
+    Mamba mixer (`mamba`) in its place."""
 
     no_op: bool = False
     num_key_value_heads: int | None = None
+    mamba: MambaConfig | None = None
 
     def __post_init__(self) -> None:
         _bool(self.no_op, "attention.no_op")
+        if isinstance(self.mamba, Mapping):
+            object.__setattr__(self, "mamba", MambaConfig.from_dict(self.mamba))
         if self.no_op:
             object.__setattr__(self, "num_key_value_heads", None)
+            object.__setattr__(self, "mamba", None)
             return
-        if self.num_key_value_heads is None:
-            raise ValueError("attention.num_key_value_heads is required unless attention.no_op")
+        if self.mamba is not None and not isinstance(self.mamba, MambaConfig):
+            raise ValueError(
+                f"attention.mamba must be a MambaConfig or a mapping, got {self.mamba!r}"
+            )
+        if self.num_key_value_heads is None and self.mamba is None:
+            raise ValueError(
+                "attention.num_key_value_heads is required unless attention.no_op or "
+                "attention.mamba"
+            )
         _positive_int(self.num_key_value_heads, "attention.num_key_value_heads")
 
     @classmethod

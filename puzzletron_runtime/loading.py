@@ -71,7 +71,7 @@ def load_model(
 
     model = _build_meta(descriptor, config)
     aliases = _tied_aliases(model)
-    _replace_unowned(descriptor, model, owned, num_layers)
+    _replace_unowned(descriptor, model, owned, num_layers, device, dtype)
 
     wanted = model.state_dict(keep_vars=True)
     sources = {name: _source_name(name, aliases, weight_map) for name in wanted}
@@ -159,7 +159,9 @@ def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
     return {name: names for names in by_id.values() if len(names) > 1 for name in names}
 
 
-def _replace_unowned(descriptor, model: nn.Module, owned: set[int], num_layers: int) -> None:
+def _replace_unowned(
+    descriptor, model: nn.Module, owned: set[int], num_layers: int, device, dtype
+) -> None:
     for i in range(num_layers):
         if i not in owned:
             name = descriptor.layer_block_name(i)
@@ -167,9 +169,12 @@ def _replace_unowned(descriptor, model: nn.Module, owned: set[int], num_layers: 
     if 0 not in owned:
         model.set_submodule(descriptor.input_embedding_name(), DummyInputEmbedding())
     if num_layers - 1 not in owned:
-        if descriptor.final_norm_name() is not None:
-            model.set_submodule(descriptor.final_norm_name(), DummyOutputHead())
-        model.set_submodule(descriptor.output_embedding_name(), DummyOutputHead())
+        for name in (descriptor.final_norm_name(), descriptor.output_embedding_name()):
+            if name is None:
+                continue
+            weighted = getattr(model.get_submodule(name), "weight", None) is not None
+            stand_in = DummyOutputHead(dtype, device) if weighted else DummyOutputHead()
+            model.set_submodule(name, stand_in)
 
 
 def _source_name(

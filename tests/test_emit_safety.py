@@ -121,9 +121,15 @@ def spec_for(stack, tops, attention, ffn, dummy_attrs=()) -> DescriptorSpec:
         input_embedding=emb,
         output_embedding=head,
         final_norm=norm,
-        attention=sub("attention", attention, base.attention),
-        ffn=sub("ffn", ffn, base.ffn),
-        shared_modules=(),
+        kinds=(
+            dataclasses.replace(
+                base.kinds[0],
+                children=tuple(attention) + tuple(ffn),
+                attention=sub("attention", attention, base.kinds[0].attention),
+                ffn=sub("ffn", ffn, base.kinds[0].ffn),
+                shared_modules=(),
+            ),
+        ),
         rebuilt_buffers=(),
         config_variants=(),
         dummy_block=DummyBlock(False, tuple(dummy_attrs)),
@@ -218,7 +224,9 @@ FIELDS = [
     "final_norm",
     "final_norm_at",
     "text_config_attr",
-    "layout",
+    "kinds.layout",
+    "kinds.label",
+    "kinds.children",
     "num_layers_field",
     "code_origin",
     "source_argument",
@@ -226,13 +234,13 @@ FIELDS = [
     "causal_lm_class.name",
     "decoder_layer_classes.name",
     "decoder_layer_classes.module",
-    "attention.replacements.attr",
-    "attention.replacements.replacement",
-    "attention.joins",
-    "ffn.overrides.config_field",
-    "ffn.overrides.block_config_attr",
-    "ffn.overrides.read_at",
-    "ffn.overrides.with_flag",
+    "kinds.attention.replacements.attr",
+    "kinds.attention.replacements.replacement",
+    "kinds.attention.joins",
+    "overrides.config_field",
+    "overrides.block_config_attr",
+    "overrides.read_at",
+    "overrides.with_flag",
     "rebuilt_buffers.module",
     "rebuilt_buffers.buffers",
     "rebuilt_buffers.init_class",
@@ -263,7 +271,7 @@ def refused_or_literal(field: str, hostile: str) -> None:
     value = hostile
     leaf = field.split(".")[-1]
     if (
-        leaf in ("joins", "buffers", "attributes", "embeddings", "attention")
+        leaf in ("joins", "buffers", "attributes", "embeddings", "attention", "children")
         and field != "attention"
     ):
         value = (hostile,)

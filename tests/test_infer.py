@@ -17,13 +17,15 @@ from generator.source import resolve
 def test_llama_spec_facts_and_evidence():
     spec = infer("llama")
     assert spec.layer_stack == "model.layers"
-    assert [r.attr for r in spec.attention.replacements] == ["input_layernorm", "self_attn"]
-    assert [(r.replacement, r.tuple_size) for r in spec.attention.replacements] == [
+    (kind,) = spec.kinds
+    assert [r.attr for r in kind.attention.replacements] == ["input_layernorm", "self_attn"]
+    assert [(r.replacement, r.tuple_size) for r in kind.attention.replacements] == [
         ("Same", None),
         ("MatchingZeros", 2),
     ]
-    assert [(o.config_field, o.block_config_attr) for o in spec.ffn.overrides] == [
-        ("intermediate_size", "ffn.intermediate_size")
+    assert [(o.config_field, o.block_config_attr) for o in spec.overrides] == [
+        ("num_key_value_heads", "attention.num_key_value_heads"),
+        ("intermediate_size", "ffn.intermediate_size"),
     ]
     assert spec.final_norm == "model.norm"
     assert re.fullmatch(r"transformers/models/llama/modeling_llama\.py:\d+", spec.final_norm_at)
@@ -56,9 +58,10 @@ def test_gemma2_norm_placement_follows_data_flow():
 
 def test_phi_parallel_layout_keeps_shared_modules_in_place():
     spec = infer("phi")
-    assert spec.layout == "parallel"
-    assert "input_layernorm" in spec.shared_modules
-    replaced = {r.attr for sb in (spec.attention, spec.ffn) for r in sb.replacements}
+    (kind,) = spec.kinds
+    assert kind.layout == "parallel"
+    assert "input_layernorm" in kind.shared_modules
+    replaced = {r.attr for sb in (kind.attention, kind.ffn) for r in sb.replacements}
     assert "input_layernorm" not in replaced
     assert any("input_layernorm" in alt for alt in spec.predicates.attention)
 
@@ -69,8 +72,10 @@ def test_gpt2_naming_and_width_field():
     assert spec.final_norm == "transformer.ln_f"
     assert spec.input_embedding == "transformer.wte"
     assert r"transformer\.wpe\..+" in spec.predicates.embeddings  # position embedding
-    assert [o.config_field for o in spec.ffn.overrides] == ["n_inner"]
-    assert spec.attention.overrides == ()  # GPT-2 has no KV-head field
+    # GPT-2 has no KV-head field
+    assert [(o.config_field, o.block_config_attr) for o in spec.overrides] == [
+        ("n_inner", "ffn.intermediate_size")
+    ]
 
 
 def test_unknown_model_type_suggests_close_ones():

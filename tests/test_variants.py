@@ -56,19 +56,27 @@ def test_transformed_width_is_mapped_through_the_flag_that_disables_it():
     width is the built width. (LFM2 itself is refused for its conv layers; see below.)"""
     from types import SimpleNamespace
 
-    from generator.overrides import _has_dim, _verbatim_flag
+    from generator import overrides
     from generator.probe import Probe
 
     probe = Probe(resolve("lfm2"))
     layer = probe.module("model.layers.0")
-    reads = dict(model_structure.config_reads(SourceIndex(), type(layer.feed_forward)))
-    tiny_text = probe.tiny_config().get_text_config()
-    sb = SimpleNamespace(members=["ffn_norm", "feed_forward"])
-    assert not _has_dim(probe.shape_diff({"intermediate_size": 280}, "model.layers.0"), 280)
-    flag = _verbatim_flag(probe, reads, tiny_text, "intermediate_size", 280, sb, "model.layers")
-    assert flag == ("block_auto_adjust_ff_dim", False)
-    diff = probe.shape_diff({"intermediate_size": 280, flag[0]: flag[1]}, "model.layers.0")
-    assert _has_dim(diff, 280)
+    sb = SimpleNamespace(members=["ffn_norm", "feed_forward"], cores=["feed_forward"])
+    reads = overrides._reads(SourceIndex(), overrides._subblock_classes(layer, sb.members))
+    facts = []
+    ctx = SimpleNamespace(probe=probe, fact=lambda *args: facts.append(args))
+    run = overrides._Run(ctx, "ffn", sb, reads, "model.layers.0")
+    plain = probe.shape_diff({"intermediate_size": 280}, "model.layers.0")
+    assert not any(280 in shape for shape in plain.values())  # rounded to 256 either way
+    assert run._verbatim_flag("intermediate_size", 280) == ("block_auto_adjust_ff_dim", False)
+    run.widths(experts=set())
+    (o,) = run.found
+    assert (o.config_field, o.block_config_attr, o.with_flag, o.flag_value) == (
+        "intermediate_size",
+        "ffn.intermediate_size",
+        "block_auto_adjust_ff_dim",
+        False,
+    )
 
 
 def test_other_layer_kind_is_refused_with_the_reason():
@@ -84,8 +92,9 @@ def test_layer_children_other_configs_add_are_grouped_by_their_data_flow():
     """Falcon-40B-style configs (new_decoder_architecture) have ln_attn / ln_mlp, sequential
     ones a post_attention_layernorm; the descriptor from the default config groups them all."""
     spec = infer("falcon")
-    assert "ln_attn" in spec.attention.weight_modules
-    assert {"ln_mlp", "post_attention_layernorm"} <= set(spec.ffn.weight_modules)
+    (kind,) = spec.kinds
+    assert "ln_attn" in kind.attention.weight_modules
+    assert {"ln_mlp", "post_attention_layernorm"} <= set(kind.ffn.weight_modules)
     source = resolve("falcon")
     for variant in ({"new_decoder_architecture": True}, {"parallel_attn": False}):
         with quiet_transformers():
@@ -102,7 +111,7 @@ def test_cross_attention_only_an_encoder_input_reaches_is_not_grouped():
 
 
 def test_plain_width_needs_no_flag():
-    (o,) = infer("llama").ffn.overrides
+    (o,) = [o for o in infer("llama").overrides if o.block_config_attr.startswith("ffn.")]
     assert o.with_flag is None
 
 
@@ -147,8 +156,8 @@ def test_width_the_model_multiplies_is_refused_with_the_reason():
     """GPT-NeoX-Japanese's FFN width is hidden_size x intermediate_multiple_size: no field holds
     the width, so no override is emitted, and the spec says why."""
     spec = infer("gpt_neox_japanese")
-    assert spec.ffn.overrides == ()
-    fact = spec.fact("ffn override")
+    assert [o for o in spec.overrides if o.block_config_attr.startswith("ffn.")] == []
+    fact = spec.fact("ffn override (ffn.intermediate_size)")
     assert fact.value == "none"
     assert any("intermediate_multiple_size is transformed before use" in e for e in fact.evidence)
 
@@ -158,7 +167,7 @@ def test_weights_in_some_layers_only_and_a_head_beside_the_base_model():
     anywhere in the stack count); its prediction head sits beside the base model and runs
     before the decoder projection (grouped with lm_head)."""
     spec = infer("modernbert-decoder")
-    assert "attn_norm" in spec.attention.weight_modules
+    assert "attn_norm" in spec.kinds[0].attention.weight_modules
     groups = predicates.compile_groups(spec.predicates, 4)
     assert groups["block_3_attention"].match("model.layers.3.attn_norm.weight")
     assert groups["lm_head"].match("lm_head.dense.weight")

@@ -132,7 +132,7 @@ def test_oracle_demands_expert_overrides_and_accepts_them(tmp_path):
         def block_config_to_layer_overrides(block_config):
             return {"num_key_value_heads": block_config.attention.num_key_value_heads}
 
-    class WithExperts(base):
+    class ExpertSizesOnly(base):
         @staticmethod
         def block_config_to_layer_overrides(block_config):
             moe = block_config.ffn.moe
@@ -142,11 +142,24 @@ def test_oracle_demands_expert_overrides_and_accepts_them(tmp_path):
                 "moe_intermediate_size": moe.expert_intermediate_dim if moe else None,
             }
 
+    class WithExperts(ExpertSizesOnly):
+        @staticmethod
+        def block_config_to_layer_overrides(block_config):
+            moe = block_config.ffn.moe
+            return {
+                **ExpertSizesOnly.block_config_to_layer_overrides(block_config),
+                "num_experts_per_tok": moe.num_experts_per_tok if moe else None,
+            }
+
     overrides = next(c for c in CHECKS if c.name == "overrides")
     small = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
     subject = make_subject(DenseOnly, Qwen3MoeConfig, **small)
     result = run_check(subject, overrides)
     assert not result.ok and "no override for ffn.moe." in result.detail
+    # the routing count changes no shape, only the logits: ignoring it fails too
+    subject.descriptor = ExpertSizesOnly
+    result = run_check(subject, overrides)
+    assert not result.ok and "ffn.moe.num_experts_per_tok" in result.detail
     subject.descriptor = WithExperts
     result = run_check(subject, overrides)
     assert result.ok, result.detail

@@ -6,15 +6,30 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: AfmoeDecoderLayer in model.layers (modeling_afmoe.py:514).
-- Attention subblock, in data-flow order: input_layernorm -> self_attn -> post_attention_layernorm;
-  residual join at modeling_afmoe.py:442.
-  self_attn returns a tuple of 2, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: pre_mlp_layernorm -> mlp -> post_mlp_layernorm;
-  residual join at modeling_afmoe.py:450.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- AfmoeDecoderLayer with mlp: AfmoeMLP (layer 0 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn -> post_attention_layernorm;
+    residual join at modeling_afmoe.py:442.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: pre_mlp_layernorm -> mlp -> post_mlp_layernorm;
+    residual join at modeling_afmoe.py:450.
+- AfmoeDecoderLayer with mlp: AfmoeSparseMoeBlock (layers 1-31 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn -> post_attention_layernorm;
+    residual join at modeling_afmoe.py:442.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: pre_mlp_layernorm -> mlp -> post_mlp_layernorm;
+    residual join at modeling_afmoe.py:450.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_afmoe.py:313; a probe build confirmed it changes only attention weight shapes.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_afmoe.py:116; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_afmoe.py:211; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_afmoe.py:137; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.moe_intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_afmoe.py:209; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_afmoe.py:582).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -47,10 +62,19 @@ class AfmoeModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
             "intermediate_size": block_config.ffn.intermediate_size,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "num_experts": block_config.ffn.moe.num_local_experts,
+                    "num_experts_per_tok": block_config.ffn.moe.num_experts_per_tok,
+                    "moe_intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: AfmoeDecoderLayer) -> None:

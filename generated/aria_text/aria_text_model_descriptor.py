@@ -13,6 +13,10 @@ Evidence (line numbers in transformers 5.23.0):
   residual join at modeling_aria.py:522.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_aria.py:413; a probe build confirmed it changes only attention weight shapes.
+- config.moe_num_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_aria.py:260; a probe build confirmed it changes only ffn weight shapes.
+- config.intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_aria.py:283; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_aria.py:693).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -45,9 +49,17 @@ class AriaTextModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "moe_num_experts": block_config.ffn.moe.num_local_experts,
+                    "intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: AriaTextDecoderLayer) -> None:

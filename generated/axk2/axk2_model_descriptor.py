@@ -6,13 +6,28 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: AXK2DecoderLayer in model.layers (modeling_axk2.py:746).
-- Attention subblock, in data-flow order: input_layernorm -> self_attn;
-  residual join at modeling_axk2.py:696.
-  self_attn returns a tuple of 2, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
-  residual join at modeling_axk2.py:702.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- AXK2DecoderLayer with mlp: AXK2MLP, post_attention_layernorm (layer 0 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_axk2.py:696.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_axk2.py:702.
+- AXK2DecoderLayer with mlp: AXK2MoE, post_attention_layernorm: AXK2GatedRMSNorm (layers 1-47 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_axk2.py:696.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_axk2.py:702.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_axk2.py:376; a probe build confirmed it changes only ffn weight shapes.
+- config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_axk2.py:337; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_axk2.py:283; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.moe_intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_axk2.py:398; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_axk2.py:809).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -25,7 +40,7 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.axk2.modeling_axk2 import AXK2DecoderLayer
+from transformers.models.axk2.modeling_axk2 import AXK2MLP, AXK2DecoderLayer, AXK2MoE
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
@@ -45,9 +60,18 @@ class AXK2ModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "intermediate_size": block_config.ffn.intermediate_size,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "num_local_experts": block_config.ffn.moe.num_local_experts,
+                    "num_experts_per_tok": block_config.ffn.moe.num_experts_per_tok,
+                    "moe_intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: AXK2DecoderLayer) -> None:

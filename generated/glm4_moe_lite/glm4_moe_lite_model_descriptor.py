@@ -6,13 +6,28 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: Glm4MoeLiteDecoderLayer in model.layers (modeling_glm4_moe_lite.py:582).
-- Attention subblock, in data-flow order: input_layernorm -> self_attn;
-  residual join at modeling_glm4_moe_lite.py:533.
-  self_attn returns a tuple of 2, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
-  residual join at modeling_glm4_moe_lite.py:539.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- Glm4MoeLiteDecoderLayer with mlp: Glm4MoeLiteMLP (layer 0 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_glm4_moe_lite.py:533.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_glm4_moe_lite.py:539.
+- Glm4MoeLiteDecoderLayer with mlp: Glm4MoeLiteMoE (layers 1-46 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_glm4_moe_lite.py:533.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_glm4_moe_lite.py:539.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_glm4_moe_lite.py:363; a probe build confirmed it changes only ffn weight shapes.
+- config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_glm4_moe_lite.py:442; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_glm4_moe_lite.py:377; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.moe_intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_glm4_moe_lite.py:487; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_glm4_moe_lite.py:643).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -25,7 +40,11 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteDecoderLayer
+from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import (
+    Glm4MoeLiteDecoderLayer,
+    Glm4MoeLiteMLP,
+    Glm4MoeLiteMoE,
+)
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
@@ -45,9 +64,18 @@ class Glm4MoeLiteModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "intermediate_size": block_config.ffn.intermediate_size,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "num_local_experts": block_config.ffn.moe.num_local_experts,
+                    "num_experts_per_tok": block_config.ffn.moe.num_experts_per_tok,
+                    "moe_intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: Glm4MoeLiteDecoderLayer) -> None:

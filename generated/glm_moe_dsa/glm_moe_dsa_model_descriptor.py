@@ -6,13 +6,28 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: GlmMoeDsaDecoderLayer in model.layers (modeling_glm_moe_dsa.py:658).
-- Attention subblock, in data-flow order: input_layernorm -> self_attn;
-  residual join at modeling_glm_moe_dsa.py:609.
-  self_attn returns a tuple of 3, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
-  residual join at modeling_glm_moe_dsa.py:614.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- GlmMoeDsaDecoderLayer with mlp: GlmMoeDsaMLP (layers 0-2 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_glm_moe_dsa.py:609.
+    self_attn returns a tuple of 3, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_glm_moe_dsa.py:614.
+- GlmMoeDsaDecoderLayer with mlp: GlmMoeDsaMoE (layers 3-77 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_glm_moe_dsa.py:609.
+    self_attn returns a tuple of 3, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_glm_moe_dsa.py:614.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_glm_moe_dsa.py:458; a probe build confirmed it changes only ffn weight shapes.
+- config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_glm_moe_dsa.py:516; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_glm_moe_dsa.py:472; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.moe_intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_glm_moe_dsa.py:561; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_glm_moe_dsa.py:723).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -27,7 +42,11 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import GlmMoeDsaDecoderLayer
+from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import (
+    GlmMoeDsaDecoderLayer,
+    GlmMoeDsaMLP,
+    GlmMoeDsaMoE,
+)
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
@@ -48,9 +67,18 @@ class GlmMoeDsaModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "intermediate_size": block_config.ffn.intermediate_size,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "num_local_experts": block_config.ffn.moe.num_local_experts,
+                    "num_experts_per_tok": block_config.ffn.moe.num_experts_per_tok,
+                    "moe_intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: GlmMoeDsaDecoderLayer) -> None:

@@ -14,6 +14,12 @@ Evidence (line numbers in transformers 5.23.0):
   mlp returns a tuple of 2, so its no-op stand-in does too.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_gpt_oss.py:268; a probe build confirmed it changes only attention weight shapes.
+- config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_gpt_oss.py:120; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_gpt_oss.py:119; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_gpt_oss.py:71; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_gpt_oss.py:484).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -46,9 +52,18 @@ class GptOssModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "num_local_experts": block_config.ffn.moe.num_local_experts,
+                    "num_experts_per_tok": block_config.ffn.moe.num_experts_per_tok,
+                    "intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: GptOssDecoderLayer) -> None:

@@ -6,15 +6,30 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: HYV3DecoderLayer in model.layers (modeling_hy_v3.py:452).
-- Attention subblock, in data-flow order: input_layernorm -> self_attn;
-  residual join at modeling_hy_v3.py:399.
-  self_attn returns a tuple of 2, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
-  residual join at modeling_hy_v3.py:405.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- HYV3DecoderLayer with mlp: HYV3MLP (layer 0 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_hy_v3.py:399.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_hy_v3.py:405.
+- HYV3DecoderLayer with mlp: HYV3MoE (layers 1-79 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_hy_v3.py:399.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_hy_v3.py:405.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_hy_v3.py:207; a probe build confirmed it changes only attention weight shapes.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_hy_v3.py:117; a probe build confirmed it changes only ffn weight shapes.
+- config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_hy_v3.py:345; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_hy_v3.py:342; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.moe_intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_hy_v3.py:347; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_hy_v3.py:512).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -27,7 +42,7 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.hy_v3.modeling_hy_v3 import HYV3DecoderLayer
+from transformers.models.hy_v3.modeling_hy_v3 import HYV3MLP, HYV3DecoderLayer, HYV3MoE
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
@@ -47,10 +62,19 @@ class HYV3ModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
             "intermediate_size": block_config.ffn.intermediate_size,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "num_local_experts": block_config.ffn.moe.num_local_experts,
+                    "num_experts_per_tok": block_config.ffn.moe.num_experts_per_tok,
+                    "moe_intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: HYV3DecoderLayer) -> None:

@@ -6,15 +6,30 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: MiMoV2FlashDecoderLayer in model.layers (modeling_mimo_v2_flash.py:503).
-- Attention subblock, in data-flow order: input_layernorm -> self_attn;
-  residual join at modeling_mimo_v2_flash.py:441.
-  self_attn returns a tuple of 2, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
-  residual join at modeling_mimo_v2_flash.py:447.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- MiMoV2FlashDecoderLayer with mlp: MiMoV2FlashMLP (layer 0 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_mimo_v2_flash.py:441.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_mimo_v2_flash.py:447.
+- MiMoV2FlashDecoderLayer with mlp: MiMoV2FlashMoE (layers 1-47 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_mimo_v2_flash.py:441.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_mimo_v2_flash.py:447.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_mimo_v2_flash.py:341; a probe build confirmed it changes only attention weight shapes.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_mimo_v2_flash.py:234; a probe build confirmed it changes only ffn weight shapes.
+- config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_mimo_v2_flash.py:176; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_mimo_v2_flash.py:132; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.moe_intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_mimo_v2_flash.py:178; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_mimo_v2_flash.py:571).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -27,7 +42,11 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashDecoderLayer
+from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import (
+    MiMoV2FlashDecoderLayer,
+    MiMoV2FlashMLP,
+    MiMoV2FlashMoE,
+)
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
@@ -47,10 +66,19 @@ class MiMoV2FlashModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
             "intermediate_size": block_config.ffn.intermediate_size,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "num_local_experts": block_config.ffn.moe.num_local_experts,
+                    "num_experts_per_tok": block_config.ffn.moe.num_experts_per_tok,
+                    "moe_intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: MiMoV2FlashDecoderLayer) -> None:

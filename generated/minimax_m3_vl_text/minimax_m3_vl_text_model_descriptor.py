@@ -13,7 +13,13 @@ Evidence (line numbers in transformers 5.23.0):
   residual join at modeling_minimax_m3_vl.py:664.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_minimax_m3_vl.py:406; a probe build confirmed it changes only attention weight shapes.
-- config.shared_intermediate_size <- block_config.ffn.intermediate_size: read at
+- config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_minimax_m3_vl.py:225; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_minimax_m3_vl.py:224; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_minimax_m3_vl.py:188; a probe build confirmed it changes only ffn weight shapes.
+- config.shared_intermediate_size <- block_config.ffn.moe.shared_expert_intermediate_dim: read at
   modeling_minimax_m3_vl.py:248; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_minimax_m3_vl.py:775).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
@@ -47,10 +53,19 @@ class MiniMaxM3VLModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
-            "shared_intermediate_size": block_config.ffn.intermediate_size,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "num_local_experts": block_config.ffn.moe.num_local_experts,
+                    "num_experts_per_tok": block_config.ffn.moe.num_experts_per_tok,
+                    "intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                    "shared_intermediate_size": block_config.ffn.moe.shared_expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: MiniMaxM3VLDecoderLayer) -> None:

@@ -13,8 +13,12 @@ Evidence (line numbers in transformers 5.23.0):
   residual join at modeling_qwen3_moe.py:346.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_qwen3_moe.py:129; a probe build confirmed it changes only attention weight shapes.
-- config.num_experts <- block_config.ffn.intermediate_size: read at
+- config.num_experts <- block_config.ffn.moe.num_local_experts: read at
   modeling_qwen3_moe.py:309; a probe build confirmed it changes only ffn weight shapes.
+- config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_qwen3_moe.py:251; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.moe_intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_qwen3_moe.py:216; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_qwen3_moe.py:495).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -47,10 +51,18 @@ class Qwen3MoeModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
-            "num_experts": block_config.ffn.intermediate_size,
         }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "num_experts": block_config.ffn.moe.num_local_experts,
+                    "num_experts_per_tok": block_config.ffn.moe.num_experts_per_tok,
+                    "moe_intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: Qwen3MoeDecoderLayer) -> None:

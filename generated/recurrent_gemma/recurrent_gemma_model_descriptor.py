@@ -6,11 +6,22 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: RecurrentGemmaDecoderLayer in model.layers (modeling_recurrent_gemma.py:618).
-- Attention subblock, in data-flow order: temporal_pre_norm -> temporal_block;
-  residual join at modeling_recurrent_gemma.py:521.
-  temporal_block returns a tuple of 2, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: channel_pre_norm -> mlp_block;
-  residual join at modeling_recurrent_gemma.py:526.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- RecurrentGemmaDecoderLayer with temporal_block: RecurrentGemmaRecurrentBlock (layers 0, 1, 3, 4, 6, 7, 9, 10, 12, 13, 15, 16, 18, 19, 21, 22, 24, 25 of the default config):
+  - Attention subblock, in data-flow order: temporal_pre_norm -> temporal_block;
+    residual join at modeling_recurrent_gemma.py:521.
+    temporal_block returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: channel_pre_norm -> mlp_block;
+    residual join at modeling_recurrent_gemma.py:526.
+- RecurrentGemmaDecoderLayer with temporal_block: RecurrentGemmaAttention (layers 2, 5, ..., 23 (every 3rd) of the default config):
+  - Attention subblock, in data-flow order: temporal_pre_norm -> temporal_block;
+    residual join at modeling_recurrent_gemma.py:521.
+    temporal_block returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: channel_pre_norm -> mlp_block;
+    residual join at modeling_recurrent_gemma.py:526.
+- config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
+  modeling_recurrent_gemma.py:208; a probe build confirmed it changes only attention weight shapes.
 - Final norm: model.final_norm, called after the layer loop (modeling_recurrent_gemma.py:677).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -24,7 +35,11 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaDecoderLayer
+from transformers.models.recurrent_gemma.modeling_recurrent_gemma import (
+    RecurrentGemmaAttention,
+    RecurrentGemmaDecoderLayer,
+    RecurrentGemmaRecurrentBlock,
+)
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
@@ -44,7 +59,9 @@ class RecurrentGemmaModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {}
+        return {
+            "num_key_value_heads": block_config.attention.num_key_value_heads,
+        }
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: RecurrentGemmaDecoderLayer) -> None:

@@ -143,14 +143,31 @@ def _as_join(graph: FlowGraph, op: Op) -> tuple[Node, Node] | None:
     """
     for terms in (list(op.inputs), _flatten_sum(graph, op)):
         derived = [x for x in terms if graph.derived(x)]
-        for r in derived:
-            others = [b for b in derived if b is not r]
-            if not others or not all(id(r) in graph.ancestors(b) for b in others):
+        for term in derived:
+            others = [b for b in derived if b is not term]
+            if not others:
                 continue
-            branch = others[0] if len(others) == 1 else op
-            if _calls_between(graph, r, branch):
-                return r, branch
+            # the residual may be a call-free function of the stream value the branch reads
+            # (`residual = residual.to(torch.float32)`, Mamba's residual_in_fp32)
+            for r in _call_free_chain(graph, term):
+                if not all(id(r) in graph.ancestors(b) for b in others):
+                    continue
+                branch = others[0] if len(others) == 1 else op
+                if _calls_between(graph, r, branch):
+                    return r, branch
     return None
+
+
+def _call_free_chain(graph: FlowGraph, node: Node) -> list[Node]:
+    """`node`, then the values it is computed from by operations without module calls that take
+    one stream input (a dtype cast, a reshape), nearest first."""
+    chain = [node]
+    while isinstance(chain[-1], Op) and len(chain) < 8:
+        derived = _unique([x for x in chain[-1].inputs if graph.derived(x)])
+        if len(derived) != 1:
+            break
+        chain.append(derived[0])
+    return chain
 
 
 def _flatten_sum(graph: FlowGraph, op: Op) -> list[Node]:

@@ -30,7 +30,7 @@ from .models import (
     sample_input,
     save_sharded,
 )
-from .oracle import SIZE_FIELDS, Reference
+from .oracle import SIZE_FIELDS, WIDTH_FIELDS, Reference
 
 __all__ = [
     "CHECKS",
@@ -68,7 +68,7 @@ def verification_config(config_cls: type, **extra: Any) -> Any:
         config = tiny_config(config_cls, **extra)
     text = config.get_text_config()
     present = text.to_dict()
-    for fields in SIZE_FIELDS.values():
+    for fields in (*SIZE_FIELDS.values(), WIDTH_FIELDS):
         for name in fields:
             if name in present and present[name] is None and name not in extra:
                 width = 2 * int(getattr(text, "hidden_size", 64) or 64)

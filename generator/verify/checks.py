@@ -247,7 +247,46 @@ def check_overrides(s: Subject) -> str:
             + f" (want the shapes of config.{sf.field}={sf.smaller})",
         )
         done.append(f"{size} -> config.{sf.field}")
-    return "; ".join(done)
+    top_k = _check_top_k(s)
+    if top_k:
+        done.append(top_k)
+    return "; ".join(done) or "the model reads no block-config size from its config"
+
+
+def _check_top_k(s: Subject) -> str | None:
+    """The experts a token is routed to change no shape but the logits: block configs asking
+    every layer for fewer must give the logits of the reference built with that many."""
+    ref = s.reference
+    field, experts = ref.top_k_field, ref.size_fields.get("ffn.moe.num_local_experts")
+    if field is None or experts is None:
+        return None
+    value = getattr(ref.text, field)
+    fewer = value - 1 if value > 1 else None
+    if fewer is None:
+        return None
+    other = reference_model(ref.with_fields({field: fewer}))
+    other.load_state_dict(ref.model.state_dict())
+    want = logits(other, ref.input_ids)
+    if torch.equal(want, ref.logits):
+        return None  # the model does not route by it
+    blocks = ref.own_block_configs()
+    for block in blocks:
+        if "moe" in block["ffn"]:
+            block["ffn"]["moe"]["num_experts_per_tok"] = fewer
+    candidate = build(s.descriptor, s.config, blocks)
+    candidate.load_state_dict(ref.model.state_dict())
+    got = logits(candidate, ref.input_ids)
+    if torch.equal(got, ref.logits):
+        raise VerificationError(
+            f"no override for ffn.moe.num_experts_per_tok: config.{field}={fewer} changes the "
+            f"logits, but ffn.moe.num_experts_per_tok={fewer} builds the original routing"
+        )
+    expect(
+        torch.equal(got, want),
+        f"ffn.moe.num_experts_per_tok={fewer} on every layer: logits differ from the original "
+        f"built with config.{field}={fewer} ({_diff(got, want)})",
+    )
+    return f"ffn.moe.num_experts_per_tok -> config.{field} (logits)"
 
 
 # -- 5. no-ops ----------------------------------------------------------------------------------
@@ -270,8 +309,19 @@ def _no_op_model(s: Subject, layer: int, kinds: tuple[str, ...]):
 
 
 def check_no_ops(s: Subject) -> str:
+    """On the first layer of every layer kind (and on layer 1)."""
     ref = s.reference
-    layer = 1 % s.n
+    layers = sorted(set(ref.kind_layers) | {1 % s.n})
+    for layer in layers:
+        _check_no_ops_on(s, layer)
+    return (
+        f"layers {', '.join(map(str, layers))}: each no-op removes exactly its subblock and "
+        "matches the original"
+    )
+
+
+def _check_no_ops_on(s: Subject, layer: int) -> None:
+    ref = s.reference
     prefix = ref.layer_path(layer)
     groups = s.groups(ref.state_shapes)
     roles = ref.roles(layer)
@@ -301,9 +351,9 @@ def check_no_ops(s: Subject) -> str:
     candidate, _ = _no_op_model(s, layer, KINDS)
     x, y = layer_io(candidate, candidate.get_submodule(prefix), ref.input_ids)
     expect(
-        torch.equal(x, y), f"a layer with both subblocks no-op changes its input ({_diff(x, y)})"
+        torch.equal(x, y),
+        f"layer {layer} with both subblocks no-op changes its input ({_diff(x, y)})",
     )
-    return f"layer {layer}: each no-op removes exactly its subblock and matches the original"
 
 
 # -- 6. sharded stages --------------------------------------------------------------------------
@@ -365,7 +415,10 @@ def check_round_trip(s: Subject) -> str:
     for tied, config in ((False, s.config), (True, s.tied_config)):
         ref = s.reference  # tying changes no layer: the same block configs apply
         blocks = ref.own_block_configs()
-        for size, sf in ref.size_fields.items():
+        # every size the reference still runs with (shapes alone are checked by `overrides`)
+        runnable = [size for size in ref.size_fields if ref.runs_with(size)]
+        for size in runnable:
+            sf = ref.size_fields[size]
             set_size(blocks[sf.layer], size, sf.smaller)
         blocks[-1]["attention"] = {"no_op": True}
         config = copy.deepcopy(config)
@@ -376,16 +429,31 @@ def check_round_trip(s: Subject) -> str:
             save_sharded(source, Path(tmp))
             loaded = load_model(s.descriptor, tmp, dtype=torch.float32)
             got = logits(loaded, ref.input_ids)
-        if tied:
-            expect(
-                loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight,
-                "the loaded model's head is no longer tied to its embedding",
-            )
+        # tied exactly when transformers' own model of this config ties (Moshi and
+        # Nemotron-H keep their own head whatever tie_word_embeddings says)
+        want_tied = _is_tied(reference_model(config, device="meta"))
+        expect(
+            _is_tied(loaded) == want_tied,
+            (
+                "the loaded model's head is no longer tied to its embedding"
+                if want_tied
+                else "the loaded model's head is tied to its embedding; the original's is not"
+            ),
+        )
         expect(
             torch.equal(want, got), f"logits differ after loading (tied={tied}; {_diff(got, want)})"
         )
         details.append("tied" if tied else "untied")
-    return "block_configs in config.json; " + ", ".join(details) + " checkpoints load bit-equal"
+    skipped = [size for size in ref.size_fields if not ref.runs_with(size)]
+    note = f" (not resized: {', '.join(skipped)}, the original does not run so)" if skipped else ""
+    return (
+        "block_configs in config.json; " + ", ".join(details) + " checkpoints load bit-equal" + note
+    )
+
+
+def _is_tied(model) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,49 @@ def build(descriptor, config, block_configs=None, device: str = "cpu", seed: int
     return model.eval()
 
 
+def layer_change_fails(
+    model_cls: type, config: Any, stack_path: str, index: int, changes: dict[str, Any]
+) -> str | None:
+    """Build `model_cls(config)` on the CPU with `changes` to the config of layer `index` alone
+    (the way Puzzletron's patcher builds a heterogeneous model, with a stand-in descriptor that
+    knows nothing of the model but those changes): None when it builds, else why not.
+    transformers' own weight init may read the whole model's config (Nemotron-H sizes a Mamba
+    mixer's A_log by the model's mamba_num_heads): such a field cannot differ per layer."""
+    from puzzletron_runtime import deci_x_patcher
+    from puzzletron_runtime.block_config import BlockConfig
+    from puzzletron_runtime.model_descriptor import ModelDescriptor
+
+    with quiet_transformers(), torch.device("meta"):
+        stack = model_cls(config).get_submodule(stack_path)
+    classes = list(dict.fromkeys(type(layer) for layer in stack))
+    own = {"attention": {"num_key_value_heads": 1}, "ffn": {"intermediate_size": 1}}
+    blocks = [BlockConfig.from_dict(own) for _ in range(len(stack))]
+    changed = blocks[index]
+
+    class OneLayer(ModelDescriptor):
+        decoder_layer_cls = staticmethod(lambda: classes)
+        block_config_to_layer_overrides = staticmethod(
+            lambda block: dict(changes) if block is changed else {}
+        )
+        init_rotary_embedding = staticmethod(lambda model, runtime: None)
+        input_embedding_name = staticmethod(lambda: "")
+        output_embedding_name = staticmethod(lambda: "")
+        final_norm_name = staticmethod(lambda: None)
+        layer_block_name = staticmethod(lambda i: f"{stack_path}.{i}")
+        layer_name_predicates = staticmethod(lambda n: {})
+
+    try:
+        with quiet_transformers(), deci_x_patcher(OneLayer, blocks):
+            model_cls(config)
+    except TypeError as exc:
+        if "layer index" in str(exc):
+            return None  # layers built without their index: no per-layer build to try
+        return f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def sample_input(config, length: int = 12) -> torch.Tensor:
     """Token ids of batch 3: with a batch of 2, `a, _ = zeros_tensor` would unpack a tensor
     along the batch and hide a no-op stand-in that forgot to return a tuple."""

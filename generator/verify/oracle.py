@@ -31,6 +31,7 @@ from torch import nn
 
 from .models import (
     call_input,
+    layer_change_fails,
     first_tensor,
     hooks,
     layer_io,
@@ -56,34 +57,44 @@ SIZE_FIELDS: dict[str, tuple[str, ...]] = {
         "n_head_kv",
         "num_key_value_groups",
     ),
-    # FFN width: the names used for the MLP's hidden width
-    "ffn.intermediate_size": (
-        "intermediate_size",
-        "n_inner",
-        "ffn_dim",
-        "ffn_hidden_size",
-        "d_ff",
-        "inner_hidden_size",
-        "mlp_hidden_size",
-    ),
-    # experts: how many, how wide each, and how wide the shared expert
+    # a Mamba mixer in the attention's place: state size, heads, head width, groups
+    "attention.mamba.state_dim": ("ssm_state_size", "state_size", "mamba_d_state", "d_state"),
+    "attention.mamba.num_heads": ("mamba_num_heads", "mamba_n_heads"),
+    "attention.mamba.head_dim": ("mamba_head_dim", "mamba_headdim"),
+    "attention.mamba.num_groups": ("n_groups", "mamba_n_groups", "mamba_ngroups"),
+    # experts: how many
     "ffn.moe.num_local_experts": (
         "num_local_experts",
         "num_experts",
         "n_routed_experts",
         "moe_num_experts",
         "num_routed_experts",
-    ),
-    "ffn.moe.expert_intermediate_dim": (
-        "moe_intermediate_size",
-        "expert_intermediate_size",
-        "moe_ffn_hidden_size",
-    ),
-    "ffn.moe.shared_expert_intermediate_dim": (
-        "shared_expert_intermediate_size",
-        "moe_shared_expert_intermediate_size",
+        "n_experts",
     ),
 }
+# FFN widths: which size a width field is follows from the tensors it resizes (see
+# Reference.size_fields): the routed experts' (ffn.moe.expert_intermediate_dim), only a shared
+# expert's beside them (ffn.moe.shared_expert_intermediate_dim), or a dense MLP's
+# (ffn.intermediate_size).
+WIDTH_FIELDS: tuple[str, ...] = (
+    "intermediate_size",
+    "moe_intermediate_size",
+    "expert_intermediate_size",
+    "moe_ffn_hidden_size",
+    "shared_expert_intermediate_size",
+    "moe_shared_expert_intermediate_size",
+    "n_inner",
+    "ffn_dim",
+    "ffn_hidden_size",
+    "d_ff",
+    "inner_hidden_size",
+    "mlp_hidden_size",
+)
+WIDTH_SIZES = (
+    "ffn.intermediate_size",
+    "ffn.moe.expert_intermediate_dim",
+    "ffn.moe.shared_expert_intermediate_dim",
+)
 
 # The experts a token is routed to: not a size that changes shapes, but a block config with
 # experts must carry it, so the oracle reads it from the config.
@@ -183,6 +194,8 @@ class Reference:
         self._roles: dict[int, LayerRoles] = {}
         self._cores: dict[int, dict[str, str]] = {}
         self._adds: dict[tuple[int, str], Any] = {}
+        self._runs: dict[str, bool] = {}
+        self.not_per_layer: dict[str, str] = {}  # field -> why one layer cannot differ
 
     # -- the stack ------------------------------------------------------------------------------
     @cached_property
@@ -474,16 +487,37 @@ class Reference:
         return None
 
     @cached_property
+    def top_k_field(self) -> str | None:
+        for name in TOP_K_FIELDS:
+            value = getattr(self.text, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return name
+        return None
+
+    def _allowed(self, kind: str) -> set[str]:
+        allowed = set()
+        for i in range(self.num_layers):
+            allowed |= self.layer_tensors(i, self.roles(i).members[kind] | self.roles(i).shared)
+        return allowed
+
+    def _first_layer(self, names) -> int:
+        return min(i for i in range(self.num_layers) if under(names, self.layer_path(i)))
+
+    @cached_property
     def size_fields(self) -> dict[str, SizeField]:
         """For each block-config size, the config field that changes exactly that subblock's
-        tensor shapes in the reference model (absent when the model reads none)."""
+        tensor shapes in the reference model (absent when the model reads none).
+
+        The expert count is found first: the tensors it resizes are the expert tensors (and
+        the router). A width field is then the experts' width when it resizes expert tensors,
+        the shared expert's when it resizes only other FFN tensors of layers that have experts,
+        and the dense FFN width when it resizes layers without experts."""
         base = self.meta_shapes(self.config)
-        found = {}
+        allowed = {k: self._allowed(k) for k in KINDS}
+        found: dict[str, SizeField] = {}
+        expert_tensors: set[str] = set()
         for size, fields in SIZE_FIELDS.items():
             kind = size.split(".")[0]
-            allowed = set()
-            for i in range(self.num_layers):
-                allowed |= self.layer_tensors(i, self.roles(i).members[kind] | self.roles(i).shared)
             for name in fields:
                 value = getattr(self.text, name, None)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 2:
@@ -492,17 +526,50 @@ class Reference:
                 if smaller is None:
                     continue
                 changed = self._changed(base, {name: smaller})
-                if changed and changed <= allowed:
-                    layer = min(
-                        i for i in range(self.num_layers) if under(changed, self.layer_path(i))
-                    )
+                if changed and changed <= allowed[kind]:
+                    layer = self._first_layer(changed)
+                    if not self._per_layer(layer, {name: smaller}):
+                        continue
                     found[size] = SizeField(size, kind, name, value, smaller, layer)
+                    if size == "ffn.moe.num_local_experts":
+                        expert_tensors = changed
                     break
-            if size == "ffn.intermediate_size" and size not in found:
-                other = self._other_width_field(base, allowed)
-                if other is not None:
-                    found[size] = other
+        moe_layers = {self._first_layer({t}) for t in expert_tensors}
+        for name in WIDTH_FIELDS:
+            value = getattr(self.text, name, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+                continue
+            changed = self._changed(base, {name: value // 2})
+            if not changed or not changed <= allowed["ffn"]:
+                continue
+            layers = {self._first_layer({t}) for t in changed}
+            if changed & expert_tensors:
+                size = "ffn.moe.expert_intermediate_dim"
+                layer = self._first_layer(changed & expert_tensors)
+            elif expert_tensors and layers <= moe_layers:
+                size = "ffn.moe.shared_expert_intermediate_dim"
+                layer = min(layers)
+            elif not layers & moe_layers:
+                size = "ffn.intermediate_size"
+                layer = min(layers)
+            else:
+                continue  # dense layers and shared experts at once: no one size
+            if size not in found and self._per_layer(layer, {name: value // 2}):
+                found[size] = SizeField(size, "ffn", name, value, value // 2, layer)
+        if "ffn.intermediate_size" not in found and not expert_tensors:
+            other = self._other_width_field(base, allowed["ffn"])
+            if other is not None:
+                found["ffn.intermediate_size"] = other
         return found
+
+    def _per_layer(self, layer: int, changes: dict[str, Any]) -> bool:
+        """A size is a block-config size only if one layer can have another value: the model
+        must build with `changes` to that layer's config alone (the rest of the model may read
+        the field too, as Nemotron-H's weight init reads mamba_num_heads)."""
+        failure = layer_change_fails(type(self.model), self.config, self.stack_path, layer, changes)
+        if failure is not None:
+            self.not_per_layer[next(iter(changes))] = failure
+        return failure is None
 
     def _other_width_field(self, base: dict, allowed: set[str]) -> SizeField | None:
         """An FFN width under a name the table does not list (CTRL's `dff`): an int field
@@ -545,6 +612,18 @@ class Reference:
             return set(other) ^ set(base) | {k for k in base if other.get(k) != base[k]}
         return {k for k in base if other[k] != base[k]}
 
+    def runs_with(self, size: str) -> bool:
+        """Whether the reference still runs a forward with size field `size` at its smaller
+        value (a Mamba mixer's heads must still multiply to its inner width, say)."""
+        if size not in self._runs:
+            sf = self.size_fields[size]
+            try:
+                logits(reference_model(self.with_fields({sf.field: sf.smaller})), self.input_ids)
+                self._runs[size] = True
+            except Exception:
+                self._runs[size] = False
+        return self._runs[size]
+
     def with_fields(self, overrides: dict[str, Any]) -> Any:
         """A copy of the config with text-config fields set (as the patcher sets them)."""
         config = copy.deepcopy(self.config)
@@ -572,9 +651,26 @@ class Reference:
                 "num_experts_per_tok": min(self.top_k or 1, experts.value if experts else 1),
                 "expert_intermediate_dim": 1,
             }
+        if any(size.startswith("attention.mamba.") for size in sizes):
+            block["attention"]["mamba"] = {}
         for size, sf in sizes.items():
             set_size(block, size, sf.value)
         return block
+
+    # -- layer kinds ----------------------------------------------------------------------------
+    @cached_property
+    def kind_layers(self) -> list[int]:
+        """The first layer of each kind of the stack: layers that differ in class, or in the
+        names or classes of their children with weights."""
+        seen: dict[tuple, int] = {}
+        for i in range(self.num_layers):
+            layer = self.layer(i)
+            sig = (
+                type(layer),
+                tuple((n, type(c)) for n, c in layer.named_children() if _params(c)),
+            )
+            seen.setdefault(sig, i)
+        return sorted(seen.values())
 
     def own_block_configs(self) -> list[dict]:
         return [copy.deepcopy(self.own_block_config()) for _ in range(self.num_layers)]

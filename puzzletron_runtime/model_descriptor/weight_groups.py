@@ -41,7 +41,12 @@ except ImportError:  # pragma: no cover - older Pythons
     import sre_constants as _sre  # type: ignore[no-redef]
     import sre_parse as _sre_parse  # type: ignore[no-redef]
 
-__all__ = ["group_names", "literal_prefixes", "reference_group_names"]
+__all__ = [
+    "group_names",
+    "literal_prefixes",
+    "move_to_sole_subblock",
+    "reference_group_names",
+]
 
 _IGNORECASE = int(re.IGNORECASE)  # plain ints: flag enums are slow to combine
 _VERBOSE = int(re.VERBOSE)
@@ -547,3 +552,23 @@ class _Reader:
         if self.take() != ")":
             raise _Unsure
         return prefixes, exact
+
+
+def move_to_sole_subblock(
+    groups: dict[str, list[str]], num_hidden_layers: int, followers: "re.Pattern"
+) -> dict[str, list[str]]:
+    """For stacks whose layers hold one subblock each (Nemotron-H: a norm, then a Mamba mixer,
+    an attention, an MLP or experts): the names `followers` matches belong to the subblock
+    their layer has. The predicates list them with the attention; in a layer whose attention
+    group holds nothing else while its FFN group is not empty, they move to the FFN group.
+    Groups left empty are dropped; the order of groups and names is kept."""
+    out = {k: list(v) for k, v in groups.items()}
+    for i in range(num_hidden_layers):
+        attention, ffn = f"block_{i}_attention", f"block_{i}_ffn"
+        names = out.get(attention, [])
+        moving = [n for n in names if followers.match(n)]
+        if not moving or len(moving) != len(names) or not out.get(ffn):
+            continue
+        out[ffn] = moving + out[ffn]
+        del out[attention]
+    return out

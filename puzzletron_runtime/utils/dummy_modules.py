@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from ..puzzformer.no_op import find_hidden_states
@@ -51,7 +52,16 @@ class DummyInputEmbedding(nn.Module):
 
 class DummyOutputHead(nn.Module):
     """Stands in for the final norm or LM head on a shard without the last block: passes its
-    input through."""
+    input through.
+
+    Some causal LMs read the head's weight dtype before calling it (Mamba:
+    `self.lm_head(hidden_states.to(self.lm_head.weight.dtype))`): with `dtype`, the stand-in
+    carries an empty `weight` of that dtype (on `device`, outside the state dict)."""
+
+    def __init__(self, dtype: torch.dtype | None = None, device: Any = None):
+        super().__init__()
+        if dtype is not None:
+            self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), False)
 
     def forward(self, *args, **kwargs):
         return find_hidden_states(args, kwargs)

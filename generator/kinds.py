@@ -1,0 +1,152 @@
+"""Layer kinds: the decoder layers of a stack, grouped by what they are built of.
+
+A kind is a layer class together with the names of its children and the classes of those that
+hold matrices (a norm that is an Identity in one layer, ModernBERT-decoder's, does not make
+another kind). Llama
+has one kind; Qwen3-Next two (`linear_attn` or `self_attn` beside an MoE block), DeepSeek-V3 two
+(a dense `mlp` in the first layers, experts after), Nemotron-H four (one class whose `mixer` is
+a Mamba mixer, an attention, an MLP or experts), Jamba and OLMo-hybrid several classes. Each kind
+is analysed once, on its first layer; which layers have it comes from building the config, so it
+is whatever the modeling code reads from the config's own per-layer fields.
+
+A generated descriptor receives a built layer (`attn_no_op_post_init(decoder_layer)`), not its
+index, so every kind also gets a *selector*: tests on the layer object that hold for its layers
+and for no layer of another kind (its class, a child it has or lacks, the class of a child),
+checked here against every probed layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import InferenceError
+from .spec import ClassRef, KindTest, is_identifier
+
+
+def ref(cls: type) -> ClassRef:
+    return ClassRef(cls.__module__, cls.__name__)
+
+
+@dataclass
+class KindGroup:
+    """Layers of one kind in a built stack."""
+
+    layer_class: type
+    children: tuple[tuple[str, type | None], ...]  # (name, class of a child with matrices)
+    layers: list[int]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.children)
+
+
+def _has_matrix(module: nn.Module) -> bool:
+    return any(p.dim() >= 2 for p in module.parameters())
+
+
+def signature(layer: nn.Module) -> tuple:
+    return (
+        type(layer),
+        tuple((n, type(c) if _has_matrix(c) else None) for n, c in layer.named_children()),
+    )
+
+
+def group_layers(stack: nn.ModuleList) -> list[KindGroup]:
+    """The kinds of `stack`, in order of their first layer."""
+    groups: dict[tuple, KindGroup] = {}
+    for i, layer in enumerate(stack):
+        sig = signature(layer)
+        if sig not in groups:
+            groups[sig] = KindGroup(sig[0], sig[1], [])
+        groups[sig].layers.append(i)
+    return list(groups.values())
+
+
+def label(group: KindGroup, groups: list[KindGroup]) -> str:
+    """A reviewer's name for the kind: its class, and the children that set it apart
+    (`RecurrentGemmaDecoderLayer with temporal_block: RecurrentGemmaAttention`,
+    `RwkvBlock without pre_ln`)."""
+    name = group.layer_class.__name__
+    if len(groups) == 1:
+        return name
+    common = set.intersection(*(set(g.children) for g in groups))
+    own = [f"{n}: {c.__name__}" if c else n for n, c in group.children if (n, c) not in common]
+    if own:
+        return f"{name} with {', '.join(own)}"
+    lacks = sorted({n for g in groups for n, _ in g.children} - set(group.names))
+    if lacks and all(g.layer_class is group.layer_class for g in groups):
+        return f"{name} without {', '.join(lacks)}"
+    return name
+
+
+_MISSING = object()
+
+
+def _holds(test: KindTest, layer: nn.Module, classes: dict[ClassRef, type]) -> bool:
+    if test.value is not None:
+        return getattr(layer, test.child, _MISSING) == test.value
+    if test.child is None:
+        return isinstance(layer, classes[test.cls])
+    if test.cls is None:
+        return hasattr(layer, test.child) != test.negate
+    child = getattr(layer, test.child, None)
+    return child is not None and isinstance(child, classes[test.cls])
+
+
+def _candidates(group: KindGroup, groups: list[KindGroup], first: nn.Module):
+    """Tests that hold for `group`, most readable first. The no-ops replace children, so tests
+    that a replacement leaves true (the class, which children exist, a plain attribute such as
+    Nemotron-H's `block_type`) come before a child's class."""
+    yield KindTest(None, ref(group.layer_class)), {ref(group.layer_class): group.layer_class}
+    for name, _ in group.children:
+        yield KindTest(name, None), {}
+    for other in groups:
+        for name, _ in other.children:
+            if name not in group.names:
+                yield KindTest(name, None, negate=True), {}
+    for name, value in sorted(vars(first).items()):
+        if name.startswith("_") or not is_identifier(name):
+            continue
+        if isinstance(value, (bool, int)) or (isinstance(value, str) and value.isprintable()):
+            yield KindTest(name, None, value=value), {}
+    for name, cls in group.children:
+        if cls is not None:
+            yield KindTest(name, ref(cls)), {ref(cls): cls}
+
+
+def selectors(groups: list[KindGroup], stack: nn.ModuleList) -> list[tuple[KindTest, ...]]:
+    """For each kind, tests that all its layers pass and every layer of every other kind fails
+    (one test at least): none are needed when the stack has one kind."""
+    if len(groups) == 1:
+        return [()]
+    out = []
+    for group in groups:
+        mine = [stack[i] for i in group.layers]
+        chosen: list[KindTest] = []
+        classes: dict[ClassRef, type] = {}
+        for other in groups:
+            if other is group:
+                continue
+            theirs = [stack[i] for i in other.layers]
+            if chosen and not all(
+                all(_holds(t, layer, classes) for t in chosen) for layer in theirs
+            ):
+                continue  # the tests so far already reject this kind
+            for test, more in _candidates(group, groups, mine[0]):
+                known = {**classes, **more}
+                if all(_holds(test, layer, known) for layer in mine) and not any(
+                    _holds(test, layer, known) for layer in theirs
+                ):
+                    chosen.append(test)
+                    classes = known
+                    break
+            else:
+                raise InferenceError(
+                    "how to tell the layer kinds apart",
+                    f"no test on the layer object tells layers {group.layers} from layers "
+                    f"{other.layers} (same class and children)",
+                )
+        out.append(tuple(chosen))
+    return out
