@@ -131,6 +131,10 @@ def _plan_one(target, out_flag: str | None, keep_going: bool = False):
         if not keep_going:
             raise
         reason = str(exc) if isinstance(exc, PuzzleGenError) else f"internal error: {exc!r}"
+        scope = coverage.out_of_scope_by_running(config) if config is not None else None
+        if scope is not None:  # a run shows why no descriptor can describe it
+            _progress(f"    out of scope: {scope}")
+            return coverage.Row(target, coverage.OUT_OF_SCOPE, scope, fam)
         _progress(f"    not generated: {reason}")
         return coverage.Row(target, coverage.NOT_GENERATED, coverage.first_line(reason), fam)
     return _Planned(

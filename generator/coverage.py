@@ -56,7 +56,97 @@ def out_of_scope(model_type: str, config: Any) -> str | None:
     fields = config.to_dict() if config is not None else {}
     if any(name.startswith("cross_attention") for name in fields):  # TrOCR: sized for an encoder
         return "a decoder built to cross-attend to an encoder (used inside an encoder-decoder)"
+    # a config that declares the decoder flag and leaves it off (BertGeneration), when its model
+    # then attends both ways; GPT-NeoX declares it too, but its attention is causal regardless
+    if getattr(config, "is_decoder", None) is False and _attends_to_later_tokens(config):
+        return (
+            "an encoder: with is_decoder off (its default) its logits at a position depend on "
+            "later tokens; it decodes only as is_decoder"
+        )
     return None
+
+
+def out_of_scope_by_running(config: Any) -> str | None:
+    """Why a type is not a stack of one decoder block per layer, from one forward of a tiny
+    model of its config class; None when the run shows nothing of the kind, or fails.
+
+    Asked only of the types inference could not describe (`generate --all`): a generated type
+    is checked layer by layer by `verify` instead, and a run costs more than reading a config.
+    A layer module that runs more than once in one forward is recurrent depth (HRM runs its
+    layer stacks in cycles: the config's layer count counts applications, not layers), which
+    block configs, one per layer, cannot describe.
+    """
+    try:
+        model, ids = _tiny_model(config)
+    except Exception:
+        return None
+    import torch
+
+    calls: dict[int, int] = {}
+    handles = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            for layer in module:
+                handles.append(
+                    layer.register_forward_pre_hook(
+                        lambda m, _a: calls.__setitem__(id(m), calls.get(id(m), 0) + 1)
+                    )
+                )
+    from .probe import quiet_transformers
+
+    try:
+        with torch.no_grad(), quiet_transformers():
+            model(input_ids=ids)
+    except Exception:
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    repeated = [n for n in calls.values() if n > 1]
+    if not repeated:
+        return None
+    return (
+        f"recurrent depth: its layers run several times per forward (a tiny model's "
+        f"{len(calls)} layer modules make {sum(calls.values())} layer calls), so there is no "
+        "stack of one decoder block per layer for block configs to describe"
+    )
+
+
+def _tiny_model(config: Any):
+    """A tiny causal LM of `config`'s class (generator.tiny) and token ids for it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .probe import quiet_transformers
+    from .tiny import VOCAB, tiny_config
+
+    with quiet_transformers():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(type(config))).eval()
+    ids = torch.randint(3, VOCAB - 3, (2, 9), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+def _attends_to_later_tokens(config: Any) -> bool:
+    """Whether changing the last token of the input changes the logits at earlier positions of
+    a tiny model: by more than 1e-5 of the change at the last position. Rounding (a mixture of
+    experts batching tokens differently) moves earlier logits by under 1e-6 of it in every
+    causal type; a tiny encoder's near-uniform attention moves them by about 3e-3 of it."""
+    import torch
+
+    from .probe import quiet_transformers
+
+    try:
+        model, ids = _tiny_model(config)
+        changed = ids.clone()
+        changed[:, -1] = (changed[:, -1] + 1) % (int(ids.max()) + 1) + 3
+        with torch.no_grad(), quiet_transformers():
+            a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    except Exception:
+        return False
+    earlier = (a[:, :-1] - b[:, :-1]).abs().max().item()
+    last = (a[:, -1] - b[:, -1]).abs().max().item()
+    return last > 0 and earlier > 1e-5 * last
 
 
 FAMILIES = ("dense", "MoE", "hybrid", "multimodal")

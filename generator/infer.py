@@ -105,30 +105,57 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     tied_how = "shares the embedding weight" if probe.tied() else "has its own weight"
     ctx.fact("tied embeddings", probe.tied(), [f"probe: the default config's LM head {tied_how}"])
 
-    selectors = kinds.selectors(groups, stack)
+    hidden = kinds.other_config_kinds(
+        probe, stack_path, groups, lambda config: build_model(source.causal_lm_cls, config)
+    )
+    groups = groups + hidden
     every_child = {n for g in groups for n in g.names}
-    layer_kinds: list[LayerKind] = []
+    analysed: list[tuple[kinds.KindGroup, LayerKind]] = []
     overrides: dict[tuple[str, str], ConfigOverride] = {}
     variants: list[ConfigVariant] = []
-    for group, selector in zip(groups, selectors):
+    for group in groups:
         label = kinds.label(group, groups)
         ctx.scope = f"{label}: " if len(groups) > 1 else ""
-        tiny_index = _tiny_layer(group, tiny_groups, label)
-        kind, found, kind_variants = _layer_kind(
-            ctx, group, label, selector, stack_path, tiny_index, every_child
-        )
-        layer_kinds.append(kind)
+        ctx.probe = probe.variant(group.tiny_changes) if group.built_by else probe
+        try:
+            if group.built_by:
+                built = kinds.group_layers(ctx.probe.tiny_model().get_submodule(stack_path))
+                tiny_index = _tiny_layer(group, built, label)
+            else:
+                tiny_index = _tiny_layer(group, tiny_groups, label)
+            kind, found, kind_variants = _layer_kind(
+                ctx, group, label, (), stack_path, tiny_index, every_child
+            )
+        except InferenceError as exc:
+            if not group.built_by:
+                raise
+            # a value the model takes but does not build a layer of its own kind from (a
+            # Qwen3-Next layer typed "conv" has no token mixer at all): not described
+            ctx.scope = ""
+            ctx.fact(f"layers built by {group.built_by}", "not a layer kind", [str(exc)])
+            continue
+        analysed.append((group, kind))
         variants.extend(v for v in kind_variants if v not in variants)
         for o in found:
             overrides.setdefault((o.block_config_attr, o.config_field), o)
+    groups = [g for g, _ in analysed]
+    layer_kinds = [
+        dataclasses.replace(kind, selector=selector, label=kinds.label(group, groups))
+        for (group, kind), selector in zip(analysed, kinds.selectors(groups))
+    ]
     ctx.scope = ""
+    ctx.probe = probe
     _check_overrides(overrides.values())
     order = list(BLOCK_CONFIG_ATTRS)
     overrides = dict(sorted(overrides.items(), key=lambda kv: order.index(kv[0][0])))
     if len(groups) > 1:
         ctx.fact(
             "layer kinds",
-            "; ".join(f"{k.label}: layers {layer_ranges(k.layers)}" for k in layer_kinds),
+            "; ".join(
+                f"{k.label}: "
+                + (f"layers {layer_ranges(k.layers)}" if k.layers else f"built by {k.built_by}")
+                for k in layer_kinds
+            ),
             [f"probe: the classes and children of every layer in {stack_path}"],
         )
 
@@ -177,7 +204,9 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
                 f"called {'before' if group == 'embeddings' else 'after'} the layer loop",
             ],
         )
-    attention_weights, ffn_weights, tensors, followers = _weight_modules(layer_kinds, stack)
+    attention_weights, ffn_weights, tensors, followers = _weight_modules(
+        layer_kinds, [g.modules[0] for g in groups]
+    )
     preds = predicates.build(
         embeddings, lm_head, stack_path, attention_weights, ffn_weights, tensors, followers
     )
@@ -340,8 +369,7 @@ def _tiny_layer(group: kinds.KindGroup, tiny_groups: list[kinds.KindGroup], labe
 def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child):
     """Analyse the first layer of a kind: its subblocks, no-op plans, overrides, variants."""
     probe = ctx.probe
-    first = group.layers[0]
-    layer = probe.module(f"{stack_path}.{first}")
+    layer = group.modules[0]
     flow = layer_flow.analyze_layer(type(layer), layer, layer_children(layer), ctx.index)
     tiny_path = f"{stack_path}.{tiny_index}"
     arity = _confirm_calls(ctx, flow, tiny_path)
@@ -411,27 +439,46 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
         shared_modules=tuple(flow.shared),
         selector=selector,
         evidence=(
-            f"probe: layers {layer_ranges(group.layers)} of the probed config are "
-            f"{group.layer_class.__name__}s with {', '.join(group.names)}",
+            (
+                (
+                    f"probe: layers {layer_ranges(group.layers)} of the probed config are "
+                    f"{group.layer_class.__name__}s with {', '.join(group.names)}"
+                )
+                if group.layers
+                else (
+                    f"probe: a config with {group.built_by} for its last layer builds a "
+                    f"{group.layer_class.__name__} with {', '.join(group.names)} there"
+                )
+            ),
         ),
+        built_by=group.built_by,
     )
     return kind, found, variants
 
 
 def _check_overrides(overrides) -> None:
-    """One config field per block-config size: two sizes written to one field would race."""
-    fields: dict[str, str] = {}
+    """One config field per block-config size: two sizes written to one field would race. One
+    exception: a field that a dense kind reads as its width and an MoE kind as its experts'
+    (Jamba's intermediate_size) is written from ffn.intermediate_size and, when the block config
+    has experts, from ffn.moe: the optional part is rendered last, so it decides."""
+    fields: dict[str, set[str]] = {}
     for o in overrides:
-        other = fields.setdefault(o.config_field, o.block_config_attr)
-        if other != o.block_config_attr:
+        fields.setdefault(o.config_field, set()).add(o.block_config_attr)
+    for field, sizes in fields.items():
+        plain = {s for s in sizes if s.count(".") == 1}
+        optional = sizes - plain
+        if (
+            len(plain) > 1
+            or len({s.rsplit(".", 1)[0] for s in optional}) > 1
+            or (len(optional) > 1)
+        ):
             raise InferenceError(
-                f"the override of config.{o.config_field}",
-                f"two block-config sizes map to it ({other} and {o.block_config_attr})",
-                list(o.evidence),
+                f"the override of config.{field}",
+                f"several block-config sizes map to it ({', '.join(sorted(sizes))})",
             )
 
 
-def _weight_modules(layer_kinds: list[LayerKind], stack):
+def _weight_modules(layer_kinds: list[LayerKind], modules: list[nn.Module]):
     """What the attention and the FFN predicates list, over every kind: layer children, or,
     for a child that is attention in some kinds and FFN in others (Nemotron-H's `mixer`), the
     modules and tensors below it, which differ between its roles. A child whose tensors do not
@@ -440,8 +487,9 @@ def _weight_modules(layer_kinds: list[LayerKind], stack):
     Returns (attention, ffn, tensors, followers): names relative to a layer, the ones in
     `tensors` single tensors, `followers` among `attention`."""
     roles: dict[str, dict[str, list[LayerKind]]] = {}
+    layer_of = {id(k): m for k, m in zip(layer_kinds, modules)}
     for k in layer_kinds:
-        layer = stack[k.layers[0]]
+        layer = layer_of[id(k)]
         for sb in (k.attention, k.ffn):
             for name in sb.weight_modules if sb is not None else ():
                 roles.setdefault(name, {}).setdefault(sb.kind, []).append(k)
@@ -459,7 +507,7 @@ def _weight_modules(layer_kinds: list[LayerKind], stack):
             else:
                 ffn.append(name)
             continue
-        below = {role: _below(name, kinds_, stack) for role, kinds_ in by_role.items()}
+        below = {role: _below(name, kinds_, layer_of) for role, kinds_ in by_role.items()}
         if not below[ATTENTION] & below[FFN]:
             for role, entries in below.items():
                 for entry, is_tensor in sorted(entries):
@@ -481,12 +529,12 @@ def _weight_modules(layer_kinds: list[LayerKind], stack):
     return _unique(attention), _unique(ffn), _unique(tensors), followers
 
 
-def _below(name: str, layer_kinds, stack) -> set[tuple[str, bool]]:
+def _below(name: str, layer_kinds, layer_of) -> set[tuple[str, bool]]:
     """(name, is_tensor) of the children with weights and the own parameters of child `name`
     in layers of `layer_kinds`."""
     out = set()
     for k in layer_kinds:
-        child = getattr(stack[k.layers[0]], name)
+        child = getattr(layer_of[id(k)], name)
         out |= {(f"{name}.{n}", False) for n, c in child.named_children() if _has_params(c)}
         out |= {(f"{name}.{n}", True) for n, _ in child.named_parameters(recurse=False)}
     return out
@@ -556,8 +604,7 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) ->
         )
     # a child may hold weights in some layers only (ModernBERT-decoder's attn_norm is an
     # Identity in layer 0): weights in any layer of the kind count
-    stack = ctx.probe.module(stack_path)
-    layers = [stack[i] for i in group.layers]
+    layers = group.modules
     weight_modules = tuple(
         n
         for n in sb.members

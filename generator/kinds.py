@@ -17,7 +17,8 @@ checked here against every probed layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -31,11 +32,15 @@ def ref(cls: type) -> ClassRef:
 
 @dataclass
 class KindGroup:
-    """Layers of one kind in a built stack."""
+    """Layers of one kind in a built stack (or, for a kind only other configs build, the layer
+    of such a config: `layers` is then empty and `built_by` says how it is built)."""
 
     layer_class: type
     children: tuple[tuple[str, type | None], ...]  # (name, class of a child with matrices)
     layers: list[int]
+    modules: list[nn.Module] = field(default_factory=list)  # the layer objects
+    built_by: str = ""  # `layer_types[i] = 'conv'`: how other configs build this kind
+    tiny_changes: dict = field(default_factory=dict)  # the tiny config change that builds it
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -61,7 +66,70 @@ def group_layers(stack: nn.ModuleList) -> list[KindGroup]:
         if sig not in groups:
             groups[sig] = KindGroup(sig[0], sig[1], [])
         groups[sig].layers.append(i)
+        groups[sig].modules.append(layer)
     return list(groups.values())
+
+
+# Per-layer type lists and the values transformers allows in them (its own vocabulary, checked
+# by PreTrainedConfig.validate_layer_type): each value another config may use is tried on the
+# last layer, and a layer kind that the probed config does not build is analysed too (LFM2's
+# default config has only attention layers; its checkpoints have short convolutions).
+def _layer_type_vocabularies() -> dict[str, tuple[str, ...]]:
+    from transformers import configuration_utils as cu
+
+    return {
+        "layer_types": tuple(getattr(cu, "ALLOWED_ATTN_LAYER_TYPES", ())),
+        "mlp_layer_types": tuple(getattr(cu, "ALLOWED_MLP_LAYER_TYPES", ())),
+    }
+
+
+def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -> list[KindGroup]:
+    """Layer kinds that configs of the same type build from another per-layer type value: each
+    allowed value is set on the last layer of the tiny config; a new kind it builds is also
+    built at the probed config's size (its last layer changed the same way), where it is
+    analysed. `build(config)` builds a model on the meta device."""
+    known = {(g.layer_class, g.children) for g in groups}
+    found: list[KindGroup] = []
+    tiny_text = probe.tiny_config().get_text_config()
+    full_text = probe.config.get_text_config()
+    for name, vocabulary in _layer_type_vocabularies().items():
+        tiny_values = getattr(tiny_text, name, None)
+        full_values = getattr(full_text, name, None)
+        if not (_strings(tiny_values) and _strings(full_values)):
+            continue
+        for value in vocabulary:
+            if value in tiny_values:
+                continue
+            changes = {name: list(tiny_values[:-1]) + [value]}
+            try:
+                tiny_stack = build(probe.tiny_config(**changes)).get_submodule(stack_path)
+            except Exception:
+                continue  # a value this model does not take
+            sig = signature(tiny_stack[len(tiny_stack) - 1])
+            if sig in known:
+                continue
+            full = copy.deepcopy(probe.config)
+            setattr(full.get_text_config(), name, list(full_values[:-1]) + [value])
+            try:
+                full_stack = build(full).get_submodule(stack_path)
+            except Exception:
+                continue
+            layer = full_stack[len(full_stack) - 1]
+            if signature(layer) != sig:
+                continue
+            known.add(sig)
+            found.append(
+                KindGroup(sig[0], sig[1], [], [layer], f"{name}[i] = {value!r}", dict(changes))
+            )
+    return found
+
+
+def _strings(values) -> bool:
+    return (
+        isinstance(values, (list, tuple))
+        and bool(values)
+        and all(isinstance(v, str) for v in values)
+    )
 
 
 def label(group: KindGroup, groups: list[KindGroup]) -> str:
@@ -116,20 +184,20 @@ def _candidates(group: KindGroup, groups: list[KindGroup], first: nn.Module):
             yield KindTest(name, ref(cls)), {ref(cls): cls}
 
 
-def selectors(groups: list[KindGroup], stack: nn.ModuleList) -> list[tuple[KindTest, ...]]:
+def selectors(groups: list[KindGroup]) -> list[tuple[KindTest, ...]]:
     """For each kind, tests that all its layers pass and every layer of every other kind fails
     (one test at least): none are needed when the stack has one kind."""
     if len(groups) == 1:
         return [()]
     out = []
     for group in groups:
-        mine = [stack[i] for i in group.layers]
+        mine = group.modules
         chosen: list[KindTest] = []
         classes: dict[ClassRef, type] = {}
         for other in groups:
             if other is group:
                 continue
-            theirs = [stack[i] for i in other.layers]
+            theirs = other.modules
             if chosen and not all(
                 all(_holds(t, layer, classes) for t in chosen) for layer in theirs
             ):
@@ -145,8 +213,8 @@ def selectors(groups: list[KindGroup], stack: nn.ModuleList) -> list[tuple[KindT
             else:
                 raise InferenceError(
                     "how to tell the layer kinds apart",
-                    f"no test on the layer object tells layers {group.layers} from layers "
-                    f"{other.layers} (same class and children)",
+                    f"no test on the layer object tells layers {group.layers or group.built_by}"
+                    f" from layers {other.layers or other.built_by} (same class and children)",
                 )
         out.append(tuple(chosen))
     return out

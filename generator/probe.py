@@ -109,6 +109,13 @@ class Probe:
                 f"on the meta device: {type(exc).__name__}: {exc}",
             ) from None
         self.paths = {id(mod): name for name, mod in self.model.named_modules()}
+        self.tiny_extra: dict[str, Any] = {}  # changes every tiny config of this probe carries
+
+    def variant(self, tiny_changes: dict[str, Any]) -> "Probe":
+        """This probe, with tiny configs changed (to build a layer kind another config has)."""
+        other = copy.copy(self)
+        other.tiny_extra = {**self.tiny_extra, **tiny_changes}
+        return other
 
     @property
     def num_layers(self) -> int:
@@ -142,6 +149,7 @@ class Probe:
 
     # -- tiny model checks ------------------------------------------------------------------
     def tiny_config(self, **extra: Any) -> Any:
+        extra = {**self.tiny_extra, **extra}
         try:
             with quiet_transformers():
                 if self.source.config is not None:

@@ -105,6 +105,8 @@ class LayerKind:
     shared_modules: tuple[str, ...]  # children both subblocks use (parallel layouts)
     selector: tuple[KindTest, ...]  # all hold for this kind and for no other one
     evidence: tuple[str, ...] = ()
+    # a kind no layer of the probed config has, that other configs build: how (`layers` empty)
+    built_by: str = ""
 
     def subblock(self, kind: str) -> Subblock | None:
         return self.attention if kind == "attention" else self.ffn
@@ -343,6 +345,11 @@ def check_renderable(spec: "DescriptorSpec") -> None:
             ident(name, "a layer kind's child")
         for i in k.layers:
             need(type(i) is int and i >= 0, "a layer index", i)
+        need(
+            k.built_by == "" or bool(_BUILT_BY.match(k.built_by)),
+            "how other configs build a kind",
+            k.built_by,
+        )
         for t in k.selector:
             if t.child is not None:
                 ident(t.child, "the child a kind test reads")
@@ -443,4 +450,5 @@ def check_renderable(spec: "DescriptorSpec") -> None:
 
 
 _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")
+_BUILT_BY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\[i\] = '[A-Za-z0-9_]+'\Z")
 _LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_ ,:()]*\Z")  # class and child names only

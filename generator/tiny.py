@@ -57,6 +57,10 @@ TINY_SIZES: dict[str, int] = {
 }
 KV_HEAD_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
 _EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# routed experts split into groups (DeepSeek-V3's group-limited routing): with few experts, one
+# group, of which one is picked
+_EXPERT_GROUPS = ("n_group", "num_expert_group", "n_expert_groups", "moe_n_group")
+_EXPERT_GROUP_TOPK = ("topk_group", "topk_groups", "moe_topk_group")
 _HEAD_DIM_LIKE = ("_head_dim", "rotary_dim", "rope_dim", "head_size")
 _RANK_LIKE = ("_lora_rank",)
 
@@ -146,6 +150,19 @@ def _per_layer(values: dict[str, Any], n: int) -> tuple[dict[str, list], dict[st
     return lists, indices
 
 
+def _periodic(values: dict[str, Any]) -> int:
+    """Layers needed to show every kind of a `X_period` / `X_offset` pattern (Jamba: attention
+    every 8th layer from layer 4): the last offset, plus one."""
+    need = 0
+    for key, offset in values.items():
+        if not key.endswith("_offset") or not isinstance(offset, int) or isinstance(offset, bool):
+            continue
+        period = values.get(key[: -len("_offset")] + "_period")
+        if isinstance(period, int) and not isinstance(period, bool) and 0 <= offset < period:
+            need = max(need, offset + 1, 2)
+    return need
+
+
 def _layers_needed(lists: dict[str, list], indices: dict[str, list[int]], n: int) -> int:
     """The fewest layers, at least TINY_LAYERS, whose prefix shows every kind of every pattern."""
     patterns = [[repr(v) for v in lst] for lst in lists.values()]
@@ -210,7 +227,7 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
     if count is not None:
         name, n = count
         lists, indices = _per_layer(present, n)
-        tiny_n = _layers_needed(lists, indices, n)
+        tiny_n = max(_layers_needed(lists, indices, n), _periodic(present))
         for layer_field in LAYER_FIELDS:
             if isinstance(present.get(layer_field), int) and present[layer_field] == n:
                 overrides[layer_field] = tiny_n
@@ -246,6 +263,8 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
             overrides[key] = _scaled(value, HIDDEN / hidden, minimum=8, multiple=8)
         elif key in _EXPERT_COUNTS and value > 4:
             overrides[key] = 4
+        elif key in _EXPERT_GROUPS + _EXPERT_GROUP_TOPK and value > 1:
+            overrides[key] = 1
     if isinstance(present.get("num_experts_per_tok"), int):
         overrides["num_experts_per_tok"] = min(present["num_experts_per_tok"], 2)
 

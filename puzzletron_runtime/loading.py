@@ -147,8 +147,11 @@ def _weight_map(checkpoint_dir: Path) -> dict[str, Path]:
 def _build_meta(descriptor, config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"), deci_x_patcher(descriptor, getattr(config, "block_configs", None)):
-        return AutoModelForCausalLM.from_config(config)
+    block_configs = getattr(config, "block_configs", None)
+    with torch.device("meta"), deci_x_patcher(descriptor, block_configs) as built:
+        model = AutoModelForCausalLM.from_config(config)
+    built.check_positions(model, descriptor.layer_block_name)
+    return model
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
@@ -160,7 +163,12 @@ def _tied_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 def _replace_unowned(
-    descriptor, model: nn.Module, owned: set[int], num_layers: int, device, dtype
+    descriptor,
+    model: nn.Module,
+    owned: set[int],
+    num_layers: int,
+    device=None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     for i in range(num_layers):
         if i not in owned:
@@ -168,13 +176,83 @@ def _replace_unowned(
             model.set_submodule(name, descriptor.create_dummy_block(model.get_submodule(name), i))
     if 0 not in owned:
         model.set_submodule(descriptor.input_embedding_name(), DummyInputEmbedding())
-    if num_layers - 1 not in owned:
-        for name in (descriptor.final_norm_name(), descriptor.output_embedding_name()):
-            if name is None:
-                continue
-            weighted = getattr(model.get_submodule(name), "weight", None) is not None
-            stand_in = DummyOutputHead(dtype, device) if weighted else DummyOutputHead()
-            model.set_submodule(name, stand_in)
+    last = num_layers - 1 in owned
+    if not last:
+        name = descriptor.output_embedding_name()
+        model.set_submodule(name, _stand_in(model.get_submodule(name), device, dtype))
+    norm_name = descriptor.final_norm_name()
+    if norm_name is None or owned == set(range(num_layers)):
+        return
+    # A partial stage: the final norm runs here only on the side of the stack this stage owns.
+    # Some models run it before layer 0 too (NanoChat norms the embeddings with it), so a stage
+    # owning block 0 needs it there. A norm that holds no tensors costs no reads and is kept on
+    # every stage; one that holds tensors is read only with the last block, and a stage owning
+    # block 0 that the model asks to run it before layer 0 raises instead of skipping it.
+    norm = model.get_submodule(norm_name)
+    loaded = last or not any(True for _ in norm.parameters())
+    if not loaded:
+        norm = _stand_in(norm, device, dtype)
+        model.set_submodule(norm_name, norm)
+    phase = _StackPhase(model, descriptor, num_layers)
+    runs = {_StackPhase.BEFORE} if 0 in owned else set()
+    runs |= {_StackPhase.AFTER} if last else set()
+    norm.register_forward_hook(
+        _gate(phase, runs, loaded, norm_name), with_kwargs=True, always_call=False
+    )
+
+
+class _StackPhase:
+    """Where the running forward pass is relative to the layer stack: before layer 0 starts,
+    inside the stack, or after the last layer ended. Hooks on the model, the module that owns
+    the stack, the first and the last layer keep it current (layers that another stage owns
+    are dummies that still run)."""
+
+    BEFORE, INSIDE, AFTER = "before layer 0", "inside the layer stack", "after the last layer"
+
+    def __init__(self, model: nn.Module, descriptor, num_layers: int):
+        self.current = self.BEFORE
+        stack = descriptor.layer_block_name(0).rpartition(".")[0]
+        owner = stack.rpartition(".")[0]
+        for module in {id(m): m for m in (model, model.get_submodule(owner))}.values():
+            module.register_forward_pre_hook(lambda *_: self._set(self.BEFORE))
+        first = model.get_submodule(descriptor.layer_block_name(0))
+        last = model.get_submodule(descriptor.layer_block_name(num_layers - 1))
+        first.register_forward_pre_hook(lambda *_: self._set(self.INSIDE))
+        last.register_forward_hook(lambda *_: self._set(self.AFTER))
+
+    def _set(self, value: str) -> None:
+        self.current = value
+
+
+def _gate(phase: _StackPhase, runs: set[str], loaded: bool, name: str):
+    """A forward hook: outside the stack, on the side this stage does not own, the module
+    passes its input through (the other stage ran it); on the side it owns, it must have its
+    weights."""
+    from .puzzformer.no_op import find_hidden_states
+
+    def hook(_module, args, kwargs, output):
+        where = phase.current
+        if where == _StackPhase.INSIDE:
+            return None
+        if where not in runs:
+            return find_hidden_states(args, kwargs)
+        if not loaded:
+            raise RuntimeError(
+                f"the model runs its final norm {name} {where}, on this stage's side of the "
+                "stack, but its weights belong to the stage with the last block: this model "
+                "cannot be split there"
+            )
+        return None
+
+    return hook
+
+
+def _stand_in(module: nn.Module, device, dtype) -> DummyOutputHead:
+    """A pass-through for a final norm or head this stage does not own; it keeps an empty
+    `weight` of the loading dtype when the original has one (Mamba reads lm_head.weight.dtype)."""
+    if getattr(module, "weight", None) is not None:
+        return DummyOutputHead(dtype, device)
+    return DummyOutputHead()
 
 
 def _source_name(

@@ -454,3 +454,76 @@ class OptionalProjectionModel(nn.Module):
         if self.project_out is not None:
             hidden_states = self.project_out(hidden_states)
         return hidden_states
+
+
+# -- layer kinds: stacks whose layers differ -------------------------------------------------------
+class SSMMixer(nn.Module):
+    """A Mamba-like token mixer: its own parameters beside its projections."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.in_proj = nn.Linear(config.hidden_size, 2 * config.hidden_size)
+        self.A_log = nn.Parameter(torch.zeros(config.hidden_size))
+        self.out_proj = nn.Linear(2 * config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states, cache_params=None, attention_mask=None):
+        return self.out_proj(self.in_proj(hidden_states) * self.A_log.exp().repeat(2))
+
+
+class Experts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, 4)
+        self.experts = nn.ModuleList([MLP(config) for _ in range(4)])
+
+    def forward(self, x):
+        return sum(e(x) for e in self.experts)
+
+
+class CastResidualLayer(nn.Module):
+    """Mamba: one residual segment, a mixer fed context; the residual is cast to float32 first
+    (`residual.to(torch.float32)`), so the join adds a value computed from the stream without a
+    module call."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.norm = Norm(config.hidden_size)
+        self.mixer = SSMMixer(config)
+        self.residual_in_fp32 = True
+
+    def forward(self, hidden_states, cache_params=None, attention_mask=None):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states.to(dtype=self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.to(torch.float32)
+        hidden_states = self.mixer(
+            hidden_states, cache_params=cache_params, attention_mask=attention_mask
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
+class TypedBlock(nn.Module):
+    """Nemotron-H: one class; `config.layer_types[layer_idx]` picks the mixer (an SSM mixer, an
+    attention, an MLP or experts), the one residual segment is norm -> mixer, and the layer
+    keeps its type as `block_type`."""
+
+    MIXERS = {"mamba": SSMMixer, "attention": Attention, "mlp": MLP, "moe": Experts}
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.block_type = config.layer_types[layer_idx]
+        self.norm = Norm(config.hidden_size)
+        self.mixer = self.MIXERS[self.block_type](config)
+
+    def forward(self, hidden_states, attention_mask=None, cache_params=None):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)
+        if self.block_type == "mamba":
+            hidden_states = self.mixer(hidden_states, cache_params=cache_params)
+        elif self.block_type == "attention":
+            hidden_states, _ = self.mixer(hidden_states, attention_mask=attention_mask)
+        else:
+            hidden_states = self.mixer(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states

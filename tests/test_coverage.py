@@ -13,7 +13,7 @@ from generator import source as source_module
 def few_types(monkeypatch):
     """`--all` over a handful of types: one that generates, one whose inference fails, one
     encoder-decoder and one encoder (both out of scope)."""
-    types = ["bart", "bert", "llama", "mamba"]
+    types = ["bart", "bert", "llama", "xlstm"]
     monkeypatch.setattr(source_module, "known_model_types", lambda: list(types))
     return types
 
@@ -28,18 +28,18 @@ def test_generate_all_records_every_type_and_keeps_going(tmp_path, few_types, ca
     rows = read_rows(out)
     assert sorted(rows) == few_types
     assert rows["llama"]["status"] == coverage.UNVERIFIED
-    assert rows["llama"]["family"] == "dense" and rows["mamba"]["family"] == "hybrid"
+    assert rows["llama"]["family"] == "dense" and rows["xlstm"]["family"] == "hybrid"
     assert (out / "llama" / "llama_model_descriptor.py").is_file()
-    assert rows["mamba"]["status"] == coverage.NOT_GENERATED
-    assert rows["mamba"]["reason"].startswith("cannot infer")
+    assert rows["xlstm"]["status"] == coverage.NOT_GENERATED
+    assert rows["xlstm"]["reason"].startswith("cannot infer")
     assert rows["bart"]["status"] == coverage.OUT_OF_SCOPE
     assert rows["bart"]["reason"] == coverage.out_of_scope(
         "bart", type("C", (), {"is_encoder_decoder": True})()
     )
     assert rows["bert"]["status"] == coverage.OUT_OF_SCOPE
-    assert not (out / "mamba").exists() and not (out / "bart").exists()
+    assert not (out / "xlstm").exists() and not (out / "bart").exists()
     table = (out / "COVERAGE.md").read_text()
-    assert "| `mamba` | hybrid | not generated |  | cannot infer" in table
+    assert "| `xlstm` | hybrid | not generated |  | cannot infer" in table
     assert "0 of 2 in-scope types verified" in table
     assert "| dense | 0 | 1 | 0% |" in table and "| hybrid | 0 | 1 | 0% |" in table
 
@@ -129,3 +129,59 @@ def test_generate_all_records_an_internal_error_and_goes_on(tmp_path, monkeypatc
     assert rows["qwen2"]["status"] == coverage.NOT_GENERATED
     assert rows["qwen2"]["reason"].startswith("internal error: AttributeError(")
     assert rows["llama"]["status"] == coverage.UNVERIFIED
+
+
+# -- scope rules that need a tiny model's forward ------------------------------------------------
+def _default(model_type):
+    from generator.source import resolve
+    from generator.tiny import default_config
+
+    return default_config(resolve(model_type).config_cls)
+
+
+def test_a_config_with_is_decoder_off_whose_model_attends_both_ways_is_an_encoder():
+    """BertGeneration's config declares is_decoder and leaves it off: its causal LM then lets
+    earlier positions see later tokens. GPT-NeoX's config also declares the flag off, but its
+    attention is causal regardless, so it stays in scope."""
+    reason = coverage.out_of_scope("bert-generation", _default("bert-generation"))
+    assert reason is not None and "is_decoder" in reason and "later tokens" in reason
+    assert coverage.out_of_scope("gpt_neox", _default("gpt_neox")) is None
+    decoder = _default("bert-generation")
+    decoder.is_decoder = True  # configured as a decoder: not an encoder by this rule
+    assert coverage.out_of_scope("bert-generation", decoder) is None
+
+
+def test_a_model_whose_layers_run_more_than_once_per_forward_is_recurrent_depth(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    llama = _default("llama")
+    assert coverage.out_of_scope_by_running(llama) is None
+    original = modeling_llama.LlamaModel.forward
+
+    def twice(self, *args, **kwargs):  # the same layers applied in two cycles
+        original(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaModel, "forward", twice)
+    reason = coverage.out_of_scope_by_running(llama)
+    assert reason is not None and reason.startswith("recurrent depth")
+    from generator.tiny import tiny_config
+
+    layers = tiny_config(type(llama)).num_hidden_layers  # the reason counts the tiny model's
+    assert f"{layers} layer modules make {2 * layers} layer calls" in reason
+
+
+def test_generate_all_records_encoders_and_recurrent_depth_as_out_of_scope(tmp_path, monkeypatch):
+    monkeypatch.setattr(source_module, "known_model_types", lambda: ["bert-generation", "hrm_text"])
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "--all", "--jobs", "1", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert rows["bert-generation"]["status"] == coverage.OUT_OF_SCOPE
+    assert rows["bert-generation"]["reason"] == coverage.out_of_scope(
+        "bert-generation", _default("bert-generation")
+    )
+    assert rows["hrm_text"]["status"] == coverage.OUT_OF_SCOPE
+    assert rows["hrm_text"]["reason"] == coverage.out_of_scope_by_running(_default("hrm_text"))
+    table = (out / "COVERAGE.md").read_text()
+    assert "| `hrm_text` | dense | out of scope |" in table
+    assert "| `bert-generation` | dense | out of scope |" in table

@@ -417,3 +417,117 @@ def test_scratch_registrations_are_dropped():
         ModelDescriptorFactory.register(scratch_only_name=Elsewhere)
         assert ModelDescriptorFactory.get("scratch_only_name") is Elsewhere
     assert ModelDescriptorFactory.names() == before
+
+
+# -- layers without an index parameter (OpenAI-GPT's Block) are numbered by construction order --
+class IndexlessLayer(nn.Module):
+    def __init__(self, config, scale=False):  # no index parameter at all
+        super().__init__()
+        self.width = config.width
+
+
+class IndexlessDescriptor(ToyDescriptor):
+    @staticmethod
+    def decoder_layer_cls():
+        return [IndexlessLayer]
+
+
+class IndexlessStack(nn.Module):
+    def __init__(self, config, n):
+        super().__init__()
+        self.layers = nn.ModuleList([IndexlessLayer(config, scale=True) for _ in range(n)])
+
+
+def test_a_layer_class_without_an_index_parameter_is_numbered_by_construction_order():
+    from types import SimpleNamespace
+
+    blocks = [block(width=w) for w in (10, 20, 30)]
+    with deci_x_patcher(IndexlessDescriptor, blocks) as built:
+        stack = IndexlessStack(SimpleNamespace(width=1), 3)
+    assert [layer.width for layer in stack.layers] == [10, 20, 30]
+    built.check_positions(stack, lambda i: f"layers.{i}")  # each sits where it was numbered
+
+
+def test_an_indexless_layer_built_in_another_order_than_its_stack_is_refused():
+    from types import SimpleNamespace
+
+    with deci_x_patcher(IndexlessDescriptor, [block(width=w) for w in (10, 20)]) as built:
+        stack = IndexlessStack(SimpleNamespace(width=1), 2)
+    stack.layers = nn.ModuleList(list(stack.layers)[::-1])  # a stack held in reverse order
+    with pytest.raises(ValueError, match="built as layer 0 is not the model's layers.0"):
+        built.check_positions(stack, lambda i: f"layers.{i}")
+
+
+def test_an_extra_indexless_layer_is_refused():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="layer 2 is built, but there are 2 block configs"):
+        with deci_x_patcher(IndexlessDescriptor, [block(width=w) for w in (10, 20)]):
+            IndexlessStack(SimpleNamespace(width=1), 3)
+
+
+def test_an_index_parameter_left_out_is_still_refused_next_to_indexless_numbering():
+    """Numbering by order is only for classes that cannot receive an index: a class with an
+    index parameter that was not passed one is refused, as before."""
+    from types import SimpleNamespace
+
+    with pytest.raises(TypeError, match="ToyLayer.*no layer index"):
+        with deci_x_patcher(ToyDescriptor, [block(width=10), block(width=20)]):
+            ToyLayer(SimpleNamespace(width=1))
+
+
+class KwargsLayer(nn.Module):
+    def __init__(self, config, **kwargs):
+        super().__init__()
+        self.width = config.width
+
+
+class KwargsDescriptor(ToyDescriptor):
+    @staticmethod
+    def decoder_layer_cls():
+        return [KwargsLayer]
+
+
+def test_an_index_passed_through_kwargs_is_read_and_kwargs_without_one_are_refused():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(width=1)
+    with deci_x_patcher(KwargsDescriptor, [block(width=10), block(width=20)]):
+        second = KwargsLayer(config, layer_idx=1)
+        first = KwargsLayer(config, layer_idx=0)
+        with pytest.raises(TypeError, match="KwargsLayer.*no layer index"):
+            KwargsLayer(config)  # **kwargs could carry an index: never numbered by order
+    assert (first.width, second.width) == (10, 20)
+
+
+def test_a_layer_index_built_twice_is_refused():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="layer 1 is built twice"):
+        with deci_x_patcher(ToyDescriptor, [block(width=10), block(width=20)]):
+            ToyLayer(SimpleNamespace(width=1), 1)
+            ToyLayer(SimpleNamespace(width=1), 1)
+
+
+def test_openai_gpt_blocks_take_their_block_configs_in_order():
+    """OpenAI-GPT builds `Block(n_positions, config, scale=True)` with no index: each block
+    gets the block config of its position in transformer.h."""
+    from transformers import OpenAIGPTConfig
+    from transformers.models.openai.modeling_openai import Block
+
+    class GPTDescriptor(ToyDescriptor):
+        @staticmethod
+        def decoder_layer_cls():
+            return Block
+
+        @staticmethod
+        def block_config_to_layer_overrides(block_config):
+            return {"n_head": block_config.attention.num_key_value_heads}
+
+    config = OpenAIGPTConfig(n_layer=3, n_embd=32, n_head=4, vocab_size=64, n_positions=16)
+    heads = [1, 2, 4]
+    blocks = [block(kv=h) for h in heads]
+    with torch.device("meta"), deci_x_patcher(GPTDescriptor, blocks) as built:
+        model = AutoModelForCausalLM.from_config(config)
+    assert [layer.attn.n_head for layer in model.transformer.h] == heads
+    built.check_positions(model, lambda i: f"transformer.h.{i}")

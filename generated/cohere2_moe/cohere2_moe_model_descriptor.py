@@ -6,15 +6,29 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: Cohere2MoeDecoderLayer in model.layers (modeling_cohere2_moe.py:487).
-- Attention subblock, in data-flow order: self_attn;
-  residual join at modeling_cohere2_moe.py:399.
-  self_attn returns a tuple of 2, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: mlp;
-  residual join at modeling_cohere2_moe.py:399.
-- Parallel layout: input_layernorm feed both subblocks, so a
-  no-op leaves them in place; their weights are grouped with the attention subblock.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- Cohere2MoeDecoderLayer with mlp: Cohere2MoeSparseMoeBlock (layers 0-39 of the default config):
+  - Attention subblock, in data-flow order: self_attn;
+    residual join at modeling_cohere2_moe.py:399.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: mlp;
+    residual join at modeling_cohere2_moe.py:399.
+  - Parallel layout: input_layernorm feed both subblocks, so a
+    no-op leaves them in place; their weights are grouped with the attention subblock.
+- Cohere2MoeDecoderLayer with mlp: Cohere2MoeMLP (no layer of the default config; configs with
+  mlp_layer_types[i] = 'dense' build it):
+  - Attention subblock, in data-flow order: self_attn;
+    residual join at modeling_cohere2_moe.py:399.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: mlp;
+    residual join at modeling_cohere2_moe.py:399.
+  - Parallel layout: input_layernorm feed both subblocks, so a
+    no-op leaves them in place; their weights are grouped with the attention subblock.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_cohere2_moe.py:280; a probe build confirmed it changes only attention weight shapes.
+- config.intermediate_size <- block_config.ffn.intermediate_size: read at
+  modeling_cohere2_moe.py:89; a probe build confirmed it changes only ffn weight shapes.
 - config.num_experts <- block_config.ffn.moe.num_local_experts: read at
   modeling_cohere2_moe.py:144; a probe build confirmed it changes only ffn weight shapes.
 - config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
@@ -33,7 +47,11 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.cohere2_moe.modeling_cohere2_moe import Cohere2MoeDecoderLayer
+from transformers.models.cohere2_moe.modeling_cohere2_moe import (
+    Cohere2MoeDecoderLayer,
+    Cohere2MoeMLP,
+    Cohere2MoeSparseMoeBlock,
+)
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
@@ -55,6 +73,7 @@ class Cohere2MoeModelDescriptor(ModelDescriptor):
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
         overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
+            "intermediate_size": block_config.ffn.intermediate_size,
         }
         if block_config.ffn.moe is not None:
             overrides.update(

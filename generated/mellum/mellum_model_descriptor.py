@@ -6,13 +6,25 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: MellumDecoderLayer in model.layers (modeling_mellum.py:454).
-- Attention subblock, in data-flow order: input_layernorm -> self_attn;
-  residual join at modeling_mellum.py:397.
-  self_attn returns a tuple of 2, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
-  residual join at modeling_mellum.py:403.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- MellumDecoderLayer with mlp: MellumSparseMoeBlock (layers 0-27 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_mellum.py:397.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_mellum.py:403.
+- MellumDecoderLayer with mlp: MellumMLP (no layer of the default config; configs with
+  mlp_layer_types[i] = 'dense' build it):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_mellum.py:397.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_mellum.py:403.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_mellum.py:209; a probe build confirmed it changes only attention weight shapes.
+- config.intermediate_size <- block_config.ffn.intermediate_size: read at
+  modeling_mellum.py:371; a probe build confirmed it changes only ffn weight shapes.
 - config.num_experts <- block_config.ffn.moe.num_local_experts: read at
   modeling_mellum.py:278; a probe build confirmed it changes only ffn weight shapes.
 - config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
@@ -31,7 +43,11 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.mellum.modeling_mellum import MellumDecoderLayer
+from transformers.models.mellum.modeling_mellum import (
+    MellumDecoderLayer,
+    MellumMLP,
+    MellumSparseMoeBlock,
+)
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
@@ -53,6 +69,7 @@ class MellumModelDescriptor(ModelDescriptor):
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
         overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
+            "intermediate_size": block_config.ffn.intermediate_size,
         }
         if block_config.ffn.moe is not None:
             overrides.update(

@@ -6,13 +6,25 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: MiniMaxM3VLDecoderLayer in model.layers (modeling_minimax_m3_vl.py:713).
-- Attention subblock, in data-flow order: input_layernorm -> self_attn;
-  residual join at modeling_minimax_m3_vl.py:660.
-  self_attn returns a tuple of 2, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
-  residual join at modeling_minimax_m3_vl.py:664.
+  The stack has 2 layer kinds (class and children); the no-ops tell them apart
+  by the layer object, as the model builds each one from its config.
+- MiniMaxM3VLDecoderLayer with mlp: MiniMaxM3VLSparseMoeBlock (layers 0-59 of the default config):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_minimax_m3_vl.py:660.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_minimax_m3_vl.py:664.
+- MiniMaxM3VLDecoderLayer with mlp: MiniMaxM3VLDenseMLP (no layer of the default config; configs with
+  mlp_layer_types[i] = 'dense' build it):
+  - Attention subblock, in data-flow order: input_layernorm -> self_attn;
+    residual join at modeling_minimax_m3_vl.py:660.
+    self_attn returns a tuple of 2, so its no-op stand-in does too.
+  - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
+    residual join at modeling_minimax_m3_vl.py:664.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_minimax_m3_vl.py:406; a probe build confirmed it changes only attention weight shapes.
+- config.dense_intermediate_size <- block_config.ffn.intermediate_size: read at
+  modeling_minimax_m3_vl.py:636; a probe build confirmed it changes only ffn weight shapes.
 - config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
   modeling_minimax_m3_vl.py:225; a probe build confirmed it changes only ffn weight shapes.
 - config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
@@ -33,7 +45,11 @@ import re
 from typing import Any
 
 from torch import nn
-from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLDecoderLayer
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
+    MiniMaxM3VLDecoderLayer,
+    MiniMaxM3VLDenseMLP,
+    MiniMaxM3VLSparseMoeBlock,
+)
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
@@ -55,6 +71,7 @@ class MiniMaxM3VLModelDescriptor(ModelDescriptor):
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
         overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
+            "dense_intermediate_size": block_config.ffn.intermediate_size,
         }
         if block_config.ffn.moe is not None:
             overrides.update(

@@ -3,7 +3,11 @@
 While the context is active, each decoder-layer class of the descriptor builds layer i from a
 copy of its config updated with the overrides of block config i, then turns the subblocks that
 block i marks `no_op` into no-ops. The layer index is read from the constructor's bound
-arguments, never from the caller's stack frames.
+arguments, never from the caller's stack frames. A layer class whose constructor has no index
+parameter at all (OpenAI-GPT's `Block(n_positions, config, scale)`) is numbered by construction
+order inside the context: its k-th construction is layer k. The context yields a `BuiltLayers`
+record (layer index -> the module built for it), so a caller that holds the model can check that
+every layer sits where its index says (`BuiltLayers.check_positions`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any, Iterator
 
 from ..block_config import BlockConfig, maybe_cast_block_configs
 
-__all__ = ["LAYER_INDEX_ARGUMENTS", "deci_x_patcher"]
+__all__ = ["LAYER_INDEX_ARGUMENTS", "BuiltLayers", "deci_x_patcher"]
 
 # constructor argument names that carry a decoder layer's index, in order of preference
 LAYER_INDEX_ARGUMENTS = ("layer_idx", "layer_id", "layer_index", "layer_number", "idx")
@@ -41,11 +45,58 @@ def _config_argument(signature: inspect.Signature, bound: inspect.BoundArguments
     raise TypeError("the decoder layer was built without a config argument")
 
 
+class BuiltLayers:
+    """The layers one `deci_x_patcher` context built with block configs: index -> module."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, Any] = {}
+        self.block_count = 0  # the number of block configs the layers were built against
+        self.next_in_order = 0  # the index the next layer numbered by construction order gets
+
+    def add(self, index: int, layer: Any, block_count: int) -> None:
+        if index in self.layers:
+            raise ValueError(
+                f"{type(layer).__name__} layer {index} is built twice: block configs "
+                "cannot be applied per layer"
+            )
+        self.layers[index] = layer
+        self.block_count = max(self.block_count, block_count)
+
+    def check_positions(self, model: Any, layer_block_name) -> None:
+        """Each layer built as layer i is the module at `layer_block_name(i)` in `model`: a model
+        that builds its layers in another order than its stack holds them is refused, since
+        layers numbered by construction order would then get another layer's block config."""
+        for index, layer in sorted(self.layers.items()):
+            name = layer_block_name(index)
+            try:
+                found = model.get_submodule(name)
+            except AttributeError:
+                found = None
+            if found is not layer:
+                raise ValueError(
+                    f"{type(layer).__name__} built as layer {index} is not the model's {name}: "
+                    "its block config would describe another layer"
+                )
+
+
+def _has_index_parameter(signature: inspect.Signature) -> bool:
+    """Whether the constructor can receive a layer index: a parameter of an index name, or
+    *args / **kwargs that could carry one."""
+    return any(
+        p.name in LAYER_INDEX_ARGUMENTS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for p in signature.parameters.values()
+    )
+
+
 def _layer_index(cls: type, bound: inspect.BoundArguments) -> int:
     """The index the caller passed. A signature default is never used: a loop that forgot to
     pass the index would otherwise build every layer from block 0."""
+    passed = dict(bound.arguments)
+    for param in bound.signature.parameters.values():
+        if param.kind is param.VAR_KEYWORD:  # an index passed through **kwargs
+            passed = {**passed.pop(param.name, {}), **passed}
     for name in LAYER_INDEX_ARGUMENTS:
-        value = bound.arguments.get(name)
+        value = passed.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     raise TypeError(
@@ -67,10 +118,13 @@ def _patched_init(
     cls: type,
     original,
     explicit: list[BlockConfig] | None,
-    built: dict[int, int],
+    built: BuiltLayers,
 ):
-    """`built` collects {layer index: number of block configs it was built against}."""
+    """`built` collects every layer built with block configs. A class without any index
+    parameter is numbered by construction order; one with an index parameter must be passed
+    the index."""
     signature = inspect.signature(original)
+    in_order = not _has_index_parameter(signature)
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
@@ -84,13 +138,17 @@ def _patched_init(
             block_configs = maybe_cast_block_configs(getattr(config, "block_configs", None))
         if block_configs is None:
             return original(self, *args, **kwargs)
-        index = _layer_index(cls, bound)
+        if in_order:
+            index = built.next_in_order
+            built.next_in_order += 1
+        else:
+            index = _layer_index(cls, bound)
         if not 0 <= index < len(block_configs):
             raise ValueError(
                 f"{cls.__name__} layer {index} is built, but there are {len(block_configs)} "
                 f"block configs: one is needed per layer"
             )
-        built[index] = len(block_configs)
+        built.add(index, self, len(block_configs))
         block = block_configs[index]
         bound.arguments[config_name] = _layer_config(
             config, descriptor.block_config_to_layer_overrides(block)
@@ -116,15 +174,15 @@ def _patched_init(
     return __init__
 
 
-def _check_all_built(built: dict[int, int]) -> None:
+def _check_all_built(built: BuiltLayers) -> None:
     """Every block config was used: a model with fewer layers than block configs is refused."""
-    if not built:
+    if not built.layers:
         return
-    expected = max(built.values())
-    if len(built) != expected:
-        missing = sorted(set(range(expected)) - set(built))
+    expected = built.block_count
+    if len(built.layers) != expected:
+        missing = sorted(set(range(expected)) - set(built.layers))
         raise ValueError(
-            f"{expected} block configs were given but {len(built)} layer(s) were built "
+            f"{expected} block configs were given but {len(built.layers)} layer(s) were built "
             f"(no layer {', '.join(map(str, missing[:8]))}): one block config per layer"
         )
 
@@ -132,16 +190,18 @@ def _check_all_built(built: dict[int, int]) -> None:
 @contextmanager
 def deci_x_patcher(
     model_descriptor: Any, block_configs: list[BlockConfig | dict] | None = None
-) -> Iterator[None]:
+) -> Iterator[BuiltLayers]:
     """Patch the descriptor's decoder-layer classes for heterogeneous construction.
 
     `block_configs` (BlockConfigs or config.json dicts, one per layer) default to the
     `block_configs` of the config each layer is built with; without any, layers are built
-    unchanged. With block configs, each layer must be built with its index argument, and the
-    layers built must be exactly one per block config: a layer index beyond the list, or (on
-    leaving the context) a block config no layer used raise ValueError,
-    because each would silently build another model than the one described. The original
-    constructors are restored on exit, also when construction raises.
+    unchanged. With block configs, a layer class with an index parameter must be passed its
+    index (a default is not used); one without any index parameter is numbered by construction
+    order. The layers built must be exactly one per block config: a layer index beyond the list,
+    an index built twice, or (on leaving the context) a block config no layer used raise
+    ValueError, because each would silently build another model than the one described. The
+    context yields the `BuiltLayers` record. The original constructors are restored on exit,
+    also when construction raises.
     """
     from ..model_descriptor.model_descriptor_factory import ModelDescriptorFactory
 
@@ -149,13 +209,13 @@ def deci_x_patcher(
     classes = descriptor.decoder_layer_cls()
     classes = list(classes) if isinstance(classes, (list, tuple)) else [classes]
     explicit = maybe_cast_block_configs(block_configs)
-    built: dict[int, int] = {}
+    built = BuiltLayers()
     with _LOCK:
         saved = [(cls, cls.__dict__.get("__init__")) for cls in classes]
         try:
             for cls in classes:
                 cls.__init__ = _patched_init(descriptor, cls, cls.__init__, explicit, built)
-            yield
+            yield built
             _check_all_built(built)
         finally:
             for cls, own in reversed(saved):

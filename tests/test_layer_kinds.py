@@ -1,0 +1,212 @@
+"""Layer kinds: stacks whose layers differ, analysed kind by kind (generator/kinds.py), the
+rules that came with them (a residual cast without a module call, a child whose group depends on
+the layer's kind, expert sizes told apart by the tensors they resize, overrides proven on one
+layer, kinds only other configs build), and the tiny configs that show every kind."""
+
+import functools
+import re
+
+import pytest
+import synthetic_models as sm
+import torch
+from torch import nn
+
+from generator import kinds, predicates
+from generator.analysis import layer_flow
+from generator.analysis.layer_flow import ATTENTION, FFN, analyze_layer
+from generator.analysis.source_index import SourceIndex
+from generator.errors import InferenceError
+from generator.infer import infer
+from generator.probe import layer_children
+from puzzletron_runtime.model_descriptor.weight_groups import move_to_sole_subblock
+
+
+@functools.lru_cache(maxsize=None)
+def spec_of(model_type):
+    return infer(model_type)
+
+
+def flow_of(layer):
+    return analyze_layer(type(layer), layer, layer_children(layer), SourceIndex())
+
+
+def typed_stack(types):
+    config = sm.make_config(layer_types=types, num_hidden_layers=len(types))
+    return nn.ModuleList([sm.TypedBlock(config, i) for i in range(len(types))])
+
+
+# -- data flow ------------------------------------------------------------------------------------
+def test_a_residual_cast_without_a_module_call_still_joins():
+    layer = sm.CastResidualLayer(sm.make_config())
+    flow = flow_of(layer)
+    assert flow.subblocks[ATTENTION].members == ["norm", "mixer"]
+    assert FFN not in flow.subblocks  # one residual segment: a Mamba layer has no FFN
+
+
+def test_without_the_cast_rule_the_join_is_not_found(monkeypatch):
+    monkeypatch.setattr(layer_flow, "_call_free_chain", lambda graph, node: [node])
+    with pytest.raises(InferenceError, match="cannot follow the hidden states"):
+        flow_of(sm.CastResidualLayer(sm.make_config()))
+
+
+def test_each_kind_of_a_typed_stack_has_the_subblock_its_mixer_makes():
+    stack = typed_stack(["mamba", "moe", "attention", "mlp"])
+    flows = [flow_of(layer) for layer in stack]
+    assert [sorted(f.subblocks) for f in flows] == [[ATTENTION], [FFN], [ATTENTION], [FFN]]
+    assert flows[2].arity["mixer"] == 2  # the attention returns (hidden, weights)
+
+
+# -- kinds and their selectors --------------------------------------------------------------------
+def test_kinds_group_layers_by_class_children_and_core_classes():
+    stack = typed_stack(["mamba", "moe", "attention", "mlp", "mamba"])
+    groups = kinds.group_layers(stack)
+    assert [g.layers for g in groups] == [[0, 4], [1], [2], [3]]
+    labels = [kinds.label(g, groups) for g in groups]
+    assert labels[0] == "TypedBlock with mixer: SSMMixer"
+
+
+def test_selectors_prefer_tests_a_no_op_leaves_true():
+    """Same class and child names: the layer's plain `block_type` tells the kinds apart, not the
+    mixer's class (which a no-op replaces before the other no-op asks)."""
+    stack = typed_stack(["mamba", "moe", "attention", "mlp"])
+    groups = kinds.group_layers(stack)
+    selectors = kinds.selectors(groups)
+    assert [[(t.child, t.value) for t in s] for s in selectors] == [
+        [("block_type", "mamba")],
+        [("block_type", "moe")],
+        [("block_type", "attention")],
+        [("block_type", "mlp")],
+    ]
+    for group, selector in zip(groups, selectors):
+        for other in groups:
+            holds = all(kinds._holds(t, other.modules[0], {}) for t in selector)
+            assert holds == (other is group)
+
+
+def test_selectors_fall_back_to_a_child_class_and_refuse_what_nothing_tells_apart():
+    stack = typed_stack(["mamba", "attention"])
+    for layer in stack:
+        del layer.block_type  # no plain attribute left: the mixer's class decides
+    selectors = kinds.selectors(kinds.group_layers(stack))
+    assert [(t.child, t.cls.name) for (t,) in selectors] == [
+        ("mixer", "SSMMixer"),
+        ("mixer", "Attention"),
+    ]
+
+    class Layer(nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+    odd = nn.ModuleList([Layer(nn.Linear(2, 2)), Layer(nn.Identity())])
+    with pytest.raises(InferenceError, match="tell the layer kinds apart"):
+        kinds.selectors(kinds.group_layers(odd))
+
+
+# -- weight groups of a child whose subblock depends on the kind ----------------------------------
+def test_a_child_shared_by_kinds_of_different_subblocks_is_grouped_by_what_is_below_it():
+    spec = spec_of("nemotron_h")
+    p = spec.predicates
+    assert p.followers == (r"norm\..+",)  # the norm before every layer's only subblock
+    assert r"mixer\.A_log" in p.attention and r"mixer\.experts\..+" in p.ffn
+    assert not any(alt.startswith(r"mixer\..+") for alt in p.attention + p.ffn)
+    groups = predicates.compile_groups(p, 4)
+    # the predicates alone put an MLP layer's norm with the attention ...
+    assert groups["block_3_attention"].match("model.layers.3.norm.weight")
+    # ... and get_weight_groups moves it to the only subblock that layer has
+    names = ["model.layers.3.norm.weight", "model.layers.3.mixer.up_proj.weight"]
+    names += ["model.layers.0.norm.weight", "model.layers.0.mixer.A_log"]
+    grouped = {}
+    for name in names:
+        (hit,) = [g for g, pattern in groups.items() if pattern.match(name)]
+        grouped.setdefault(hit, []).append(name)
+    moved = move_to_sole_subblock(grouped, 4, re.compile(r"^model\.layers\.\d+\.norm\..+$"))
+    assert moved["block_3_ffn"] == [
+        "model.layers.3.norm.weight",
+        "model.layers.3.mixer.up_proj.weight",
+    ]
+    assert "block_3_attention" not in moved
+    assert moved["block_0_attention"] == [
+        "model.layers.0.norm.weight",
+        "model.layers.0.mixer.A_log",
+    ]
+
+
+def test_the_layer_stack_named_otherwise_on_disk_joins_the_predicates():
+    """Nemotron-H's save_pretrained writes `backbone.layers.N...` for `model.layers.N...`."""
+    p = spec_of("nemotron_h").predicates
+    assert p.disk_layer_prefixes == (r"backbone\.layers",)
+    groups = predicates.compile_groups(p, 2)
+    assert groups["block_0_attention"].match("backbone.layers.0.mixer.A_log")
+
+
+# -- overrides ------------------------------------------------------------------------------------
+def sizes(spec):
+    return {o.block_config_attr: o.config_field for o in spec.overrides}
+
+
+def test_expert_sizes_are_told_apart_by_the_tensors_they_resize():
+    assert sizes(spec_of("qwen2_moe")) == {
+        "attention.num_key_value_heads": "num_key_value_heads",
+        "ffn.moe.num_local_experts": "num_experts",
+        "ffn.moe.num_experts_per_tok": "num_experts_per_tok",
+        "ffn.moe.expert_intermediate_dim": "moe_intermediate_size",
+        "ffn.moe.shared_expert_intermediate_dim": "shared_expert_intermediate_size",
+    }
+    # Mixtral's experts read intermediate_size: it is their width, not a dense FFN width
+    mixtral = sizes(spec_of("mixtral"))
+    assert mixtral["ffn.moe.expert_intermediate_dim"] == "intermediate_size"
+    assert "ffn.intermediate_size" not in mixtral
+
+
+def test_a_field_the_whole_model_reads_is_not_a_per_layer_override():
+    """Nemotron-H's weight init sizes every Mamba mixer's A_log by the model's
+    mamba_num_heads: one layer with other heads does not build, so no override is emitted."""
+    spec = spec_of("nemotron_h")
+    assert "attention.mamba.num_heads" not in sizes(spec)
+    assert sizes(spec)["attention.mamba.state_dim"] == "ssm_state_size"
+    (fact,) = [f for f in spec.facts if f.name.endswith("override (attention.mamba.num_heads)")]
+    assert any("does not build" in e for e in fact.evidence)
+
+
+def test_dense_and_expert_layers_may_share_a_width_field():
+    """Jamba's dense MLPs and experts both read intermediate_size: the dense width and the
+    expert width both write it, the expert one only for block configs with experts."""
+    spec = spec_of("jamba")
+    pairs = {(o.block_config_attr, o.config_field) for o in spec.overrides}
+    assert ("ffn.intermediate_size", "intermediate_size") in pairs
+    assert ("ffn.moe.expert_intermediate_dim", "intermediate_size") in pairs
+
+
+# -- kinds only other configs build ---------------------------------------------------------------
+def test_a_kind_other_configs_build_is_described_too():
+    """LFM2's default config has attention layers only; its checkpoints mix in short
+    convolutions (layer_types 'conv', a value of transformers' own layer-type vocabulary)."""
+    spec = spec_of("lfm2")
+    (conv,) = [k for k in spec.kinds if k.built_by]
+    assert conv.built_by == "layer_types[i] = 'conv'" and conv.layers == ()
+    assert "conv" in [r.attr for r in conv.attention.replacements]
+    assert r"conv\..+" in spec.predicates.attention
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    from generator.tiny import tiny_config
+
+    config = tiny_config(
+        Lfm2Config, layer_types=["full_attention", "conv", "conv", "full_attention"]
+    )
+    with torch.device("meta"):
+        names = list(Lfm2ForCausalLM(config).state_dict())
+    predicates.validate(spec.predicates, names, 4, "a config with conv layers")
+
+
+# -- tiny configs that show every kind ------------------------------------------------------------
+def test_tiny_configs_keep_expert_groups_and_periodic_layers():
+    from transformers import DeepseekV3Config, JambaConfig
+
+    from generator.tiny import tiny_config
+
+    deepseek = tiny_config(DeepseekV3Config)
+    assert deepseek.n_routed_experts % deepseek.n_group == 0  # 4 experts in 1 group, not 8
+    assert deepseek.topk_group <= deepseek.n_group
+    jamba = tiny_config(JambaConfig)  # attention every 8th layer from layer 4
+    assert jamba.num_hidden_layers > jamba.attn_layer_offset
