@@ -41,11 +41,19 @@ class ModelSource:
 Target = ModelSource  # what resolve_target returns: a model type or a checkpoint directory
 
 
+# Image-text-to-text model types outside transformers' causal-LM mapping that are covered too,
+# resolved through its image-text-to-text mapping; one line each, with the reason.
+IMAGE_TEXT_TYPES = {
+    "qwen3_vl": "Model Optimizer ships a hand-written descriptor for it",
+    "qwen3_vl_moe": "Model Optimizer ships a hand-written descriptor for it",
+}
+
+
 def known_model_types() -> list[str]:
-    """Every model type that transformers maps to a causal-LM class."""
+    """Every model type that transformers maps to a causal-LM class, and IMAGE_TEXT_TYPES."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(IMAGE_TEXT_TYPES))
 
 
 def closest_model_types(model_type: str, n: int = 5) -> list[str]:
@@ -74,10 +82,17 @@ def resolve(model_type: str) -> ModelSource:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    mapping = (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        if model_type in IMAGE_TEXT_TYPES
+        else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    if model_type not in mapping:
         raise UnknownModelType(model_type, closest_model_types(model_type))
     config_cls = _transformers_class(CONFIG_MAPPING_NAMES[model_type])
-    causal_lm_cls = _transformers_class(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    causal_lm_cls = _transformers_class(mapping[model_type])
     module = importlib.import_module(causal_lm_cls.__module__)
     return ModelSource(
         model_type=model_type,
@@ -189,9 +204,7 @@ def resolve_target(arg: str, trust_remote_code: bool = False) -> ModelSource:
     sizes, layer count, tied embeddings); its auto_map files are parsed with libcst and imported
     only with `trust_remote_code`.
     """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if not looks_like_path(arg) and arg in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if not looks_like_path(arg) and arg in known_model_types():
         return resolve(arg)
     path = Path(arg).expanduser()
     if not path.exists():
@@ -206,15 +219,13 @@ def resolve_target(arg: str, trust_remote_code: bool = False) -> ModelSource:
 
 
 def resolve_checkpoint(directory: Path, arg: str, trust_remote_code: bool) -> ModelSource:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     ckpt = Checkpoint(directory)
     data = ckpt.config_dict
     model_type = data["model_type"]
     custom = parse_custom_code(ckpt)
     if custom is not None and trust_remote_code:
         return _import_custom(ckpt, custom, arg)
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type in known_model_types():
         source = resolve(model_type)
         config = _builtin_config(ckpt, source.config_cls)
         return _with(source, config=config, checkpoint=ckpt, custom_code=custom, argument=arg)

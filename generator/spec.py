@@ -156,6 +156,9 @@ class Predicates:
     # alternatives (among `attention`) of a child that belongs to whichever subblock its layer
     # has: Nemotron-H's `norm`, before a Mamba mixer, an attention, an MLP or experts
     followers: tuple[str, ...] = ()
+    # modules a text-only forward never runs (a vision tower and its projector): full paths,
+    # rendered as Model Optimizer's `vision_encoding` group
+    encoders: tuple[str, ...] = ()
     # the layer stack as checkpoints name it when that differs (Nemotron-H writes
     # `backbone.layers` for the module `model.layers`): escaped, like layer_prefix
     disk_layer_prefixes: tuple[str, ...] = ()
@@ -425,6 +428,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
     for alt in (
         *p.embeddings,
         *p.lm_head,
+        *p.encoders,
         p.layer_prefix,
         *p.disk_layer_prefixes,
         *p.attention,

@@ -210,3 +210,12 @@ def test_tiny_configs_keep_expert_groups_and_periodic_layers():
     assert deepseek.topk_group <= deepseek.n_group
     jamba = tiny_config(JambaConfig)  # attention every 8th layer from layer 4
     assert jamba.num_hidden_layers > jamba.attn_layer_offset
+
+
+def test_two_token_mixers_on_one_input_are_one_subblock_with_two_cores():
+    flow = flow_of(sm.TwoMixerLayer(sm.make_config()))
+    attention = flow.subblocks[ATTENTION]
+    assert sorted(attention.cores) == ["mamba", "self_attn"]
+    assert attention.members[0] == "input_layernorm"
+    assert flow.subblocks[FFN].members == ["pre_ff_layernorm", "feed_forward"]
+    assert flow.layout == "sequential"  # not an attention / FFN parallel layout

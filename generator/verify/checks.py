@@ -186,6 +186,21 @@ def check_groups(s: Subject) -> str:
             not got - want,
             f"{group} holds {_short(got - want)}, which the model does not run {stage}",
         )
+    # what a text-only forward never runs outside the language model (the module holding the
+    # layers): a vision tower and its projector, in a group of its own (Model Optimizer's
+    # vision_encoding) that holds nothing else
+    owner = ref.stack_path.rpartition(".")[0]
+    beside = {n for n in unobserved - stack if not (owner and n.startswith(owner + "."))}
+    others = {g: v for g, v in groups.items() if g not in ("embeddings", "lm_head")}
+    others = {g: v for g, v in others.items() if not g.startswith("block_")}
+    if others or beside:
+        encoder = set().union(*others.values()) if others else set()
+        expect(
+            encoder == beside,
+            f"{', '.join(sorted(others)) or 'no group of its own'} holds "
+            f"[{_short(encoder)}]; the tensors beside the language model that a text-only "
+            f"forward never runs are [{_short(beside)}]",
+        )
     for i in range(s.n):
         roles = ref.roles(i)
         prefix = ref.layer_path(i)
@@ -348,11 +363,15 @@ def _check_no_ops_on(s: Subject, layer: int) -> None:
             f"{kind} no-op on layer {layer}: output differs from the original layer with its "
             f"{kind} zeroed ({_diff(got, want)})",
         )
+    # both no-ops: the original layer with both subblocks zeroed (its input itself, unless
+    # modules applied to the residual stream, post-LN norms, still shape it)
     candidate, _ = _no_op_model(s, layer, KINDS)
-    x, y = layer_io(candidate, candidate.get_submodule(prefix), ref.input_ids)
+    _, want = layer_io(ref.model, ref.layer(layer), ref.input_ids, ref.zeroed(layer, KINDS))
+    _, got = layer_io(candidate, candidate.get_submodule(prefix), ref.input_ids)
     expect(
-        torch.equal(x, y),
-        f"layer {layer} with both subblocks no-op changes its input ({_diff(x, y)})",
+        torch.equal(got, want),
+        f"layer {layer} with both subblocks no-op differs from the original with both zeroed "
+        f"({_diff(got, want)})",
     )
 
 
@@ -423,6 +442,7 @@ def check_round_trip(s: Subject) -> str:
         blocks[-1]["attention"] = {"no_op": True}
         config = copy.deepcopy(config)
         config.block_configs = blocks
+        config.get_text_config().block_configs = blocks  # where a nested text model reads them
         source = build(s.descriptor, config, seed=3)
         want = logits(source, ref.input_ids)
         with tempfile.TemporaryDirectory() as tmp:
