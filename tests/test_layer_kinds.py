@@ -247,3 +247,18 @@ def test_the_oracle_checks_kinds_only_other_configs_build(tmp_path):
     assert result.ok and "layer_types[-1] = 'conv'" in result.detail, result.detail
     subject.descriptor = AttentionOnly
     assert not run_check(subject, no_ops).ok
+
+
+def test_parameters_of_the_layer_itself_stay_on_a_no_op_and_are_grouped():
+    """Doge scales the residual by learned vectors held by the layer itself: the join is still
+    found (the residual is a call-free function of the stream), the vectors belong to neither
+    subblock's modules and are grouped with the attention, tensor by tensor."""
+    spec = spec_of("doge")
+    (kind,) = spec.kinds
+    assert kind.own_tensors == ("input_residual", "post_attention_residual")
+    assert r"input_residual" in spec.predicates.attention
+    replaced = {r.attr for sb in (kind.attention, kind.ffn) for r in sb.replacements}
+    assert not replaced & set(kind.own_tensors)
+    groups = predicates.compile_groups(spec.predicates, 2)
+    hits = [g for g, p in groups.items() if p.match("model.layers.1.post_attention_residual")]
+    assert hits == ["block_1_attention"]

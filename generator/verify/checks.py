@@ -411,8 +411,14 @@ def _check_no_ops_on(s: Subject, layer: int) -> None:
             f"{kind} no-op on layer {layer} removes [{_modules(removed, prefix)}]; "
             f"the {kind} subblock is [{_modules(members, prefix) or '-'}]",
         )
-        group = groups.get(f"block_{layer}_{kind}", set()) - ref.layer_tensors(
-            layer, roles.shared | roles.unused
+        # what a no-op keeps in place: shared and unused children, and tensors of the layer
+        # itself (Doge's residual scales), whichever group holds them
+        children = {n for n, _ in ref.layer(layer).named_children()}
+        own = under(ref.state_shapes, prefix) - ref.layer_tensors(layer, children)
+        group = (
+            groups.get(f"block_{layer}_{kind}", set())
+            - ref.layer_tensors(layer, roles.shared | roles.unused)
+            - own
         )
         expect(
             removed == group,
