@@ -66,3 +66,11 @@ def test_a_vl_checkpoint_gives_its_text_config(tmp_path):
     assert target.config.hidden_size == config.text_config.hidden_size
     assert target.config.num_hidden_layers == 4
 
+
+def test_a_config_without_a_layer_count_says_so():
+    from generator.errors import InferenceError
+    from generator.probe import Probe
+
+    probe = Probe(resolve("blt"))  # its layers are counted in its encoder/global/decoder configs
+    with pytest.raises(InferenceError, match="layer count.*BltConfig has no num_hidden_layers"):
+        probe.num_layers
