@@ -119,6 +119,13 @@ def _gpt_neo_pattern(kwargs: dict[str, Any], default: Any) -> dict[str, Any]:
     return {"attention_types": [[pattern, max(1, layers // len(pattern))]]}
 
 
+def _two_shared_blocks(kwargs: dict[str, Any], default: Any) -> dict[str, Any]:
+    kinds = list(default.layers_block_type)
+    hybrids = [i for i, kind in enumerate(kinds) if kind == "hybrid"]
+    layers = max(kwargs.get("num_hidden_layers", TINY_LAYERS), hybrids[1] + 1)
+    return {"num_hidden_layers": layers, "layers_block_type": kinds[:layers]}
+
+
 # model_type -> the one thing its defaults lack (kept to the types that need it)
 FIXUPS: dict[str, Fixup] = {
     "ministral": Fixup(
@@ -144,6 +151,52 @@ FIXUPS: dict[str, Fixup] = {
                 }
             }
         },
+    ),
+    "hunyuan_v1_moe": Fixup(
+        "head_dim defaults to None, which the attention uses as a number (hidden 4096 / 32 heads)",
+        build={"head_dim": 128},
+    ),
+    "dbrx": Fixup(
+        "the attention reads attn_config.rope_theta, which DbrxAttentionConfig does not define, "
+        "and clamps q/k/v by clip_qkv, None by default (DBRX's: 500000 and 8)",
+        build={"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8}},
+    ),
+    "dots1": Fixup(
+        "expert fields default to None, which the MoE layer sizes its tensors by "
+        "(dots.llm1's: 128 routed experts, 2 shared, top-6, first layer dense)",
+        build={
+            "n_routed_experts": 128,
+            "n_shared_experts": 2,
+            "num_experts_per_tok": 6,
+            "first_k_dense_replace": 1,
+        },
+    ),
+    "lfm2_moe": Fixup(
+        "layer_types defaults to None, which each layer indexes (LFM2's pattern: convolution "
+        "layers with full attention every 4th layer from layer 2)",
+        build={"layer_types": ["full_attention" if i % 4 == 2 else "conv" for i in range(32)]},
+    ),
+    "qwen4_exp_text": Fixup(
+        "every full-attention layer builds a QSA indexer, which divides indexer_budget by "
+        "indexer_compress_ratio, both None by default (the config validates the five together; "
+        "the index head holds the whole rotary width, 256)",
+        build={
+            "indexer_n_heads": 16,
+            "indexer_kv_heads": 1,
+            "indexer_head_dim": 256,
+            "indexer_budget": 2048,
+            "indexer_compress_ratio": 4,
+        },
+    ),
+    "zamba": Fixup(
+        "one shared transformer block is tied across the hybrid layers; with a single hybrid "
+        "layer transformers rejects the tie (its pattern finds no target), so two are kept",
+        tiny=_two_shared_blocks,
+    ),
+    "blt": Fixup(
+        "with use_cache its forward builds a cache from BltConfig, which has no layer count "
+        "(the layers are in its encoder, global and decoder sub-configs)",
+        tiny=lambda kwargs, default: {"use_cache": False},
     ),
     "gpt_neo": Fixup(
         "attention_layers is derived from attention_types (pattern, repeat count), not cut",

@@ -282,6 +282,7 @@ def test_widths_shared_with_another_sub_config_follow_the_tiny_hidden_size():
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
     blt = tiny("blt")
     assert blt.encoder_config.hidden_size_global == blt.global_config.hidden_size
+    runs("blt", blt)
 
 
 @pytest.mark.parametrize("model_type", ["nemotron_h", "granitemoehybrid", "longcat_flash"])
@@ -295,3 +296,13 @@ def test_capped_widths_stay_off_where_the_default_has_none():
         default.shared_intermediate_size, 64
     )
 
+
+@pytest.mark.parametrize("model_type", ["blt", "zamba"])
+def test_tiny_only_fixups_are_needed(model_type, monkeypatch):
+    """A fix-up that changes only the tiny config: without it the tiny model fails."""
+    source = resolve(model_type)
+    monkeypatch.delitem(FIXUPS, model_type)
+    with pytest.raises(Exception):
+        with quiet_transformers():
+            config = tiny_config(source.config_cls)
+        runs(model_type, config)
