@@ -12,6 +12,8 @@ serves every config class, by generic rules applied to the default config's own 
   `full_attn_idxs`) appears; each per-layer list is cut to that many layers, and the entries of
   a `per_layer_config` shrunk in proportion to their global field; a stack that is linear
   attention only by default (Bamba) gets a full-attention last layer, as its checkpoints have;
+- other head counts (a linear-attention mixer's heads, an indexer's) scaled like the attention's
+  heads;
 - experts: 4 routed experts in one group, a routing top-k of at most 2 (and at most the expert
   count: a top-k left None beside routed experts gets one), expert widths 64;
 - state-space mixers: heads of at most head_dim 16 that still span `hidden_size * expand`;
@@ -102,6 +104,9 @@ _HEAD_DIM_LIKE = ("_head_dim", "rotary_dim", "rope_dim", "head_size")
 # other vocabularies (hashed n-gram tables, per-layer input embeddings indexed by token id)
 _VOCAB_LIKE = ("vocab_size", "_vocab", "vocab_size_per_layer_input")
 _RANK_LIKE = ("_lora_rank",)
+# other head counts (a linear-attention mixer's own heads, an indexer's): scaled like the
+# attention's heads, so their ratios to each other hold (value heads a multiple of key heads)
+_HEAD_COUNT_LIKE = ("_heads",)
 
 
 @dataclass(frozen=True)
@@ -479,6 +484,8 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
             continue
         if ratio is not None and key.endswith(_HEAD_DIM_LIKE) and value > 0:
             overrides[key] = _scaled(value, ratio)
+        elif key.endswith(_HEAD_COUNT_LIKE) and value > HEADS:
+            overrides[key] = max(1, round(value * HEADS / heads)) if _is_int(heads) else HEADS
         elif key.endswith(_RANK_LIKE) and value > 0 and isinstance(hidden, int):
             overrides[key] = _scaled(value, HIDDEN / hidden, minimum=8, multiple=8)
         elif key in _EXPERT_COUNTS and value > TINY_EXPERTS:

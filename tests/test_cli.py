@@ -87,11 +87,6 @@ def test_diff_prints_a_unified_diff_and_writes_nothing(tmp_path, capsys):
     assert target.read_text() == edited
 
 
-def test_repository_generated_package_is_up_to_date():
-    result = run("check")
-    assert result.returncode == 0, result.stderr
-
-
 def test_unknown_model_type_exits_2_with_close_matches():
     result = run("generate", "lama", "--out", "/nonexistent/never-written")
     assert result.returncode == 2

@@ -9,7 +9,6 @@ import pytest
 from generator import cli
 from generator.errors import InferenceError
 
-REPO = Path(__file__).resolve().parent.parent
 TYPES = ["llama", "qwen3", "mistral"]
 
 
@@ -51,12 +50,20 @@ def test_generate_with_two_jobs_is_byte_identical(tmp_path, capfd):
     assert f"--- a/{target}" in diffs[0][1]
 
 
-def test_check_with_two_jobs_reads_the_same(monkeypatch, capfd):
-    monkeypatch.chdir(REPO)
-    serial = run_cli(capfd, "check", "--jobs", "1")
+def test_check_with_two_jobs_reads_the_same(tmp_path, capfd):
+    # a package of a few types: the repository's own package is checked by `make check` (CI)
+    out = tmp_path / "g"
+    assert run_cli(capfd, "generate", *TYPES, "--out", str(out))[0] == 0
+    serial = run_cli(capfd, "check", "--out", str(out), "--jobs", "1")
     assert serial[0] == 0, serial[2]
-    assert run_cli(capfd, "check", "--jobs", "2") == serial
-    assert run_cli(capfd, "check") == serial  # default: the cores available
+    assert f"[{len(TYPES)}/{len(TYPES)}]" in serial[2]
+    assert run_cli(capfd, "check", "--out", str(out), "--jobs", "2") == serial
+    assert run_cli(capfd, "check", "--out", str(out)) == serial  # default: the cores available
+    stale = out / "qwen3" / "qwen3_model_descriptor.py"
+    stale.write_text(stale.read_text() + "# edited by hand\n")
+    failed = run_cli(capfd, "check", "--out", str(out), "--jobs", "1")
+    assert failed[0] != 0
+    assert run_cli(capfd, "check", "--out", str(out), "--jobs", "2") == failed
 
 
 @pytest.mark.parametrize("how", ["inference error", "unknown type"])

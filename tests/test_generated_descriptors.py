@@ -108,4 +108,6 @@ def test_a_both_no_op_layer_has_no_subblock_weights(model_type):
     model = build(s.descriptor, s.config, blocks, device="meta")
     roles = s.reference.roles(1)
     left = {n for n, _ in model.get_submodule(s.descriptor.layer_block_name(1)).named_parameters()}
-    assert {n.split(".")[0] for n in left} <= set(roles.shared)
+    # parameters of the layer module itself (Doge's residual scales) are neither subblock's:
+    # they stay, as the no-op check confirms; every child left must be a shared module
+    assert {n.split(".")[0] for n in left if "." in n} <= set(roles.shared)

@@ -6,6 +6,7 @@ committed descriptor's tiny and default models, a DeepSeek-V3-shaped MoE list, h
 adversarial predicate sets, and randomly generated patterns and names.
 """
 
+import functools
 import random
 import re
 from pathlib import Path
@@ -89,8 +90,11 @@ def meta_names(descriptor, config, block_configs=None):
     return list(model.state_dict())
 
 
-@pytest.mark.parametrize("model_type", VERIFIED)
-def test_committed_descriptors_match_the_rule(model_type):
+@functools.lru_cache(maxsize=None)
+def committed_name_lists(model_type):
+    """The state-dict names of a committed descriptor's models: tiny, tiny tied, tiny
+    heterogeneous, and the default-size meta model (built once per type, shared by both ways of
+    dispatching)."""
     d = generated.get_descriptor(model_type)
     config_cls = resolve(model_type).config_cls
     n = tiny_config(config_cls).get_text_config().num_hidden_layers
@@ -103,18 +107,28 @@ def test_committed_descriptors_match_the_rule(model_type):
         {"attention": on, "ffn": ffn},
     ]
     heterogeneous = [kinds[i % len(kinds)] for i in range(n)]
-    name_lists = [
+    default = default_config(config_cls)
+    return n, default.get_text_config().num_hidden_layers, (
         meta_names(d, tiny_config(config_cls)),
         meta_names(d, tiny_config(config_cls, tie_word_embeddings=True)),
         meta_names(d, tiny_config(config_cls), heterogeneous),
-    ]
-    default = default_config(config_cls)
-    name_lists.append(meta_names(d, default))
+        meta_names(d, default),
+    )
+
+
+# both dispatch params of a type run on one xdist worker, which builds its models once
+BY_TYPE = [pytest.param(t, marks=pytest.mark.xdist_group(f"names-{t}"), id=t) for t in VERIFIED]
+
+
+@pytest.mark.parametrize("model_type", BY_TYPE)
+def test_committed_descriptors_match_the_rule(model_type):
+    d = generated.get_descriptor(model_type)
+    n, default_layers, name_lists = committed_name_lists(model_type)
     # the base class's one-pass grouping (a descriptor may regroup after it: Nemotron-H moves
     # a single-subblock layer's norm to that subblock)
     base_groups = ModelDescriptor.get_weight_groups.__func__
     for names in name_lists:
-        layers = n if names is not name_lists[-1] else default.get_text_config().num_hidden_layers
+        layers = n if names is not name_lists[-1] else default_layers
         preds = d.layer_name_predicates(layers)
         expected, unmatched = first_match_rule(preds, names)
         assert unmatched is None
