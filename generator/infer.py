@@ -67,7 +67,10 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
 
     source = model_type if isinstance(model_type, ModelSource) else resolve(model_type)
     model_type = source.model_type
-    ctx = _Context(source, SourceIndex(display=source.relpath), Probe(source), [])
+    if source.static is not None:  # parsed code, never imported: its static build
+        ctx = _Context(source, source.static.index, source.static.probe(source), [])
+    else:
+        ctx = _Context(source, SourceIndex(display=source.relpath), Probe(source), [])
     probe = ctx.probe
 
     stack_path, stack_at, layer_classes = _layer_stack(ctx)
@@ -231,9 +234,9 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     if source.checkpoint is not None:
         check_checkpoint(source.checkpoint, preds, probe)
 
-    buffers = _rebuilt_buffers(ctx, tiny)
+    buffers = probe.static_buffers(ctx) if probe.is_static else _rebuilt_buffers(ctx, tiny)
     causal = source.causal_lm_cls
-    return DescriptorSpec(
+    spec = DescriptorSpec(
         model_type=model_type,
         package=_package_name(model_type),
         class_name=_class_name(causal.__name__),
@@ -261,6 +264,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         config_variants=tuple(variants),
         **origin_fields(source),
     )
+    return probe.restate(spec)
 
 
 # -- layer stack ------------------------------------------------------------------------------
@@ -620,7 +624,7 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) ->
         ctx.fact(
             f"{name} returns",
             f"a tuple of {size}" if size else "a tensor",
-            [flow.sites[name], "probe: a traced forward of a tiny model agrees"],
+            [flow.sites[name], ctx.probe.trace_evidence],
         )
     return Subblock(kind, tuple(replacements), weight_modules, tuple(sb.joins), tuple(sb.evidence))
 

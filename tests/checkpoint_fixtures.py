@@ -109,3 +109,55 @@ def save_custom(directory: Path, marker: Path) -> Path:
     )
     (directory / "modeling_toy.py").write_text(textwrap.dedent(MODELING).format(marker=str(marker)))
     return directory
+
+
+# -- a llama-like model under another name, as a checkpoint's own code ----------------------------
+PORTED_AUTO_MAP = {
+    "AutoConfig": "configuration_mini.MiniConfig",
+    "AutoModelForCausalLM": "modeling_mini.MiniForCausalLM",
+}
+
+
+def _port(text: str) -> str:
+    """transformers' Llama source as a checkpoint would ship it: absolute imports of the library,
+    every Llama name renamed Mini."""
+    import re
+
+    text = re.sub(r"from \.\.\.(\w)", r"from transformers.\1", text)
+    text = text.replace("from .configuration_llama import", "from .configuration_mini import")
+    return text.replace("LLaMA", "Mini").replace("Llama", "Mini").replace("llama", "mini")
+
+
+def _with_marker(text: str, marker: Path, name: str) -> str:
+    lines = text.splitlines(keepends=True)
+    first_code = next(i for i, line in enumerate(lines) if line.strip() and line[0] != "#")
+    touch = (
+        "from pathlib import Path as _MarkerPath\n\n"
+        f"_MarkerPath({str(marker)!r}, {name!r}).touch()\n\n"
+    )
+    return "".join(lines[:first_code] + [touch] + lines[first_code:])
+
+
+def save_ported(directory: Path, marker: Path, edit=None, **overrides) -> Path:
+    """A `mini` checkpoint whose code is transformers' modeling_llama.py and
+    configuration_llama.py renamed (self-contained: it subclasses only transformers' base
+    classes), with config.json's auto_map naming them. Importing either file touches a file in
+    `marker`. `edit(modeling_source) -> modeling_source` changes the model's code."""
+    import transformers
+
+    root = Path(transformers.__file__).parent / "models" / "llama"
+    save_llama(directory, **overrides)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="mini", architectures=["MiniForCausalLM"], auto_map=PORTED_AUTO_MAP)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    configuration = _port((root / "configuration_llama.py").read_text())
+    modeling = _port((root / "modeling_llama.py").read_text())
+    if edit is not None:
+        edited = edit(modeling)
+        assert edited != modeling, "the edit changed nothing"
+        modeling = edited
+    (directory / "configuration_mini.py").write_text(
+        _with_marker(configuration, marker, "configuration_imported")
+    )
+    (directory / "modeling_mini.py").write_text(_with_marker(modeling, marker, "modeling_imported"))
+    return directory
