@@ -457,6 +457,13 @@ def _verify_checkpoint(target, out: Path) -> int:
     """verify PATH: the descriptor against the checkpoint's own tensors and weights."""
     from .verify_checkpoint import verify_checkpoint
 
+    if getattr(target, "static", None) is not None:
+        raise PuzzleGenError(
+            f"{target.argument}: verify compares the descriptor with the model transformers "
+            "builds from the checkpoint's own code, which is only parsed without "
+            "--trust-remote-code; pass it to import the code (generate did not need it)"
+        )
+
     _progress(f"{target.argument}: verifying the descriptor against the checkpoint")
     checks = verify_checkpoint(target, out)
     for name, ok, detail in checks:

@@ -23,7 +23,7 @@ from .errors import InferenceError, StaticGap
 
 # Library roots whose objects a parsed file may name: importing these runs library code the user
 # already runs (puzzle-gen imports them itself), never the checkpoint's own code.
-REAL_ROOTS = ("torch", "transformers", "math")
+REAL_ROOTS = ("torch", "transformers", "math", "copy")
 REMOTE_PREFIX = "transformers_modules"
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 
@@ -139,12 +139,32 @@ class ParsedCode:
                     ParsedFunction(stmt.name.value, module, stmt),
                 )
             elif isinstance(stmt, cst.If):
-                self._bind(module, stmt.body.body)
+                # bound only when a condition holds at import time (TYPE_CHECKING, an
+                # installed package): which binding holds is not read, so none is
+                for name in self._names_bound(module, stmt):
+                    module.bindings[name] = ("unknown",)
             elif isinstance(stmt, cst.Try):
+                # `try: import x / X = ...` with a fallback: the try body's bindings hold
+                # unless a handler rebinds the name (then it depends on what is installed)
                 self._bind(module, stmt.body.body)
+                for handler in (*stmt.handlers, stmt.orelse):
+                    if handler is not None:
+                        for name in self._names_bound(module, handler):
+                            module.bindings[name] = ("unknown",)
             elif isinstance(stmt, cst.SimpleStatementLine):
                 for small in stmt.body:
                     self._bind_small(module, small)
+
+    def _names_bound(self, module: ParsedModule, node) -> set[str]:
+        """Every name the module-level statements inside `node` bind."""
+        scratch = ParsedModule(module.stem, module.path, module.parsed, module.remote_name)
+        body = node.body.body if hasattr(node.body, "body") else node.body
+        self._bind(scratch, body)
+        names = set(scratch.bindings)
+        orelse = getattr(node, "orelse", None)
+        if orelse is not None:
+            names |= self._names_bound(module, orelse)
+        return names
 
     def _bind_small(self, module: ParsedModule, small) -> None:
         if isinstance(small, cst.Import):
@@ -305,7 +325,7 @@ def _real(base: str, attr: str | None):
 _BUILTINS = {
     "int", "float", "bool", "str", "min", "max", "abs", "round", "len", "range", "list", "tuple",
     "dict", "set", "sum", "isinstance", "getattr", "hasattr", "divmod", "pow", "sorted",
-    "enumerate", "zip", "any", "all", "reversed", "object", "super", "ValueError", "TypeError",
+    "enumerate", "zip", "any", "all", "reversed", "object", "super", "setattr", "ValueError", "TypeError",
     "NotImplementedError", "KeyError", "AttributeError", "RuntimeError", "print",
 }  # fmt: skip
 

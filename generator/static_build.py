@@ -152,15 +152,29 @@ def _embedding(obj: StandIn, method: str):
         len(body) == 1
         and isinstance(body[0], cst.SimpleStatementLine)
         and isinstance(body[0].body[0], cst.Return)
+        and body[0].body[0].value is not None
     ):
-        path = dotted(body[0].body[0].value) if body[0].body[0].value is not None else None
+        returned = body[0].body[0].value
+        delegated = (  # `return self.backbone.get_input_embeddings()`
+            isinstance(returned, cst.Call)
+            and not returned.args
+            and isinstance(returned.func, cst.Attribute)
+            and returned.func.attr.value == method
+        )
+        path = dotted(returned.func.value if delegated else returned)
         if path and path.startswith("self."):
             value = obj
             for part in path.split(".")[1:]:
                 value = getattr(value, part, None)
-            if isinstance(value, nn.Module) or value is None:
+            if delegated and isinstance(value, nn.Module) and hasattr(value, method):
+                return getattr(value, method)()
+            if not delegated and (isinstance(value, nn.Module) or value is None):
                 return value
-    raise gap(fact, "its body is not `return self.<module path>`", parsed.where(func))
+    raise gap(
+        fact,
+        f"its body is not `return self.<module path>` (nor `return self.<path>.{method}()`)",
+        parsed.where(func),
+    )
 
 
 def _stub(name: str):
@@ -224,7 +238,12 @@ class StaticBuilder:
                     if value is not UNKNOWN:
                         ns[attr] = value
             elif klass.__module__.startswith("transformers."):
-                for attr in ("base_model_prefix", "_input_embed_layer", "_tied_weights_keys"):
+                for attr in (
+                    "base_model_prefix",
+                    "_input_embed_layer",
+                    "_tied_weights_keys",
+                    "_supports_sdpa",
+                ):
                     if attr in vars(klass):
                         ns[attr] = vars(klass)[attr]
         for klass in mro:
@@ -317,7 +336,12 @@ class StaticBuilder:
                               owner, obj, args, kwargs)  # fmt: skip
             return
         if owner is PreTrainedModel:
-            obj.config = args[0] if args else kwargs.get("config", UNKNOWN)
+            config = args[0] if args else kwargs.get("config", UNKNOWN)
+            obj.config = config
+            if _is_config(config) and config._attn_implementation is None:
+                # what PreTrainedModel.__init__ settles when no implementation is asked for
+                sdpa = getattr(type(obj), "_supports_sdpa", False) is True
+                config._attn_implementation = "sdpa" if sdpa else "eager"
             return
         if _torch_leaf(owner):  # library code: builds the tensors of a torch module subclass
             if _has_unknown(args) or _has_unknown(kwargs):
@@ -346,18 +370,16 @@ class StaticBuilder:
         """What a pretrained model's post_init does to the structure: tie the embeddings."""
         if not is_pretrained(type(obj)._static_mro):
             return
-        config = getattr(obj, "config", None)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
         keys = getattr(type(obj), "_tied_weights_keys", None)
-        if not keys or not getattr(
-            text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)
-        ):
+        # as transformers' get_expanded_tied_weights_keys reads it
+        if not keys or not getattr(getattr(obj, "config", None), "tie_word_embeddings", False):
             return
-        if isinstance(keys, (list, tuple)):  # the older form: tie these to the input embedding
-            source = self.param_path(obj, obj.get_input_embeddings(), "weight")
-            keys = {k: source for k in keys}
         if not isinstance(keys, dict):
-            return
+            raise gap(
+                "the tied embeddings",
+                f"{type(obj).__name__}._tied_weights_keys is {keys!r}, not the mapping "
+                "{target: source} transformers 5 ties",
+            )
         tied = obj.__dict__.setdefault("_static_tied", {})
         for target, source in keys.items():
             src = _get(obj, source)
@@ -371,13 +393,6 @@ class StaticBuilder:
                 )
             module._parameters[name] = src
             tied[target] = source
-
-    @staticmethod
-    def param_path(root, module, name) -> str:
-        for path, m in root.named_modules():
-            if m is module:
-                return f"{path}.{name}" if path else name
-        return name
 
     # -- functions ------------------------------------------------------------------------------
     def run_function(self, func: cst.FunctionDef, scope, parsed: ParsedFile, owner, self_obj,
@@ -510,7 +525,9 @@ class _Frame(Evaluator):
         self.known = {} if self_obj is None else {"self": self_obj}
 
     # -- evidence ------------------------------------------------------------------------------
-    def site(self, node: cst.CSTNode) -> str:
+    def site(self, node: cst.CSTNode | None) -> str:
+        if node is None:
+            return self.parsed.display
         return f"{self.parsed.where(node)} `{self.parsed.code(node, 70)}`"
 
     # -- parameters ----------------------------------------------------------------------------
@@ -630,10 +647,24 @@ class _Frame(Evaluator):
             name = target.attr.value
             if isinstance(base, StandIn):
                 self.set_member(base, name, value, stmt)
+            elif isinstance(base, nn.Module) and not _unknown(value):
+                setattr(base, name, value)  # `self.norm.bias = None` on a module it built
             elif base is not UNKNOWN and _is_config(base) and value is not UNKNOWN:
                 setattr(base, name, value)  # the model writes into its config (Falcon does)
             return
-        # subscripts and others: nothing the stand-in keeps
+        if isinstance(target, cst.Subscript) and len(target.slice) == 1:
+            # `self.rope_type[kind] = ...`: a plain container the code keeps
+            base = self.ev(target.value)
+            elem = target.slice[0].slice
+            key = self.ev(elem.value) if isinstance(elem, cst.Index) else UNKNOWN
+            if isinstance(base, dict) and not _unknown(key):
+                if _unknown(value):
+                    base.pop(key, None)
+                else:
+                    base[key] = value
+            elif isinstance(base, list) and isinstance(key, int) and not _unknown(value):
+                base[key] = value
+        # others: nothing the stand-in keeps
 
     def set_member(self, obj: StandIn, name: str, value, stmt) -> None:
         unknowns = obj.static_unknowns()
@@ -756,6 +787,8 @@ class _Frame(Evaluator):
             return UNKNOWN if v is None else v
         if isinstance(node, (cst.Integer, cst.Float, cst.Imaginary)):
             return ast.literal_eval(node.value)
+        if isinstance(node, cst.FormattedString):
+            return self._fstring(node)
         if isinstance(node, cst.Name):
             name = node.value
             if name in ("True", "False", "None"):
@@ -792,23 +825,25 @@ class _Frame(Evaluator):
             return got
         if isinstance(node, cst.Subscript):
             base = self._value(node.value)
-            if base is UNKNOWN or len(node.slice) != 1:
+            if _unknown(base):
                 return UNKNOWN
-            elem = node.slice[0].slice
-            if isinstance(elem, cst.Index):
-                key = self._value(elem.value)
-                if key is UNKNOWN:
+            keys = []
+            for element in node.slice:
+                elem = element.slice
+                if isinstance(elem, cst.Index):
+                    key = self._value(elem.value)
+                elif isinstance(elem, cst.Slice):
+                    parts = [
+                        self._value(p) if p is not None else None
+                        for p in (elem.lower, elem.upper, elem.step)
+                    ]
+                    key = UNKNOWN if any(_unknown(p) for p in parts) else slice(*parts)
+                else:
+                    key = UNKNOWN
+                if _unknown(key):
                     return UNKNOWN
-                return base[key]
-            if isinstance(elem, cst.Slice):
-                parts = [
-                    self._value(p) if p is not None else None
-                    for p in (elem.lower, elem.upper, elem.step)
-                ]
-                if any(p is UNKNOWN for p in parts):
-                    return UNKNOWN
-                return base[slice(*parts)]
-            return UNKNOWN
+                keys.append(key)
+            return base[keys[0] if len(keys) == 1 else tuple(keys)]
         if isinstance(node, cst.BinaryOperation):
             left, right = self._value(node.left), self._value(node.right)
             op = _BINOPS.get(type(node.operator))
@@ -869,6 +904,27 @@ class _Frame(Evaluator):
         if isinstance(node, cst.Call):
             return self._call(node)
         return UNKNOWN
+
+    def _fstring(self, node: cst.FormattedString):
+        out = []
+        for part in node.parts:
+            if isinstance(part, cst.FormattedStringText):
+                out.append(part.value)
+                continue
+            value = self._value(part.expression)
+            if _unknown(value) or not isinstance(value, (str, int, float, bool, type(None))):
+                return UNKNOWN
+            if part.conversion == "r":
+                value = repr(value)
+            elif part.conversion == "s":
+                value = str(value)
+            spec = ""
+            if part.format_spec:
+                if not all(isinstance(p, cst.FormattedStringText) for p in part.format_spec):
+                    return UNKNOWN
+                spec = "".join(p.value for p in part.format_spec)
+            out.append(format(value, spec))
+        return "".join(out)
 
     def _comprehension(self, node):
         results = []
@@ -949,10 +1005,20 @@ class _Frame(Evaluator):
                 return callee(*args, **kwargs)
             return UNKNOWN
         if _has_unknown(args) or _has_unknown(kwargs):
+            if callee is setattr and len(args) == 3 and isinstance(args[0], StandIn):
+                if isinstance(args[1], str):
+                    self.set_member(args[0], args[1], args[2], node)
+                return None
             if callee in (isinstance, hasattr, getattr) and args and not _unknown(args[0]):
                 pass  # the object is known; getattr(obj, "x", UNKNOWN) is fine
             else:
                 return UNKNOWN
+        if callee is setattr and len(args) == 3 and isinstance(args[1], str):
+            if isinstance(args[0], StandIn):
+                self.set_member(args[0], args[1], args[2], node)
+            elif _is_config(args[0]):
+                setattr(*args)
+            return None
         if callee in _SAFE_BUILTINS:
             if callee is getattr and isinstance(args[0] if args else None, StandIn):
                 name = args[1] if len(args) > 1 else None
@@ -963,6 +1029,8 @@ class _Frame(Evaluator):
         name = getattr(callee, "__name__", "")
         if module == "math" or getattr(callee, "__self__", None) is math:
             return callee(*args, **kwargs)
+        if module == "copy" and name in ("copy", "deepcopy") and _is_config(args[0] if args else 0):
+            return callee(*args, **kwargs)  # a config copied to change it (one per rope theta)
         if (
             module.startswith("torch") or getattr(callee, "__self__", None) is torch
         ) and name in _TORCH_FACTORIES:
@@ -989,6 +1057,13 @@ class _Frame(Evaluator):
                 and name in _CONTAINER_METHODS
             ):
                 return callee(*args, **kwargs)
+        if module.startswith("transformers.") and inspect.isfunction(callee):
+            # library code (a config check, a rope initialiser) on known values
+            try:
+                with torch.device("meta"):
+                    return callee(*args, **kwargs)
+            except Exception:
+                return UNKNOWN
         return UNKNOWN
 
     def _call_method(self, m: _Method, args, kwargs, site):

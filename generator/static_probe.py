@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import libcst as cst
 import torch
 from torch import nn
 
 from .analysis import layer_flow
+from .analysis.source_index import dotted
 from .analysis.dataflow import Call, FlowInterpreter, Input, Op, Pack, Phi, _State
 from .checkpoint import CONFIG, Checkpoint, CheckpointInputError, show
 from .errors import InferenceError
@@ -138,12 +140,53 @@ def _config_class(code: ParsedCode, builder: StaticBuilder, node: ParsedClass) -
     for klass in reversed(mro):
         if not isinstance(klass, ParsedClass):
             continue
+        fields = klass.field_defaults()
         for attr, expr in klass.class_attrs().items():
-            if attr in ("model_type", "attribute_map", "keys_to_ignore_at_inference"):
-                value = builder.module_value(expr, klass.module)
-                if isinstance(value, (str, dict, list)):
-                    ns[attr] = value
+            # plain class attributes (model_type, attribute_map, LFM3's _rope_type_labels), not
+            # dataclass-style fields (those are config values: see _config)
+            if attr in fields or attr.startswith("__"):
+                continue
+            value = builder.module_value(expr, klass.module)
+            if isinstance(value, (str, int, float, bool, dict, list, tuple, type(None))):
+                ns[attr] = value
+        # properties the model reads (Jamba's layers_block_type, Nemotron-H's
+        # num_hidden_layers): their parsed bodies are interpreted on the config when used
+        getters, setters = {}, {}
+        for func in klass.node.body.body:
+            if not isinstance(func, cst.FunctionDef):
+                continue
+            decorators = [dotted(d.decorator) for d in func.decorators]
+            if "property" in decorators:
+                getters[func.name.value] = func
+            elif f"{func.name.value}.setter" in decorators:
+                setters[func.name.value] = func
+        for name, func in getters.items():
+            setter = setters.get(name)
+            ns[name] = property(
+                _interpreted(builder, klass, func, getter=True),
+                _interpreted(builder, klass, setter, getter=False) if setter else None,
+            )
     return type(node.name, (base,), ns)
+
+
+def _interpreted(builder: StaticBuilder, klass: ParsedClass, func, getter: bool):
+    """A property getter or setter of a parsed config class, interpreted (never run)."""
+    from .analysis.evaluate import UNKNOWN
+    from .static_build import _parsed_scope
+
+    def call(config, *value):
+        try:
+            result = builder.run_function(
+                func, _parsed_scope(builder, klass.module), klass.module.parsed, klass, config,
+                list(value), {},
+            )  # fmt: skip
+        except Exception:
+            result = UNKNOWN
+        if getter and result is UNKNOWN:
+            raise AttributeError(func.name.value)
+        return result
+
+    return call
 
 
 def _config(ckpt: Checkpoint, code, builder, node: ParsedClass, config_cls: type):
@@ -157,9 +200,18 @@ def _config(ckpt: Checkpoint, code, builder, node: ParsedClass, config_cls: type
 
     data = {k: v for k, v in ckpt.config_dict.items() if k != "auto_map"}
     mro = [k for k in code.mro(node) if isinstance(k, ParsedClass)]
+    aliases = getattr(config_cls, "attribute_map", {}) or {}
+
+    def given(name: str) -> bool:  # in config.json, under its name or its attribute_map alias
+        return (
+            name in data
+            or aliases.get(name) in data
+            or any(target == name and alias in data for alias, target in aliases.items())
+        )
+
     for klass in mro:  # most derived first: its defaults win
         for name, expr in klass.field_defaults().items():
-            if name not in data:
+            if not given(name):
                 value = builder.module_value(expr, klass.module)
                 if isinstance(value, (int, float, str, bool, list, dict, type(None))):
                     data[name] = value
@@ -168,7 +220,7 @@ def _config(ckpt: Checkpoint, code, builder, node: ParsedClass, config_cls: type
             continue
         for param in (*init.params.params, *init.params.kwonly_params):
             name = param.name.value
-            if name in data or name == "self" or param.default is None:
+            if given(name) or name == "self" or param.default is None:
                 continue
             value = builder.module_value(param.default, klass.module)
             if isinstance(value, (int, float, str, bool, list, dict, type(None))):
@@ -259,11 +311,11 @@ class StaticProbe(Probe):
                         + (", ..." if len(held) > 3 else "")
                         + ")",
                     )
-        tied = {
-            n
-            for n, p in model.named_parameters(remove_duplicate=False)
-            if n not in dict(model.named_parameters())
-        }
+        # names of one tensor (tied embeddings): the checkpoint holds one of them
+        aliases: dict[int, list[str]] = {}
+        for n, t in model.state_dict(keep_vars=True).items():
+            aliases.setdefault(id(t), []).append(n)
+        held = {n for names in aliases.values() if set(names) & set(tensors) for n in names}
         built = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
         wrong = [
             f"{show(n)} is {list(tensors[n].shape)} in {tensors[n].file}, the parsed code "
@@ -276,7 +328,7 @@ class StaticProbe(Probe):
                 f"{config_path} contradicts the tensors' shapes (as the checkpoint's parsed code "
                 f"builds them from it): {'; '.join(wrong[:12])}"
             )
-        missing = [n for n in built if n not in tensors and n not in tied]
+        missing = [n for n in built if n not in held]
         if missing:
             raise InferenceError(
                 "the module tree of the parsed code",
@@ -321,7 +373,7 @@ class StaticProbe(Probe):
     def _built(self, layer_path: str, fact: str) -> nn.Module:
         """The build at the probe's config, computed by the parse alone: what a changed build is
         compared with (the headers confirmed its shapes where the parse computes them)."""
-        key = tuple(sorted(self.tiny_extra.items(), key=lambda kv: kv[0]))
+        key = repr(sorted(self.tiny_extra.items()))  # per-layer lists: not hashable
         if key not in self._base_builds:
             with self.builder.lenient():
                 self._base_builds[key] = build_model(self.source.causal_lm_cls, self.tiny_config())
@@ -363,7 +415,54 @@ class StaticProbe(Probe):
         return diff
 
     def layer_change_fails(self, changes: dict[str, Any], layer_path: str) -> str | None:
-        return None  # not tried: only a real build runs transformers' weight init
+        """A real build of a model whose one layer has its own value is not tried. What stands in
+        for it: a pretrained model class whose `_init_weights` reads the field from its own
+        (whole-model) config would initialise that layer with the other layers' size
+        (Nemotron-H's Mamba A_log), so the field is refused as a per-layer size."""
+        for cls, func, parsed in self._init_weights():
+            for node in _walk_cst(func):
+                read = None
+                if isinstance(node, cst.Attribute) and (dotted(node) or "").startswith(
+                    "self.config."
+                ):
+                    read = dotted(node)[len("self.config.") :].split(".")[0]
+                elif (
+                    isinstance(node, cst.Call)
+                    and dotted(node.func) == "getattr"
+                    and len(node.args) >= 2
+                    and dotted(node.args[0].value) == "self.config"
+                    and isinstance(node.args[1].value, cst.SimpleString)
+                ):
+                    read = node.args[1].value.evaluated_value
+                if read in changes:
+                    return (
+                        f"static: {cls}._init_weights ({parsed.where(func)}) reads "
+                        f"self.config.{read}, the whole model's value (not tried: nothing was run)"
+                    )
+        return None
+
+    def _init_weights(self):
+        """(class name, FunctionDef, ParsedFile) of the _init_weights of every pretrained model
+        class the build holds, as their MROs define it (transformers' own base one excluded)."""
+        from transformers import PreTrainedModel
+
+        from .static_build import method_owner
+
+        seen, out = set(), []
+        for module in self.model.modules():
+            cls = type(module)
+            if not isinstance(module, StandIn) or not is_pretrained(cls._static_mro):
+                continue
+            owner = method_owner(cls._static_mro, "_init_weights")
+            if owner is None or owner is PreTrainedModel or id(owner) in seen:
+                continue
+            seen.add(id(owner))
+            try:
+                parsed, name, func = self.index.find_method(cls, "_init_weights")
+            except InferenceError:
+                continue
+            out.append((name, func, parsed))
+        return out
 
     def checkpoint_names(self, model: nn.Module) -> dict[str, str]:
         return {name: name for name in model.state_dict()}
@@ -374,7 +473,7 @@ class StaticProbe(Probe):
         calls, returning what its own forward's returns say (a tuple literal's length, a
         tensor); where they say nothing, the call site's unpacking stands, unless the call site
         only indexes the result (then its size is unknown)."""
-        layer = self.model.get_submodule(layer_path)
+        layer = self.tiny_model().get_submodule(layer_path)  # a variant's own build
         flow = layer_flow.analyze_layer(type(layer), layer, layer_children(layer), self.index)
         out = {}
         for name in flow.called:
@@ -482,6 +581,14 @@ def rendered_facts(spec) -> dict:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+def _walk_cst(node):
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(n.children)
+
+
 def _what_changes(changes: dict[str, Any], layer_path: str) -> str:
     fields = ", ".join(f"config.{k}={v!r}" for k, v in changes.items())
     return f"what setting {fields} changes in {layer_path}"

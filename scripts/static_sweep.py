@@ -33,15 +33,20 @@ from generator.probe import quiet_transformers
 
 model_type, directory = sys.argv[1], Path(sys.argv[2])
 source = resolve(model_type)
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 with quiet_transformers():
     config = tiny_config(source.config_cls)
     torch.manual_seed(0)
     model = source.causal_lm_cls(config)
-    # the module's own names: transformers renames tensors on save only for the types it knows
+    # the module's own names (transformers renames tensors on save only for the types it knows),
+    # without the tied copies, as save_pretrained writes them
     directory.mkdir(parents=True)
     model.config.save_pretrained(directory)
-    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    tensors = model.state_dict()
+    for target in getattr(model, "all_tied_weights_keys", {}) or {}:
+        tensors.pop(target, None)
+    tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 config_file = Path(inspect.getsourcefile(source.config_cls))
 stem = config_file.stem
 
@@ -103,6 +108,9 @@ def sweep_one(model_type: str, timeout: int) -> tuple[str, str, str]:
         if a == b:
             return model_type, "static: same facts", ""
         differ = [k for k in a if a[k] != b[k]]
+        if os.environ.get("STATIC_SWEEP_DETAIL"):
+            for k in differ:
+                print(f"{model_type} {k}\n  static:   {a[k]}\n  imported: {b[k]}", file=sys.stderr)
         return (
             model_type,
             "static: other facts",

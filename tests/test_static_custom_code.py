@@ -95,6 +95,16 @@ def test_check_regenerates_without_importing(generated, capsys):
         path.write_text(saved)
 
 
+def test_verify_needs_the_flag_to_import_the_code(generated, capsys):
+    ckpt, marker, out, _ = generated
+    capsys.readouterr()
+    assert cli.main(["verify", str(ckpt), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"puzzle-gen: {ckpt}: verify compares the descriptor with the model")
+    assert "pass it to import the code (generate did not need it)" in err
+    assert list(marker.iterdir()) == []
+
+
 def test_static_build_infers_what_importing_the_code_infers(generated, tmp_path, capsys):
     ckpt, marker, _, _ = generated
     capsys.readouterr()
@@ -174,16 +184,21 @@ def _width_from_numpy(src: str) -> str:
 
 
 def _attention_from_a_table(src: str) -> str:
-    """The attention class picked at run time, by the attention implementation transformers
-    sets when it builds the model."""
+    """The attention class picked by what is installed where the model runs (a key the module
+    sets in a try/except at import time)."""
     src = src.replace(
         "class MiniDecoderLayer(GradientCheckpointingLayer):",
-        'MINI_ATTENTION = {"eager": MiniAttention, "sdpa": MiniAttention}\n\n\n'
+        "try:\n"
+        "    import flash_attn  # noqa: F401\n\n"
+        '    MINI_ATTENTION_IMPL = "flash"\n'
+        "except ImportError:\n"
+        '    MINI_ATTENTION_IMPL = "eager"\n'
+        'MINI_ATTENTION = {"flash": MiniAttention, "eager": MiniAttention}\n\n\n'
         "class MiniDecoderLayer(GradientCheckpointingLayer):",
     )
     return src.replace(
         "self.self_attn = MiniAttention(config=config, layer_idx=layer_idx)",
-        "self.self_attn = MINI_ATTENTION[config._attn_implementation](config, layer_idx)",
+        "self.self_attn = MINI_ATTENTION[MINI_ATTENTION_IMPL](config, layer_idx)",
     )
 
 
