@@ -294,7 +294,10 @@ class StaticBuilder:
             except Exception as exc:
                 raise InterpretedRaise(f"{site}: {type(exc).__name__}: {exc}") from None
         if module.startswith("transformers."):
-            if not unknown and not is_pretrained(cls.__mro__):
+            # model building blocks are built for real (library code); anything else of the
+            # library (integrations that fetch kernels or weights) only has its source read
+            runnable = module.startswith("transformers.models.") or module in _RUNNABLE_MODULES
+            if runnable and not unknown and not is_pretrained(cls.__mro__):
                 try:
                     return cls(*args, **kwargs)
                 except Exception:
@@ -492,6 +495,19 @@ _TORCH_FACTORIES = {
     "zeros_like", "empty_like", "full_like", "eye", "linspace", "tril", "triu", "cat", "stack",
     "outer", "exp", "log", "sqrt", "pow", "randint", "normal",
 }  # fmt: skip
+# transformers modules (besides transformers.models.*) whose nn.Module classes are built for real
+_RUNNABLE_MODULES = {
+    "transformers.activations",
+    "transformers.pytorch_utils",
+    "transformers.modeling_layers",
+}
+# the transformers modules whose functions the interpretation may call
+_TRANSFORMERS_FUNCTIONS = {
+    "transformers.modeling_rope_utils",
+    "transformers.activations",
+    "transformers.utils.generic",
+    "transformers.pytorch_utils",
+}
 _PLAIN = (int, float, bool, str, bytes, list, tuple, dict, set, frozenset, range, type(None))
 _CONTAINER_METHODS = {"append", "extend", "insert", "add_module"}
 
@@ -1057,8 +1073,11 @@ class _Frame(Evaluator):
                 and name in _CONTAINER_METHODS
             ):
                 return callee(*args, **kwargs)
-        if module.startswith("transformers.") and inspect.isfunction(callee):
-            # library code (a config check, a rope initialiser) on known values
+        if module in _TRANSFORMERS_FUNCTIONS and inspect.isfunction(callee):
+            # library code (a config check, a rope initialiser) on known values; never
+            # transformers' loaders (get_class_from_dynamic_module would import code, hub
+            # functions would download) nor its is_*_available checks (they answer for this
+            # machine, not the one the model runs on)
             try:
                 with torch.device("meta"):
                     return callee(*args, **kwargs)

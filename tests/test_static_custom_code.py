@@ -285,3 +285,48 @@ def test_a_config_that_contradicts_the_parsed_shapes_is_refused(tmp_path, capsys
         "builds [48, 64]" in err  # fmt: skip
     assert not (tmp_path / "out").exists()
     assert list(marker.iterdir()) == []
+
+
+# -- what the interpretation never calls ------------------------------------------------------------
+HELPER = '''
+from pathlib import Path
+
+Path({marker!r}, "helper_imported").touch()
+
+import torch
+
+
+class MiniAct(torch.nn.Module):
+    def forward(self, x):
+        return x
+'''
+
+
+def test_a_library_loader_in_the_code_is_not_called(tmp_path, capsys):
+    """transformers' own loader, called from the model's __init__, would import a file of the
+    checkpoint (get_class_from_dynamic_module): the interpretation calls only the library's
+    model helpers, so the helper file is never imported, and the model still generates."""
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    directory = tmp_path / "mini"
+
+    def load_act_from_the_checkpoint(src: str) -> str:
+        src = src.replace(
+            "import torch\n",
+            "import torch\nfrom transformers.dynamic_module_utils import "
+            "get_class_from_dynamic_module\n",
+            1,
+        )
+        return src.replace(
+            "        self.act_fn = ACT2FN[config.hidden_act]\n",
+            "        self.act_fn = get_class_from_dynamic_module("
+            f"'helper_mini.MiniAct', {str(directory)!r})()\n",
+            1,
+        )
+
+    ckpt = save_ported(directory, marker, edit=load_act_from_the_checkpoint)
+    (ckpt / "helper_mini.py").write_text(HELPER.format(marker=str(marker)))
+    capsys.readouterr()
+    code = cli.main(["generate", str(ckpt), "--out", str(tmp_path / "out")])
+    assert list(marker.iterdir()) == [], capsys.readouterr().err
+    assert code == 0, capsys.readouterr().err
