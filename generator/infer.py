@@ -174,21 +174,42 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     lm_head = _unique(
         ([final_norm] if final_norm else []) + weighted(loop.after_loop) + [output_embedding]
     )
-    # weighted modules of the causal LM beside the base model (ModernBERT-decoder's prediction
-    # head before its decoder): the base model holds the embeddings and the layers, so they
-    # run on its output, like the LM head
-    base = stack_path.split(".")[0]
-    for name, child in probe.model.named_children():
-        grouped = any(p == name or p.startswith(name + ".") for p in embeddings + lm_head)
-        if name != base and not grouped and _has_params(child):
-            lm_head.insert(len(lm_head) - 1, name)
+    # weighted modules outside the language model: a modality encoder (a vision tower, its
+    # projector) that a text-only forward never runs gets a group of its own; one that runs
+    # beside the base model (ModernBERT-decoder's prediction head before its decoder) runs on
+    # the base model's output, like the LM head
+    called = probe.called_modules()
+    encoders: list[str] = []
+    for path, child in _outside_language_model(probe.model, owner_path):
+        if any(p == path or p.startswith(path + ".") for p in embeddings + lm_head):
+            continue
+        if not _has_params(child):
+            continue
+        if path not in called:
+            encoders.append(path)
             ctx.fact(
-                f"{name} (beside the base model)",
+                f"{path} (outside the language model)",
+                "grouped as vision_encoding",
+                [
+                    f"probe: {type(child).__name__} beside {owner_path}; a text-only forward of "
+                    "a tiny model never calls it (an encoder of another modality)"
+                ],
+            )
+        elif "." not in path:
+            lm_head.insert(len(lm_head) - 1, path)
+            ctx.fact(
+                f"{path} (beside the base model)",
                 "grouped with lm_head",
                 [
-                    f"probe: {type(child).__name__} outside {base}, which holds the embeddings "
-                    "and layers: it runs on the base model's output"
+                    f"probe: {type(child).__name__} outside {stack_path.split('.')[0]}, which "
+                    "holds the embeddings and layers: it runs on the base model's output"
                 ],
+            )
+        else:
+            raise InferenceError(
+                f"the weight group of {path}",
+                f"{type(child).__name__} sits beside the language model ({owner_path}) and the "
+                "text forward calls it, neither before the layer loop nor as the head",
             )
     for name in optional:
         group = (
@@ -211,7 +232,14 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         layer_kinds, [g.modules[0] for g in groups]
     )
     preds = predicates.build(
-        embeddings, lm_head, stack_path, attention_weights, ffn_weights, tensors, followers
+        embeddings,
+        lm_head,
+        stack_path,
+        attention_weights,
+        ffn_weights,
+        tensors,
+        followers,
+        encoders,
     )
     if followers:
         ctx.fact(
@@ -339,6 +367,19 @@ def _layer_stack(ctx: _Context) -> tuple[str, list[type]]:
     return path, finding.where, classes
 
 
+def _outside_language_model(model: nn.Module, owner_path: str):
+    """(path, module) of every child of the modules on the path from the causal LM to the
+    owner of the layer stack that is not itself on that path: the head beside the base model,
+    a vision tower and projector beside the language model."""
+    parts = owner_path.split(".") if owner_path else []
+    for depth in range(len(parts)):
+        parent = ".".join(parts[:depth])
+        module = model.get_submodule(parent) if parent else model
+        for name, child in module.named_children():
+            if name != parts[depth]:
+                yield _join(parent, name), child
+
+
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
@@ -423,6 +464,19 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
             weight_modules=sb.weight_modules + (child.name,),
         )
         ctx.fact(f"{child.name} (other configs)", f"in the {child.kind} subblock", child.evidence)
+    own = tuple(n for n, _ in layer.named_parameters(recurse=False))
+    for name in own:
+        if not is_identifier(name):
+            raise InferenceError("a parameter of the layer itself", repr(name))
+    if own:
+        ctx.fact(
+            "parameters of the layer itself",
+            ", ".join(own),
+            [
+                f"probe: {flow.class_name} holds {', '.join(own)} directly (Doge's learned "
+                "residual scales): no no-op replaces them; grouped with the attention subblock"
+            ],
+        )
     if flow.shared:
         ctx.fact(
             "shared modules",
@@ -441,6 +495,7 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
         attention=subblocks.get(ATTENTION),
         ffn=subblocks.get(FFN),
         shared_modules=tuple(flow.shared),
+        own_tensors=own,
         selector=selector,
         evidence=(
             (
@@ -500,6 +555,8 @@ def _weight_modules(layer_kinds: list[LayerKind], modules: list[nn.Module]):
         for name in k.shared_modules:
             if _has_params(getattr(layer, name)):
                 roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
+        for name in k.own_tensors:
+            roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
     attention: list[str] = []
     ffn: list[str] = []
     tensors: list[str] = []
@@ -510,6 +567,8 @@ def _weight_modules(layer_kinds: list[LayerKind], modules: list[nn.Module]):
                 attention.append(name)
             else:
                 ffn.append(name)
+            if any(name in k.own_tensors for ks in by_role.values() for k in ks):
+                tensors.append(name)
             continue
         below = {role: _below(name, kinds_, layer_of) for role, kinds_ in by_role.items()}
         if not below[ATTENTION] & below[FFN]:
@@ -630,12 +689,6 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) ->
 
 
 def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
-    direct = [n for n, _ in layer.named_parameters(recurse=False)]
-    if direct:
-        raise InferenceError(
-            f"the subblock of {flow.class_name}'s own parameters",
-            f"parameters directly on the layer are not supported yet: {', '.join(direct)}",
-        )
     assigned = set(flow.shared)
     for sb in subblocks.values():
         assigned |= {r.attr for r in sb.replacements}

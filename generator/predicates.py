@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from .errors import InferenceError
 from .spec import Predicates, is_module_name
 
+ENCODER_GROUP = "vision_encoding"  # Model Optimizer's name for a vision tower's group
+
 
 def module_alternative(name: str) -> str:
     """Regex alternative for every tensor below module `name`."""
@@ -38,6 +40,7 @@ def build(
     ffn: Iterable[str],
     tensors: Iterable[str] = (),
     followers: Iterable[str] = (),
+    encoders: Iterable[str] = (),
 ) -> Predicates:
     """Predicates from module names: full paths for embeddings / lm_head, layer-relative for the
     subblocks. Names in `tensors` are single tensors (a parameter of a child, `mixer.A_log`),
@@ -54,6 +57,7 @@ def build(
         attention=tuple(alt(n) for n in attention),
         ffn=tuple(alt(n) for n in ffn),
         followers=tuple(alt(n) for n in followers),
+        encoders=tuple(module_alternative(n) for n in encoders),
     )
 
 
@@ -64,6 +68,8 @@ def compile_groups(pred: Predicates, num_layers: int) -> dict[str, re.Pattern]:
         return re.compile("^" + prefix + "(?:" + "|".join(alternatives) + ")$")
 
     groups = {"embeddings": group("", pred.embeddings), "lm_head": group("", pred.lm_head)}
+    if pred.encoders:
+        groups[ENCODER_GROUP] = group("", pred.encoders)
     for i in range(num_layers):
         prefix = rf"{pred.layer_prefix_regex()}\.{i}\."
         groups[f"block_{i}_attention"] = group(prefix, pred.attention)
@@ -102,7 +108,13 @@ def with_checkpoint_names(
     evidence line per added alternative; raises when a renamed tensor's module is in no group.
     """
     groups = compile_groups(pred, num_layers)
-    added: dict[str, list[str]] = {"embeddings": [], "lm_head": [], "attention": [], "ffn": []}
+    added: dict[str, list[str]] = {
+        "embeddings": [],
+        "lm_head": [],
+        "attention": [],
+        "ffn": [],
+        ENCODER_GROUP: [],
+    }
     evidence = []
     prefix = re.compile(rf"^{pred.layer_prefix_regex()}\.(\d+)\.(.+)$")
     indexed = re.compile(r"^(.+?)\.(\d+)\.(.+)$")
@@ -147,12 +159,25 @@ def with_checkpoint_names(
                 continue  # the other name of the stack was all it needed
         else:
             kind = group
-            alt = module_alternative(module)
+            alt = module_alternative(_whole_prefix(disk, group, disk_to_module, groups) or module)
         if alt not in added[kind]:
             added[kind].append(alt)
             evidence.append(f"checkpoint name {disk} loads into {module_name} ({kind})")
         groups = compile_groups(_extended(pred, added), num_layers)
     return _extended(pred, added), evidence
+
+
+def _whole_prefix(disk: str, group: str, disk_to_module: dict[str, str], groups) -> str | None:
+    """The shortest leading part of `disk` below which every checkpoint name loads into
+    `group` (Gemma 3 writes its vision tower as `vision_tower.vision_model...`: one alternative
+    for all of it rather than one per module)."""
+    parts = disk.split(".")
+    for depth in range(1, len(parts) - 1):
+        head = ".".join(parts[:depth]) + "."
+        below = [m for d, m in disk_to_module.items() if d.startswith(head)]
+        if below and all([g for g, p in groups.items() if p.match(m)] == [group] for m in below):
+            return head[:-1]
+    return None
 
 
 def _extended(pred: Predicates, added: dict[str, list[str]]) -> Predicates:
@@ -163,5 +188,6 @@ def _extended(pred: Predicates, added: dict[str, list[str]]) -> Predicates:
         attention=pred.attention + tuple(added["attention"]),
         ffn=pred.ffn + tuple(added["ffn"]),
         followers=pred.followers,
+        encoders=pred.encoders + tuple(added.get("vision_encoding", ())),
         disk_layer_prefixes=pred.disk_layer_prefixes,
     )

@@ -130,7 +130,14 @@ class Probe:
 
     @property
     def num_layers(self) -> int:
-        return int(self.text_config.num_hidden_layers)
+        layers = getattr(self.text_config, "num_hidden_layers", None)
+        if not isinstance(layers, int):
+            raise InferenceError(
+                "the layer count",
+                f"{type(self.text_config).__name__} has no num_hidden_layers "
+                f"(its sub-configs: {', '.join(sorted(self.text_config.sub_configs)) or 'none'})",
+            )
+        return layers
 
     @cached_property
     def state_keys(self) -> list[str]:
@@ -214,6 +221,32 @@ class Probe:
                 raise InferenceError(f"what {name} returns", f"varies between calls: {sizes}")
             out[name] = CallTrace(len(sizes), sizes[0])
         return out
+
+    @cached_property
+    def _called(self) -> frozenset[str]:
+        model = self.tiny_model()
+        seen: set[str] = set()
+        hooks = [
+            module.register_forward_pre_hook(lambda *_a, name=name: seen.add(name))
+            for name, module in model.named_modules()
+            if name
+        ]
+        vocab = model.config.get_text_config().vocab_size
+        try:
+            with torch.no_grad(), quiet_transformers():
+                model(input_ids=torch.arange(8).unsqueeze(0) % vocab)
+        except Exception as exc:
+            raise InferenceError(
+                "a traced forward of a tiny model", f"it raises {type(exc).__name__}: {exc}"
+            ) from None
+        finally:
+            for h in hooks:
+                h.remove()
+        return frozenset(seen)
+
+    def called_modules(self) -> frozenset[str]:
+        """Paths of the modules a text-only forward of the tiny model calls."""
+        return self._called
 
     def checkpoint_names(self, model: nn.Module) -> dict[str, str]:
         """{name as save_pretrained writes it: the module name transformers loads it into}."""

@@ -176,6 +176,7 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
     for alt in (
         *spec.predicates.embeddings,
         *spec.predicates.lm_head,
+        *spec.predicates.encoders,
         spec.predicates.layer_prefix,
         *spec.predicates.disk_layer_prefixes,
         *spec.predicates.attention,
@@ -218,7 +219,8 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
             top_groups=[
                 ("embeddings", spec.predicates.embeddings),
                 ("lm_head", spec.predicates.lm_head),
-            ],
+            ]
+            + ([("vision_encoding", spec.predicates.encoders)] if spec.predicates.encoders else []),
             layer_groups=[("attention", spec.predicates.attention), ("ffn", spec.predicates.ffn)],
         )
     )

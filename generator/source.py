@@ -44,11 +44,19 @@ class ModelSource:
 Target = ModelSource  # what resolve_target returns: a model type or a checkpoint directory
 
 
+# Image-text-to-text model types outside transformers' causal-LM mapping that are covered too,
+# resolved through its image-text-to-text mapping; one line each, with the reason.
+IMAGE_TEXT_TYPES = {
+    "qwen3_vl": "Model Optimizer ships a hand-written descriptor for it",
+    "qwen3_vl_moe": "Model Optimizer ships a hand-written descriptor for it",
+}
+
+
 def known_model_types() -> list[str]:
-    """Every model type that transformers maps to a causal-LM class."""
+    """Every model type that transformers maps to a causal-LM class, and IMAGE_TEXT_TYPES."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(IMAGE_TEXT_TYPES))
 
 
 def closest_model_types(model_type: str, n: int = 5) -> list[str]:
@@ -71,16 +79,38 @@ def _transformers_class(name: str) -> type:
         raise PuzzleGenError(f"transformers does not export {name}: {exc}") from None
 
 
+def causal_lm_config_class(config_cls: type, causal_lm_cls: type) -> type:
+    """The config class `causal_lm_cls` is built from. Some vision-language types map to a
+    text-only causal LM whose config class is the text sub-config of the type's own config
+    (qwen3_5 -> Qwen3_5ForCausalLM(Qwen3_5TextConfig), llama4, emu3, ...: transformers'
+    "VLM compatibility" entries); AutoModelForCausalLM.from_config builds those from
+    `config.get_text_config()`. The same rule here, so that every config made from this source
+    (default, tiny, a checkpoint's) is one the class is built from."""
+    text_cls = (getattr(config_cls, "sub_configs", None) or {}).get("text_config")
+    if text_cls is not None and getattr(causal_lm_cls, "config_class", None) == text_cls:
+        return text_cls
+    return config_cls
+
+
 def resolve(model_type: str) -> ModelSource:
     """Find the classes and modeling file for `model_type`; unknown types raise UnknownModelType."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    mapping = (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        if model_type in IMAGE_TEXT_TYPES
+        else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    if model_type not in mapping:
         raise UnknownModelType(model_type, closest_model_types(model_type))
-    config_cls = _transformers_class(CONFIG_MAPPING_NAMES[model_type])
-    causal_lm_cls = _transformers_class(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    causal_lm_cls = _transformers_class(mapping[model_type])
+    config_cls = causal_lm_config_class(
+        _transformers_class(CONFIG_MAPPING_NAMES[model_type]), causal_lm_cls
+    )
     module = importlib.import_module(causal_lm_cls.__module__)
     return ModelSource(
         model_type=model_type,
@@ -178,9 +208,7 @@ def resolve_target(arg: str, trust_remote_code: bool = False) -> ModelSource:
     only with `trust_remote_code`. Without it, a model type only those files define is described
     by a static build of the parsed code (generator/static_probe.py).
     """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if not looks_like_path(arg) and arg in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if not looks_like_path(arg) and arg in known_model_types():
         return resolve(arg)
     path = Path(arg).expanduser()
     if not path.exists():
@@ -195,17 +223,19 @@ def resolve_target(arg: str, trust_remote_code: bool = False) -> ModelSource:
 
 
 def resolve_checkpoint(directory: Path, arg: str, trust_remote_code: bool) -> ModelSource:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     ckpt = Checkpoint(directory)
     data = ckpt.config_dict
     model_type = data["model_type"]
     custom = parse_custom_code(ckpt)
     if custom is not None and trust_remote_code:
         return _import_custom(ckpt, custom, arg)
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type in known_model_types():
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
         source = resolve(model_type)
-        config = _builtin_config(ckpt, source.config_cls)
+        config = _builtin_config(ckpt, _transformers_class(CONFIG_MAPPING_NAMES[model_type]))
+        if not isinstance(config, source.config_cls):  # the class is built from the text config
+            config = config.get_text_config()
         return _with(source, config=config, checkpoint=ckpt, custom_code=custom, argument=arg)
     if custom is not None:  # its own code, parsed and never imported: a static build
         from .static_probe import static_source

@@ -107,6 +107,9 @@ class LayerKind:
     evidence: tuple[str, ...] = ()
     # a kind no layer of the probed config has, that other configs build: how (`layers` empty)
     built_by: str = ""
+    # parameters held by the layer itself (Doge's residual scales): kept on a no-op, grouped
+    # with the attention subblock
+    own_tensors: tuple[str, ...] = ()
 
     def subblock(self, kind: str) -> Subblock | None:
         return self.attention if kind == "attention" else self.ffn
@@ -156,6 +159,9 @@ class Predicates:
     # alternatives (among `attention`) of a child that belongs to whichever subblock its layer
     # has: Nemotron-H's `norm`, before a Mamba mixer, an attention, an MLP or experts
     followers: tuple[str, ...] = ()
+    # modules a text-only forward never runs (a vision tower and its projector): full paths,
+    # rendered as Model Optimizer's `vision_encoding` group
+    encoders: tuple[str, ...] = ()
     # the layer stack as checkpoints name it when that differs (Nemotron-H writes
     # `backbone.layers` for the module `model.layers`): escaped, like layer_prefix
     disk_layer_prefixes: tuple[str, ...] = ()
@@ -349,7 +355,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
         class_ref(k.layer_class, "a layer kind's class")
         need(k.layout in LAYOUTS, "the layout", k.layout)
         need(k.attention is not None or k.ffn is not None, "a layer kind's subblocks", k.label)
-        for name in (*k.children, *k.shared_modules):
+        for name in (*k.children, *k.shared_modules, *k.own_tensors):
             ident(name, "a layer kind's child")
         for i in k.layers:
             need(type(i) is int and i >= 0, "a layer index", i)
@@ -433,6 +439,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
     for alt in (
         *p.embeddings,
         *p.lm_head,
+        *p.encoders,
         p.layer_prefix,
         *p.disk_layer_prefixes,
         *p.attention,

@@ -76,9 +76,11 @@ def load_model(
     wanted = model.state_dict(keep_vars=True)
     sources = {name: _source_name(name, aliases, weight_map) for name in wanted}
     renamed = {n for n, src in sources.items() if src is None}
-    if renamed:  # stored under other names (per-expert tensors of fused experts, say)
-        _load_converted(model, checkpoint_dir, weight_map, renamed, device, dtype)
     direct = {n: src for n, src in sources.items() if src is not None}
+    if renamed:  # stored under other names (per-expert tensors of fused experts, say)
+        direct.update(
+            _load_converted(model, checkpoint_dir, weight_map, renamed, device, dtype, aliases)
+        )
     tensors = _read(checkpoint_dir, weight_map, direct, wanted, device, dtype)
     model.load_state_dict(tensors, strict=False, assign=True)
     _retie(model, aliases)
@@ -144,12 +146,46 @@ def _weight_map(checkpoint_dir: Path) -> dict[str, Path]:
     )
 
 
-def _build_meta(descriptor, config) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+def from_config(config) -> nn.Module:
+    """`config`'s generative model, built as transformers builds it from a config."""
+    cls = auto_model_class(config)
+    return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
 
+
+def auto_model_class(config):
+    """What builds `config`'s generative model: the causal-LM auto class; for a
+    vision-language type transformers maps only as image-text-to-text (Qwen3-VL), that one;
+    for the text config of a type whose causal LM is built from it (Emu3), its class."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    # a text config of a multimodal type whose causal LM is built from it (Emu3's): the class
+    # of that type, found among the types whose config lives in the same module
+    for model_type, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        config_name = CONFIG_MAPPING_NAMES.get(model_type)
+        owner = getattr(transformers, config_name, None) if config_name else None
+        if owner is None or owner.__module__ != type(config).__module__:
+            continue
+        cls = getattr(transformers, name, None)
+        if cls is not None and getattr(cls, "config_class", None) is type(config):
+            return cls
+    return AutoModelForCausalLM  # its error names the config
+
+
+def _build_meta(descriptor, config) -> nn.Module:
+    # the language model's config carries them in a nested (vision-language) config, as Model
+    # Optimizer's set_block_configs puts them; the top level is read too
     block_configs = getattr(config, "block_configs", None)
+    if block_configs is None:
+        text = descriptor.get_language_model_config(config)
+        block_configs = getattr(text, "block_configs", None)
     with torch.device("meta"), deci_x_patcher(descriptor, block_configs) as built:
-        model = AutoModelForCausalLM.from_config(config)
+        model = from_config(config)
     built.check_positions(model, descriptor.layer_block_name)
     return model
 
@@ -304,7 +340,9 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _load_converted(model, checkpoint_dir, weight_map, needed: set[str], device, dtype) -> None:
+def _load_converted(
+    model, checkpoint_dir, weight_map, needed: set[str], device, dtype, aliases=None
+) -> None:
     """Fill the module tensors `needed` from checkpoint tensors stored under other names.
 
     transformers 5 writes some models' tensors under their legacy names (Mixtral's
@@ -328,19 +366,37 @@ def _load_converted(model, checkpoint_dir, weight_map, needed: set[str], device,
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     meta = model.state_dict()
     prefix = getattr(model, "base_model_prefix", "")
-    stored = {
-        key: target
+    targets = {
+        key: rename_source_key(key, renamings, converters, prefix, meta)
         for key in weight_map
         if key not in meta
-        and (target := rename_source_key(key, renamings, converters, prefix, meta)[0]) in needed
     }
-    unfilled = sorted(needed - set(stored.values()))
+    stored = {key: target for key, (target, _) in targets.items() if target in needed}
+    filled = set(stored.values())
+    # a tied weight (Gemma 3's head) is filled by its alias and re-tied after loading; when the
+    # alias itself is not loaded here (a stage without the embedding), the alias's tensor is
+    # read for it directly if it is only renamed on disk
+    via_alias: dict[str, str] = {}
+    for name in sorted(needed - filled):
+        for alias in (aliases or {}).get(name, []):
+            plain = [k for k, (t, conv) in targets.items() if t == alias and conv is None]
+            if alias in filled or plain:
+                if alias not in filled:
+                    via_alias[name] = plain[0]
+                break
+    unfilled = sorted(
+        n
+        for n in needed - filled
+        if n not in via_alias and not any(a in filled for a in (aliases or {}).get(n, []))
+    )
     if unfilled:
         raise CheckpointError(
             f"{checkpoint_dir}: the checkpoint lacks {len(unfilled)} tensor(s) the model needs "
             f"(under their own names or any name transformers converts to them): "
             + ", ".join(unfilled)
         )
+    if not stored:
+        return via_alias
     by_file: dict[Path, list[str]] = defaultdict(list)
     for key in stored:
         by_file[weight_map[key]].append(key)
@@ -359,12 +415,13 @@ def _load_converted(model, checkpoint_dir, weight_map, needed: set[str], device,
         raise CheckpointError(
             f"{checkpoint_dir}: converted tensors differ in shape: {'; '.join(bad)}"
         )
-    for name in sorted(needed):  # cast as the directly read tensors are
+    for name in sorted(needed & filled):  # cast as the directly read tensors are
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         value = getattr(owner, attr)
         if value.is_floating_point() and value.dtype != dtype:
             value.data = value.data.to(dtype)
+    return via_alias
 
 
 def _retie(model: nn.Module, aliases: dict[str, list[str]]) -> None:

@@ -527,3 +527,27 @@ class TypedBlock(nn.Module):
             hidden_states = self.mixer(hidden_states)
         hidden_states = residual + hidden_states
         return hidden_states
+
+
+class TwoMixerLayer(nn.Module):
+    """Falcon-H1: an attention and an SSM mixer read the same normed input (both fed context)
+    and their sum joins the residual once: one attention subblock with two cores."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.input_layernorm = Norm(config.hidden_size)
+        self.self_attn = Attention(config)
+        self.mamba = SSMMixer(config)
+        self.pre_ff_layernorm = Norm(config.hidden_size)
+        self.feed_forward = MLP(config)
+
+    def forward(self, hidden_states, attention_mask=None, cache_params=None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        attention_out, _ = self.self_attn(hidden_states, attention_mask=attention_mask)
+        mamba_out = self.mamba(hidden_states, cache_params=cache_params)
+        hidden_states = residual + attention_out + mamba_out
+        residual = hidden_states
+        hidden_states = self.pre_ff_layernorm(hidden_states)
+        hidden_states = self.feed_forward(hidden_states)
+        return residual + hidden_states

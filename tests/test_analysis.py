@@ -59,11 +59,15 @@ def test_four_norm_layer_follows_data_flow_not_names():
     assert members(flow, FFN) == ["pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"]
 
 
-def test_post_norm_layer_puts_stream_norms_in_the_segment_they_follow():
+def test_post_norm_layer_keeps_stream_norms_in_place():
+    """A norm applied to the residual stream itself (after a join) shapes everything the layer
+    computes later: with a subblock's contribution zeroed it still runs, so it belongs to
+    neither subblock and stays in place on a no-op (like a parallel layout's shared norm)."""
     flow = flow_of(sm.PostNormLayer, do_layer_norm_before=False)
-    assert members(flow, ATTENTION) == ["self_attn", "self_attn_layer_norm"]
+    assert members(flow, ATTENTION) == ["self_attn"]
     # fc1 -> fc2 is a chain: only fc2 (the sink) becomes zeros, fc1 is bypassed
-    assert members(flow, FFN) == ["fc1", "fc2", "final_layer_norm"]
+    assert members(flow, FFN) == ["fc1", "fc2"]
+    assert flow.shared == ["self_attn_layer_norm", "final_layer_norm"]
     assert flow.subblocks[FFN].cores == ["fc2"]
     assert flow.returns_tuple is True
 

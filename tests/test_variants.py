@@ -79,15 +79,6 @@ def test_transformed_width_is_mapped_through_the_flag_that_disables_it():
     )
 
 
-def test_other_layer_kind_is_refused_with_the_reason():
-    import pytest
-
-    from generator.errors import InferenceError
-
-    with pytest.raises(InferenceError, match="conv .*another layer kind"):
-        infer("lfm2")
-
-
 def test_layer_children_other_configs_add_are_grouped_by_their_data_flow():
     """Falcon-40B-style configs (new_decoder_architecture) have ln_attn / ln_mlp, sequential
     ones a post_attention_layernorm; the descriptor from the default config groups them all."""

@@ -206,3 +206,18 @@ def test_an_ffn_width_under_another_name_is_found_by_its_shapes():
 
     field = Reference(verification_config(CTRLConfig)).size_fields["ffn.intermediate_size"]
     assert field.field == "dff"
+
+
+def test_the_token_mixer_is_found_by_what_it_mixes_not_by_the_context_it_is_given():
+    """OpenAI-GPT calls its attention with attention_mask=None and nothing else: by context
+    alone it would look position-wise. Shifting one position's input moves the attention's
+    later outputs and not the MLP's."""
+    from transformers import OpenAIGPTConfig
+
+    from generator.verify import verification_config
+
+    ref = Reference(verification_config(OpenAIGPTConfig))
+    layer = ref.layer(0)
+    assert ref._mixes_tokens(layer.attn) is True
+    assert ref._mixes_tokens(layer.mlp) is False
+    assert ref.roles_cores(0) == {"attn": "attention", "mlp": "ffn"}

@@ -13,16 +13,18 @@ import pytest
 from generator import cli
 from generator.source import resolve
 from generator.verify import CHECKS, load_descriptor, make_subject, run_check, verify_descriptor
-from puzzletron_runtime import MatchingZeros, Same, return_tuple_of_size
+from puzzletron_runtime import MatchingZeros, ModelDescriptor, Same, return_tuple_of_size
 
-pytestmark = pytest.mark.xdist_group("mutants")  # one worker builds the two subjects once
+pytestmark = pytest.mark.xdist_group("mutants")  # one worker builds the subjects once
+# sequential, parallel, residual-in-subblock; several layer kinds; experts; a vision tower
+TYPES = ("llama", "phi", "bloom", "nemotron_h", "mixtral", "gemma3")
 
 
 @pytest.fixture(scope="module")
 def descriptors(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "gen"
-    assert cli.main(["generate", "llama", "phi", "bloom", "--out", str(out)]) == 0
-    return {t: load_descriptor(t, out) for t in ("llama", "phi", "bloom")}
+    assert cli.main(["generate", *TYPES, "--out", str(out)]) == 0
+    return {t: load_descriptor(t, out) for t in TYPES}
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +296,73 @@ def bloom_mlp_no_op_returns_zeros(base):
     return M
 
 
+# -- nemotron_h (four layer kinds of one class, one subblock each) ------------------------------
+def nemotron_h_norm_stays_with_attention(base):
+    """No move of the norm to an MLP / expert layer's only subblock: the predicates alone."""
+
+    class M(base):
+        get_weight_groups = classmethod(ModelDescriptor.get_weight_groups.__func__)
+
+    return M
+
+
+def nemotron_h_attention_no_op_on_every_kind(base):
+    """The attention no-op of the Mamba layers applied to every layer, MLP and experts too."""
+
+    class M(base):
+        @staticmethod
+        def attn_no_op_post_init(decoder_layer):
+            decoder_layer.norm = Same()
+            decoder_layer.mixer = MatchingZeros()
+
+    return M
+
+
+# -- mixtral (experts) --------------------------------------------------------------------------
+def mixtral_expert_width_as_dense_width(base):
+    """The experts' width read from ffn.intermediate_size, as for a dense MLP."""
+
+    class M(base):
+        @staticmethod
+        def block_config_to_layer_overrides(block_config):
+            out = dict(base.block_config_to_layer_overrides(block_config))
+            out["intermediate_size"] = block_config.ffn.intermediate_size
+            return out
+
+    return M
+
+
+def mixtral_no_routing_override(base):
+    """ffn.moe.num_experts_per_tok ignored: it changes no shape, only which experts run."""
+
+    class M(base):
+        @staticmethod
+        def block_config_to_layer_overrides(block_config):
+            out = dict(base.block_config_to_layer_overrides(block_config))
+            out.pop("num_experts_per_tok", None)
+            return out
+
+    return M
+
+
+# -- gemma3 (a vision tower beside the language model) ------------------------------------------
+def gemma3_vision_with_embeddings(base):
+    """The vision tower and projector grouped with the token embedding."""
+
+    class M(base):
+        @staticmethod
+        def layer_name_predicates(num_layers):
+            preds = dict(base.layer_name_predicates(num_layers))
+            vision = preds.pop("vision_encoding")
+            embeddings = preds["embeddings"]
+            preds["embeddings"] = re.compile(
+                f"(?:{embeddings.pattern})|(?:{vision.pattern})", re.VERBOSE
+            )
+            return preds
+
+    return M
+
+
 MUTANTS = [
     ("llama", llama_norm_in_ffn, "no-ops"),
     ("llama", llama_norm_in_ffn, "weight groups"),
@@ -319,6 +388,11 @@ MUTANTS = [
     ("phi", phi_no_final_norm, "names"),
     ("phi", phi_no_ffn_override, "overrides"),
     ("bloom", bloom_mlp_no_op_returns_zeros, "no-ops"),
+    ("nemotron_h", nemotron_h_norm_stays_with_attention, "weight groups"),
+    ("nemotron_h", nemotron_h_attention_no_op_on_every_kind, "no-ops"),
+    ("mixtral", mixtral_expert_width_as_dense_width, "overrides"),
+    ("mixtral", mixtral_no_routing_override, "overrides"),
+    ("gemma3", gemma3_vision_with_embeddings, "weight groups"),
 ]
 
 
@@ -335,7 +409,7 @@ def test_mutant_fails_the_right_check(descriptors, subjects, model_type, mutate,
     print(f"{mutate.__name__}: {check}: {result.detail}")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi", "bloom"])
+@pytest.mark.parametrize("model_type", TYPES)
 def test_unmutated_descriptor_passes(descriptors, model_type):
     assert failed(descriptors[model_type], model_type) == {}
 

@@ -9,17 +9,21 @@ Evidence (line numbers in transformers 5.23.0):
   The stack has 2 layer kinds (class and children); the no-ops tell them apart
   by the layer object, as the model builds each one from its config.
 - MiniMaxDecoderLayer with self_attn: MiniMaxAttention (layers 0, 2, ..., 30 (every 2nd) of the default config):
-  - Attention subblock, in data-flow order: input_layernorm -> self_attn -> post_attention_layernorm;
+  - Attention subblock, in data-flow order: self_attn;
     residual join at modeling_minimax.py:572.
     self_attn returns a tuple of 2, so its no-op stand-in does too.
   - FFN subblock, in data-flow order: mlp;
     residual join at modeling_minimax.py:576.
+  - Sequential layout: input_layernorm, post_attention_layernorm feed both subblocks, so a
+    no-op leaves them in place; their weights are grouped with the attention subblock.
 - MiniMaxDecoderLayer with self_attn: MiniMaxLightningAttention (layers 1, 3, ..., 31 (every 2nd) of the default config):
-  - Attention subblock, in data-flow order: input_layernorm -> self_attn -> post_attention_layernorm;
+  - Attention subblock, in data-flow order: self_attn;
     residual join at modeling_minimax.py:572.
     self_attn returns a tuple of 2, so its no-op stand-in does too.
   - FFN subblock, in data-flow order: mlp;
     residual join at modeling_minimax.py:576.
+  - Sequential layout: input_layernorm, post_attention_layernorm feed both subblocks, so a
+    no-op leaves them in place; their weights are grouped with the attention subblock.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_minimax.py:400; a probe build confirmed it changes only attention weight shapes.
 - config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
@@ -45,7 +49,7 @@ from transformers.models.minimax.modeling_minimax import MiniMaxDecoderLayer
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
 from puzzletron_runtime.model_descriptor import ModelDescriptor, ModelDescriptorFactory
-from puzzletron_runtime.puzzformer.no_op import MatchingZeros, Same, return_tuple_of_size
+from puzzletron_runtime.puzzformer.no_op import MatchingZeros, return_tuple_of_size
 
 __all__ = ["MiniMaxModelDescriptor"]
 
@@ -75,9 +79,7 @@ class MiniMaxModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: MiniMaxDecoderLayer) -> None:
-        decoder_layer.input_layernorm = Same()
         decoder_layer.self_attn = return_tuple_of_size(MatchingZeros, size=2)()
-        decoder_layer.post_attention_layernorm = Same()
 
     @staticmethod
     def mlp_no_op_post_init(decoder_layer: MiniMaxDecoderLayer) -> None:
@@ -128,8 +130,8 @@ class MiniMaxModelDescriptor(ModelDescriptor):
             predicates[f"block_{i}_attention"] = re.compile(
                 rf"""
                 ^model\.layers\.{i}\.(?:
-                    input_layernorm\..+
-                  | self_attn\..+
+                    self_attn\..+
+                  | input_layernorm\..+
                   | post_attention_layernorm\..+
                 )$
                 """,

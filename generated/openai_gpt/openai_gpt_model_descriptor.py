@@ -6,11 +6,13 @@
 
 Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: Block in transformer.h (modeling_openai.py:304).
-- Attention subblock, in data-flow order: attn -> ln_1;
+- Attention subblock, in data-flow order: attn;
   residual join at modeling_openai.py:148.
   attn returns a tuple of 1, so its no-op stand-in does too.
-- FFN subblock, in data-flow order: mlp -> ln_2;
+- FFN subblock, in data-flow order: mlp;
   residual join at modeling_openai.py:150.
+- Sequential layout: ln_1, ln_2 feed both subblocks, so a
+  no-op leaves them in place; their weights are grouped with the attention subblock.
 - No final norm: nothing is called on the hidden states after the layer loop.
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -34,7 +36,7 @@ from transformers.models.openai.modeling_openai import Block
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
 from puzzletron_runtime.model_descriptor import ModelDescriptor, ModelDescriptorFactory
-from puzzletron_runtime.puzzformer.no_op import MatchingZeros, Same, return_tuple_of_size
+from puzzletron_runtime.puzzformer.no_op import MatchingZeros, return_tuple_of_size
 from puzzletron_runtime.utils.dummy_modules import DummyBlock
 
 __all__ = ["OpenAIGPTModelDescriptor"]
@@ -55,12 +57,10 @@ class OpenAIGPTModelDescriptor(ModelDescriptor):
     @staticmethod
     def attn_no_op_post_init(decoder_layer: Block) -> None:
         decoder_layer.attn = return_tuple_of_size(MatchingZeros, size=1)()
-        decoder_layer.ln_1 = Same()
 
     @staticmethod
     def mlp_no_op_post_init(decoder_layer: Block) -> None:
         decoder_layer.mlp = MatchingZeros()
-        decoder_layer.ln_2 = Same()
 
     @classmethod
     def create_dummy_block(cls, original_layer: nn.Module, block_index: int) -> nn.Module:
@@ -117,6 +117,7 @@ class OpenAIGPTModelDescriptor(ModelDescriptor):
                 ^transformer\.h\.{i}\.(?:
                     attn\..+
                   | ln_1\..+
+                  | ln_2\..+
                 )$
                 """,
                 re.VERBOSE,
@@ -125,7 +126,6 @@ class OpenAIGPTModelDescriptor(ModelDescriptor):
                 rf"""
                 ^transformer\.h\.{i}\.(?:
                     mlp\..+
-                  | ln_2\..+
                 )$
                 """,
                 re.VERBOSE,

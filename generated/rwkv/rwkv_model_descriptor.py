@@ -9,12 +9,14 @@ Evidence (line numbers in transformers 5.23.0):
   The stack has 2 layer kinds (class and children); the no-ops tell them apart
   by the layer object, as the model builds each one from its config.
 - RwkvBlock with pre_ln (layer 0 of the default config):
-  - Attention subblock, in data-flow order: pre_ln -> ln1 -> attention;
+  - Attention subblock, in data-flow order: ln1 -> attention;
     residual join at modeling_rwkv.py:345.
     attention returns a tuple of 2, so its no-op stand-in does too.
   - FFN subblock, in data-flow order: ln2 -> feed_forward;
     residual join at modeling_rwkv.py:348.
     feed_forward returns a tuple of 2, so its no-op stand-in does too.
+  - Sequential layout: pre_ln feed both subblocks, so a
+    no-op leaves them in place; their weights are grouped with the attention subblock.
 - RwkvBlock without pre_ln (layers 1-31 of the default config):
   - Attention subblock, in data-flow order: ln1 -> attention;
     residual join at modeling_rwkv.py:345.
@@ -61,18 +63,8 @@ class RwkvModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: RwkvBlock) -> None:
-        if hasattr(decoder_layer, "pre_ln"):
-            decoder_layer.pre_ln = Same()
-            decoder_layer.ln1 = Same()
-            decoder_layer.attention = return_tuple_of_size(MatchingZeros, size=2)()
-        elif not hasattr(decoder_layer, "pre_ln"):
-            decoder_layer.ln1 = Same()
-            decoder_layer.attention = return_tuple_of_size(MatchingZeros, size=2)()
-        else:
-            raise TypeError(
-                f"{type(decoder_layer).__name__} is none of the layer kinds this descriptor "
-                "was generated for"
-            )
+        decoder_layer.ln1 = Same()
+        decoder_layer.attention = return_tuple_of_size(MatchingZeros, size=2)()
 
     @staticmethod
     def mlp_no_op_post_init(decoder_layer: RwkvBlock) -> None:
@@ -132,9 +124,9 @@ class RwkvModelDescriptor(ModelDescriptor):
             predicates[f"block_{i}_attention"] = re.compile(
                 rf"""
                 ^rwkv\.blocks\.{i}\.(?:
-                    pre_ln\..+
-                  | ln1\..+
+                    ln1\..+
                   | attention\..+
+                  | pre_ln\..+
                 )$
                 """,
                 re.VERBOSE,

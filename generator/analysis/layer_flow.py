@@ -336,20 +336,27 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
             assignments = {name: kind}
         else:
             assignments = _split_parallel(cores, core_calls, kinds, name_hint, fact, evidence)
-            parallel = True
+            # attention and FFN side by side; several cores of one kind (Falcon-H1's
+            # attention beside its Mamba mixer) are one subblock with several cores
+            parallel = parallel or len(set(assignments.values())) > 1
         for name, kind in assignments.items():
-            if kind in subblocks:
-                raise InferenceError(
-                    fact,
-                    f"two {kind} segments in one layer ({subblocks[kind].cores[0]} and {name})",
-                    evidence,
-                )
             why = (
                 "receives context besides the hidden states"
                 if kind == ATTENTION
                 else ("receives only the hidden states")
             )
             first = core_calls[name][0]
+            if kind in subblocks and name not in subblocks[kind].cores:
+                if subblocks[kind].joins != list(join_sites):
+                    raise InferenceError(
+                        fact,
+                        f"two {kind} segments in one layer ({subblocks[kind].cores[0]} and "
+                        f"{name})",
+                        evidence,
+                    )
+                subblocks[kind].cores.append(name)
+                subblocks[kind].evidence.append(f"{first.where} `{first.code}` {why}")
+                continue
             subblocks[kind] = Subblock(
                 kind,
                 [name],
@@ -376,6 +383,13 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
             else:
                 call_kind[name] = next(iter(owners))
 
+    # a module applied to the residual stream itself (a norm before the residual is saved, or
+    # after a join: MiniMax, post-LN layers) shapes what every later part of the layer reads:
+    # it is part of neither subblock and stays in place on a no-op
+    cores_all = {c for sb in subblocks.values() for c in sb.cores}
+    for kind_, n, _r, _b in events:
+        if kind_ == "stream" and _top(n) not in cores_all:
+            call_kind[_top(n)] = "shared"
     order = _unique([_top(c) for c in graph.calls])
     for name in order:
         kind = call_kind.get(name)
@@ -442,19 +456,17 @@ def _sink_cores(graph: FlowGraph, core_calls: list[Call]) -> list[str]:
 
 
 def _split_parallel(cores, core_calls, kinds, name_hint, fact, evidence) -> dict[str, str]:
-    if len(cores) != 2:
-        raise InferenceError(
-            fact, f"a residual segment has {len(cores)} modules with weights: {cores}", evidence
-        )
+    """The subblock of each core of a segment with several: by the context each receives, or,
+    when that does not separate two of them, by their names; cores that remain alike are one
+    subblock with several cores (a Mamba mixer beside an attention, a shared MLP beside the
+    experts)."""
+    if len(set(kinds.values())) > 1 or len(cores) != 2:
+        return dict(kinds)
     a, b = cores
-    if kinds[a] != kinds[b]:
-        return {a: kinds[a], b: kinds[b]}
     ha, hb = name_hint(core_calls[a][0]), name_hint(core_calls[b][0])
     if ha and hb and ha != hb:
         return {a: ha, b: hb}
-    raise InferenceError(
-        fact, f"cannot tell which of {a} and {b} is the attention (both {kinds[a]}-like)", evidence
-    )
+    return dict(kinds)
 
 
 def _unique(items) -> list:

@@ -28,23 +28,22 @@ def expect(condition: Any, message: str) -> None:
 
 def reference_model(config: Any, device: str = "cpu", seed: int = 0) -> nn.Module:
     """transformers' own causal LM for `config`, built without any patching."""
-    from transformers import AutoModelForCausalLM
+    from puzzletron_runtime.loading import from_config
 
     torch.manual_seed(seed)
     with quiet_transformers(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(config)
+        model = from_config(config)
     return model.eval()
 
 
 def build(descriptor, config, block_configs=None, device: str = "cpu", seed: int = 0) -> nn.Module:
     """The causal LM of `config` built through the descriptor's patcher."""
-    from transformers import AutoModelForCausalLM
-
     from puzzletron_runtime import deci_x_patcher
+    from puzzletron_runtime.loading import from_config
 
     torch.manual_seed(seed)
     with quiet_transformers(), torch.device(device), deci_x_patcher(descriptor, block_configs):
-        model = AutoModelForCausalLM.from_config(config)
+        model = from_config(config)
     return model.eval()
 
 
@@ -121,6 +120,13 @@ def call_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         return kwargs["hidden_states"]
     return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def replace_call_input(args: tuple, kwargs: dict, old: torch.Tensor, new: torch.Tensor):
+    """(args, kwargs) of a call with its hidden-states input `old` replaced by `new`."""
+    args = tuple(new if a is old else a for a in args)
+    kwargs = {k: (new if v is old else v) for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def replace_first(output: Any, tensor: torch.Tensor) -> Any:

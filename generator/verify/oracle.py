@@ -31,6 +31,7 @@ from torch import nn
 
 from .models import (
     call_input,
+    replace_call_input,
     layer_change_fails,
     first_tensor,
     hooks,
@@ -460,22 +461,100 @@ class Reference:
         return found
 
     def roles_cores(self, i: int) -> dict[str, str]:
-        """Only the cores (computing them does not need the zeroing hooks)."""
+        """Only the cores (computing them does not need the zeroing hooks). A core is the
+        attention (the token mixer) when its output at later positions changes with its input
+        at the first position; position-wise it is the FFN. A core whose call gives no such
+        answer is told by the context it receives (a cache, positions, a mask)."""
         if i not in self._cores:
             layer = self.layer(i)
             context: dict[str, bool] = {}
             handles = []
-            for name, child in layer.named_children():
-                if _params(child) and _is_core(child):
+            cores = [(n, c) for n, c in layer.named_children() if _params(c) and _is_core(c)]
+            # a child with matrices whose output another one reads (AXK2's gated input norm,
+            # feeding the attention) is part of a chain, not a core: the chain's last one is
+            feeds = self._feeding(cores)
+            cores = [(n, c) for n, c in cores if n not in feeds]
+            for name, child in cores:
 
-                    def pre(_m, args, kwargs, name=name):
-                        context[name] = context.get(name, False) or _has_context(args, kwargs)
+                def pre(_m, args, kwargs, name=name):
+                    context[name] = context.get(name, False) or _has_context(args, kwargs)
 
-                    handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
             with hooks(*handles):
                 logits(self.model, self.input_ids)
-            self._cores[i] = {n: ("attention" if c else "ffn") for n, c in context.items()}
+            out = {}
+            for name, child in cores:
+                if name not in context:
+                    continue
+                mixes = self._mixes_tokens(child)
+                out[name] = "attention" if (context[name] if mixes is None else mixes) else "ffn"
+            self._cores[i] = out
         return self._cores[i]
+
+    def _feeding(self, children: list[tuple[str, nn.Module]]) -> set[str]:
+        """The children among `children` whose output another one is called on as it is (a
+        chain of modules with matrices: AXK2's gated input norm, then the attention)."""
+        if len(children) < 2:
+            return set()
+        ins: dict[str, torch.Tensor] = {}
+        outs: dict[str, torch.Tensor] = {}
+        handles = []
+        for name, child in children:
+
+            def pre(_m, args, kwargs, name=name):
+                x = call_input(args, kwargs)
+                if x is not None and name not in ins:
+                    ins[name] = x.detach().clone()
+
+            def post(_m, _a, _k, output, name=name):
+                t = first_tensor(output)
+                if t is not None and name not in outs:
+                    outs[name] = t.detach().clone()
+
+            handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(child.register_forward_hook(post, with_kwargs=True))
+        with hooks(*handles):
+            logits(self.model, self.input_ids)
+        return {
+            a
+            for a, out in outs.items()
+            if any(b != a and x.shape == out.shape and torch.equal(x, out) for b, x in ins.items())
+        }
+
+    def _mixes_tokens(self, core: nn.Module) -> bool | None:
+        """Does `core`'s output at positions after the first change when its input at the
+        first position does? None when its input or output is not a sequence of vectors."""
+        outs: list[torch.Tensor] = []
+
+        def keep(_m, _a, _k, output):
+            t = first_tensor(output)
+            outs.append(t.detach().clone() if t is not None else None)
+
+        def shift_first(_m, args, kwargs):
+            x = call_input(args, kwargs)
+            if x is None or x.dim() != 3 or x.shape[1] < 2 or not x.is_floating_point():
+                return None
+            shifted = x.clone()
+            shifted[:, 0] += 1.0
+            return replace_call_input(args, kwargs, x, shifted)
+
+        with hooks(core.register_forward_hook(keep, with_kwargs=True)):
+            logits(self.model, self.input_ids)
+        with hooks(
+            core.register_forward_pre_hook(shift_first, with_kwargs=True),
+            core.register_forward_hook(keep, with_kwargs=True),
+        ):
+            logits(self.model, self.input_ids)
+        if len(outs) < 2 or outs[0] is None or outs[-1] is None:
+            return None
+        base, moved = outs[0], outs[len(outs) // 2]
+        if base.shape != moved.shape or base.dim() != 3 or base.shape[1] < 2:
+            return None
+        if torch.equal(base[:, 0], moved[:, 0]):
+            return None  # the shifted input did not reach it: no answer
+        # a tolerance: experts batched by routing may round other tokens differently when one
+        # token's route moves; a token mixer moves them by far more
+        return not torch.allclose(base[:, 1:], moved[:, 1:], rtol=1e-4, atol=1e-5)
 
     # -- sizes ----------------------------------------------------------------------------------
     @cached_property
@@ -542,6 +621,8 @@ class Reference:
             changed = self._changed(base, {name: value // 2})
             if not changed or not changed <= allowed["ffn"]:
                 continue
+            if not self._verbatim(base, {name: value // 2}, changed, value // 2):
+                continue  # the model transforms it (halves, rounds): not a width to write
             layers = {self._first_layer({t}) for t in changed}
             if changed & expert_tensors:
                 size = "ffn.moe.expert_intermediate_dim"
@@ -556,11 +637,24 @@ class Reference:
                 continue  # dense layers and shared experts at once: no one size
             if size not in found and self._per_layer(layer, {name: value // 2}):
                 found[size] = SizeField(size, "ffn", name, value, value // 2, layer)
-        if "ffn.intermediate_size" not in found and not expert_tensors:
-            other = self._other_width_field(base, allowed["ffn"])
+        dense = {t for t in allowed["ffn"] if self._first_layer({t}) not in moe_layers}
+        if "ffn.intermediate_size" not in found and dense:
+            # a dense width under a name the table lacks (CTRL's `dff`; MiniMax-M3's
+            # dense_intermediate_size for its dense layers beside the expert ones)
+            other = self._other_width_field(base, dense)
             if other is not None:
                 found["ffn.intermediate_size"] = other
         return found
+
+    def _verbatim(self, base: dict, changes: dict[str, Any], changed: set[str], value) -> bool:
+        """Whether the model builds the width it is given: some changed tensor has `value` at
+        a dimension the change moved (RecurrentGemma halves intermediate_size first)."""
+        resized = self.meta_shapes(self.with_fields(changes))
+        for name in changed:
+            old, new = base.get(name, ()), resized.get(name, ())
+            if len(old) == len(new) and any(a != b and b == value for a, b in zip(old, new)):
+                return True
+        return False
 
     def _per_layer(self, layer: int, changes: dict[str, Any]) -> bool:
         """A size is a block-config size only if one layer can have another value: the model
@@ -574,7 +668,7 @@ class Reference:
     def _other_width_field(self, base: dict, allowed: set[str]) -> SizeField | None:
         """An FFN width under a name the table does not list (CTRL's `dff`): an int field
         whose halving resizes only FFN tensors, to that very number."""
-        listed = {f for fields in SIZE_FIELDS.values() for f in fields}
+        listed = {f for fields in SIZE_FIELDS.values() for f in fields} | set(WIDTH_FIELDS)
         for name, value in sorted(self.text.to_dict().items()):
             if name in listed or not isinstance(value, int) or isinstance(value, bool):
                 continue
@@ -589,7 +683,7 @@ class Reference:
             if (
                 changed
                 and changed <= allowed
-                and any(smaller in resized.get(k, ()) for k in changed)
+                and self._verbatim(base, {name: smaller}, changed, smaller)
             ):
                 layer = min(i for i in range(self.num_layers) if under(changed, self.layer_path(i)))
                 return SizeField("ffn.intermediate_size", "ffn", name, value, smaller, layer)
