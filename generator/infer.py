@@ -178,14 +178,14 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     # projector) that a text-only forward never runs gets a group of its own; one that runs
     # beside the base model (ModernBERT-decoder's prediction head before its decoder) runs on
     # the base model's output, like the LM head
-    called = probe.called_modules()
     encoders: list[str] = []
     for path, child in _outside_language_model(probe.model, owner_path):
         if any(p == path or p.startswith(path + ".") for p in embeddings + lm_head):
             continue
         if not _has_params(child):
             continue
-        if path not in called:
+        # asked only here: a static build (parsed code) cannot run a forward to tell
+        if path not in probe.called_modules(path):
             encoders.append(path)
             ctx.fact(
                 f"{path} (outside the language model)",

@@ -244,8 +244,9 @@ class Probe:
                 h.remove()
         return frozenset(seen)
 
-    def called_modules(self) -> frozenset[str]:
-        """Paths of the modules a text-only forward of the tiny model calls."""
+    def called_modules(self, asking: str = "") -> frozenset[str]:
+        """Paths of the modules a text-only forward of the tiny model calls (`asking`: the module
+        whose group depends on it, for StaticProbe's refusal)."""
         return self._called
 
     def checkpoint_names(self, model: nn.Module) -> dict[str, str]:

@@ -490,6 +490,15 @@ class StaticProbe(Probe):
             out[name] = CallTrace(1, size)
         return out
 
+    def called_modules(self, asking: str = "") -> frozenset[str]:
+        """A module beside the language model is grouped by whether a text-only forward calls it
+        (an encoder of another modality, or a head): that needs the forward run."""
+        raise gap(
+            f"the weight group of {asking or 'a module beside the language model'}",
+            "it sits beside the language model, and whether a text-only forward calls it (an "
+            "encoder of another modality) or not needs the code run: pass --trust-remote-code",
+        )
+
     # -- buffers ----------------------------------------------------------------------------
     def static_buffers(self, ctx) -> list[RebuiltBuffers]:
         """Buffers a meta build leaves empty: those not in the checkpoint (registered outside the
