@@ -4,14 +4,19 @@ checkpoint's files is imported while generating (marker files prove it); the des
 test imports the code with trust_remote_code, verifies against that very model; and a model whose
 code the parse cannot decide stops with one line naming the fact."""
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
+import filelock
 import pytest
-from checkpoint_fixtures import save_custom, save_ported
+from checkpoint_fixtures import save_custom, save_ported, save_ported_type
 
 from generator import cli
 from generator.spec import IMPORTED_ORIGIN, STATIC_ORIGIN, DescriptorSpec
@@ -23,7 +28,8 @@ MODEL = {"ported": ("mini", "Mini", "modeling_mini"), "toy": ("toy_lm", "Toy", "
 
 
 def _env(tmp: Path) -> dict:
-    return {**os.environ, "HF_MODULES_CACHE": str(tmp / "hf_modules")}
+    # one torch thread: the subprocess shares the cores with the other xdist worker
+    return {**os.environ, "HF_MODULES_CACHE": str(tmp / "hf_modules"), "OMP_NUM_THREADS": "1"}
 
 
 def _run(tmp: Path, *args) -> subprocess.CompletedProcess:
@@ -32,16 +38,55 @@ def _run(tmp: Path, *args) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module", params=sorted(FIXTURES))
-def generated(request, tmp_path_factory):
-    """(checkpoint, marker dir, output dir, kind): generated without the flag, in this process."""
-    tmp = tmp_path_factory.mktemp(request.param)
-    marker = tmp / "marker"
+def _on(*kinds):
+    return pytest.mark.parametrize("generated", kinds, indirect=True)
+
+
+BOTH, PORTED = _on(*sorted(FIXTURES)), _on("ported")
+
+
+class Generated(NamedTuple):
+    ckpt: Path
+    marker: Path  # where importing the code leaves files: stays empty
+    out: Path
+    kind: str
+    spec: DescriptorSpec  # `inspect --json` without the flag
+
+
+@pytest.fixture(scope="module")
+def generated(request, tmp_path_factory) -> Generated:
+    """Generated without the flag, once per test session: xdist's workers share it through a
+    lock (pytest-xdist's recipe for once-only fixtures), and the tests only read it; a test
+    that imports the code or edits a file works on its own copy (`_copy`)."""
+    kind = request.param
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the session's workers
+    base = root / f"static-{kind}"
+    with filelock.FileLock(f"{base}.lock"):
+        done = base / "inspect.json"
+        if not done.exists():
+            (base / "marker").mkdir(parents=True)
+            ckpt = FIXTURES[kind](base / kind, base / "marker")
+            assert cli.main(["generate", str(ckpt), "--out", str(base / "out")]) == 0
+            text = io.StringIO()
+            with contextlib.redirect_stdout(text):
+                assert cli.main(["inspect", str(ckpt), "--json"]) == 0
+            done.write_text(text.getvalue())
+    spec = DescriptorSpec.from_json(done.read_text())
+    return Generated(base / kind, base / "marker", base / "out", kind, spec)
+
+
+def _copy(generated: Generated, tmp: Path) -> tuple[Path, Path, Path]:
+    """(checkpoint, marker dir, output dir) of a private copy: its code files touch its own
+    marker dir."""
+    ckpt, marker, out = tmp / generated.kind, tmp / "marker", tmp / "out"
+    shutil.copytree(generated.ckpt, ckpt)
+    shutil.copytree(generated.out, out)
     marker.mkdir()
-    ckpt = FIXTURES[request.param](tmp / request.param, marker)
-    out = tmp / "out"
-    assert cli.main(["generate", str(ckpt), "--out", str(out)]) == 0
-    return ckpt, marker, out, request.param
+    for code in ckpt.glob("*.py"):
+        code.write_text(code.read_text().replace(repr(str(generated.marker)), repr(str(marker))))
+    return ckpt, marker, out
 
 
 def _descriptor_path(out: Path, kind: str) -> Path:
@@ -49,8 +94,9 @@ def _descriptor_path(out: Path, kind: str) -> Path:
     return out / model_type / f"{model_type}_model_descriptor.py"
 
 
+@BOTH
 def test_generated_without_the_flag_and_nothing_imported(generated):
-    ckpt, marker, out, kind = generated
+    ckpt, marker, out, kind, _ = generated
     model_type, prefix, module = MODEL[kind]
     assert list(marker.iterdir()) == []  # neither configuration_*.py nor modeling_*.py ran
     assert not [m for m in sys.modules if module in m]
@@ -64,11 +110,43 @@ def test_generated_without_the_flag_and_nothing_imported(generated):
     assert f'return _remote_class("{module}", "{prefix}DecoderLayer")' in text
 
 
-def test_inspect_says_which_evidence_is_static(generated, capsys):
-    ckpt, marker, _, _ = generated
-    capsys.readouterr()
-    assert cli.main(["inspect", str(ckpt), "--json"]) == 0
-    spec = DescriptorSpec.from_json(capsys.readouterr().out)
+IMPORTED = """
+import contextlib, importlib.util, io, sys
+from pathlib import Path
+from generator import cli
+
+ckpt, out, spec_path, descriptor, class_name = sys.argv[1:6]
+text = io.StringIO()
+with contextlib.redirect_stdout(text):
+    code = cli.main(["inspect", ckpt, "--json", "--trust-remote-code"])
+assert code == 0, code
+Path(spec_path).write_text(text.getvalue())
+if descriptor == "-":
+    raise SystemExit(0)
+# verify PATH: the checkpoint's tensors through the descriptor against from_pretrained
+print("verify exit", cli.main(["verify", ckpt, "--trust-remote-code", "--out", out]), flush=True)
+
+from transformers import AutoConfig, AutoModelForCausalLM
+from puzzletron_runtime import ModelDescriptorFactory
+from generator.verify import verify_descriptor
+
+config = AutoConfig.from_pretrained(ckpt, trust_remote_code=True, local_files_only=True)
+model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True, local_files_only=True)
+# the oracle builds tiny models with AutoModelForCausalLM.from_config: register the imported classes
+AutoConfig.register(config.model_type, type(config), exist_ok=True)
+AutoModelForCausalLM.register(type(config), type(model), exist_ok=True)
+spec = importlib.util.spec_from_file_location("static_descriptor", descriptor)
+module = importlib.util.module_from_spec(spec)
+with ModelDescriptorFactory.scratch():
+    spec.loader.exec_module(module)
+for check in verify_descriptor(getattr(module, class_name), type(config)):
+    print("ok" if check.ok else "FAIL", check.name, " ".join(check.detail.split()), sep="\t")
+"""
+
+
+@BOTH
+def test_inspect_says_which_evidence_is_static(generated):
+    _, marker, _, _, spec = generated
     assert spec.code_origin == STATIC_ORIGIN and spec.requires_trust_remote_code is True
     assert spec.modeling_module.startswith("transformers_modules.")
     evidence = [e for f in spec.facts for e in f.evidence]
@@ -80,23 +158,21 @@ def test_inspect_says_which_evidence_is_static(generated, capsys):
     assert list(marker.iterdir()) == []
 
 
+@PORTED
 def test_check_regenerates_without_importing(generated, capsys):
-    ckpt, marker, out, kind = generated
+    """`check` regenerates the files byte for byte from the checkpoint the header names, without
+    the flag and so without importing (that check finds an edited file: test_checkpoint_dir.py)."""
+    _, marker, out, _, _ = generated
     capsys.readouterr()
-    assert cli.main(["check", "--out", str(out)]) == 0
+    assert cli.main(["check", "--out", str(out)]) == 0, capsys.readouterr().err
+    files = len([p for p in out.rglob("*") if p.is_file()])
+    assert f"puzzle-gen check: {files} file(s) up to date" in capsys.readouterr().err
     assert list(marker.iterdir()) == []
-    path = _descriptor_path(out, kind)
-    saved = path.read_text()
-    path.write_text(saved.replace("a static build confirmed", "Edited"))
-    try:
-        assert cli.main(["check", "--out", str(out)]) == 1
-        assert f"out of date: {path}" in capsys.readouterr().err
-    finally:
-        path.write_text(saved)
 
 
+@BOTH
 def test_verify_needs_the_flag_to_import_the_code(generated, capsys):
-    ckpt, marker, out, _ = generated
+    ckpt, marker, out, _, _ = generated
     capsys.readouterr()
     assert cli.main(["verify", str(ckpt), "--out", str(out)]) == 1
     err = capsys.readouterr().err.splitlines()[-1]
@@ -105,72 +181,131 @@ def test_verify_needs_the_flag_to_import_the_code(generated, capsys):
     assert list(marker.iterdir()) == []
 
 
-def test_static_build_infers_what_importing_the_code_infers(generated, tmp_path, capsys):
-    ckpt, marker, _, _ = generated
-    capsys.readouterr()
-    assert cli.main(["inspect", str(ckpt), "--json"]) == 0
-    static = DescriptorSpec.from_json(capsys.readouterr().out)
-    run = _run(tmp_path, "-m", "generator.cli", "inspect", str(ckpt), "--json",
-               "--trust-remote-code")  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    imported = DescriptorSpec.from_json(run.stdout)
+@BOTH
+def test_importing_the_code_infers_the_same_and_the_descriptor_verifies(generated, tmp_path):
+    """One process imports the checkpoint's code (trust_remote_code; one, as it is the slow
+    part): its `inspect --json` has the facts the static build inferred. For the self-contained
+    port, the descriptor generated without the flag then passes `verify PATH` (the checkpoint's
+    weights through it give from_pretrained's logits) and every check of the oracle against the
+    imported model; the toy's classes are transformers' Llama, verified with the flag in
+    test_checkpoint_dir.py."""
+    ckpt, marker, out = _copy(generated, tmp_path)  # importing it touches the copy's marker
+    kind, static = generated.kind, generated.spec
+    descriptor = ["-", "-"]
+    if kind == "ported":
+        descriptor = [str(_descriptor_path(out, kind)), f"{MODEL[kind][1]}ModelDescriptor"]
+    spec_path = tmp_path / "imported.json"
+    run = _run(tmp_path, "-c", IMPORTED, str(ckpt), str(out), str(spec_path), *descriptor)
+    # the flag imports the code (the test's process); generating without it did not
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in marker.iterdir()) == [
+        "configuration_imported",
+        "modeling_imported",
+    ]
+    assert list(generated.marker.iterdir()) == []
+
+    imported = DescriptorSpec.from_json(spec_path.read_text())
     assert imported.code_origin == IMPORTED_ORIGIN
     assert rendered_facts(static) == rendered_facts(imported)
     assert static.fact("attention override").value == (
         "config.num_key_value_heads <- block_config.attention.num_key_value_heads"
     )
-
-
-VERIFY_ORACLE = """
-import importlib.util, sys
-from transformers import AutoConfig, AutoModelForCausalLM
-from puzzletron_runtime import ModelDescriptorFactory
-from generator.verify import verify_descriptor
-
-ckpt, path, class_name = sys.argv[1:4]
-config = AutoConfig.from_pretrained(ckpt, trust_remote_code=True, local_files_only=True)
-model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True, local_files_only=True)
-# the oracle builds tiny models with AutoModelForCausalLM.from_config: register the imported classes
-AutoConfig.register(config.model_type, type(config), exist_ok=True)
-AutoModelForCausalLM.register(type(config), type(model), exist_ok=True)
-spec = importlib.util.spec_from_file_location("static_descriptor", path)
-module = importlib.util.module_from_spec(spec)
-with ModelDescriptorFactory.scratch():
-    spec.loader.exec_module(module)
-for check in verify_descriptor(getattr(module, class_name), type(config)):
-    print("ok" if check.ok else "FAIL", check.name, " ".join(check.detail.split()), sep="\t")
-"""
-
-
-def test_descriptor_verifies_against_the_imported_model(generated, tmp_path):
-    """After generation, the test imports the checkpoint's code (trust_remote_code): the
-    checkpoint's weights through the descriptor give from_pretrained's logits, and every check
-    of the oracle passes against the imported model."""
-    ckpt, marker, out, kind = generated
-    run = _run(tmp_path, "-m", "generator.cli", "verify", str(ckpt), "--trust-remote-code",
-               "--out", str(out))  # fmt: skip
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "ok   checkpoint partition: 30 tensors, each in exactly one group" in run.stdout
-    assert "ok   trust_remote_code: requires_trust_remote_code() is True" in run.stdout
+    if kind != "ported":
+        return
+    verify, _, oracle = run.stdout.partition("verify exit 0\n")
+    assert "ok   checkpoint partition: 30 tensors, each in exactly one group" in verify
+    assert "ok   trust_remote_code: requires_trust_remote_code() is True" in verify
     assert "ok   load through the descriptor: logits [1, 16, 128] identical to from_pretrained" in (
-        run.stdout
+        verify
     )
-    prefix = MODEL[kind][1]
-    oracle = _run(tmp_path, "-c", VERIFY_ORACLE, str(ckpt), str(_descriptor_path(out, kind)),
-                  f"{prefix}ModelDescriptor")  # fmt: skip
-    assert oracle.returncode == 0, oracle.stderr
-    results = [line.split("\t") for line in oracle.stdout.splitlines()]
-    assert [(ok, name) for ok, name, _ in results] == [
+    rows = [line.split("\t") for line in oracle.splitlines()]
+    assert [(ok, name) for ok, name, _ in rows] == [
         ("ok", "names"), ("ok", "identity"), ("ok", "weight groups"), ("ok", "overrides"),
         ("ok", "no-ops"), ("ok", "sharded stages"), ("ok", "heterogeneous round trip"),
-    ], oracle.stdout  # fmt: skip
-    # the test imported the code; generating did not
-    assert sorted(p.name for p in marker.iterdir()) == [
-        "configuration_imported",
-        "modeling_imported",
-    ]
-    for p in marker.iterdir():
-        p.unlink()
+    ], oracle  # fmt: skip
+
+
+# -- the checkpoint's own tensor names ---------------------------------------------------------------
+def _add_tensors(ckpt: Path, extra: dict) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    save_file({**tensors, **extra}, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_the_groups_partition_the_checkpoints_own_names(tmp_path):
+    """Without the flag, the descriptor's groups cover every tensor the safetensors header names,
+    each once, including the per-layer inv_freq older conversions add (which the parsed code does
+    not build as a persistent tensor)."""
+    import torch
+    from test_checkpoint_dir import load_descriptor
+
+    from generator.checkpoint import Checkpoint
+
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    ckpt = save_ported(tmp_path / "mini", marker)
+    _add_tensors(ckpt, {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(6)
+                        for i in range(3)})  # fmt: skip
+    out = tmp_path / "out"
+    assert cli.main(["generate", str(ckpt), "--out", str(out)]) == 0
+    descriptor = load_descriptor(out / "mini" / "mini_model_descriptor.py").MiniModelDescriptor
+    names = list(Checkpoint(ckpt).tensors)
+    assert len(names) == 30 + 3
+    groups = descriptor.get_weight_groups(names, 3)
+    placed = [n for members in groups.values() for n in members]
+    assert sorted(placed) == sorted(names)  # every name, none twice
+    assert "model.layers.1.self_attn.rotary_emb.inv_freq" in groups["block_1_attention"]
+    assert "model.layers.2.mlp.down_proj.weight" in groups["block_2_ffn"]
+    assert list(marker.iterdir()) == []
+
+
+def test_a_moe_model_as_checkpoint_code_generates_without_the_flag(tmp_path):
+    """Mixtral's code as a checkpoint's own (experts, a router): generated from the parse, its
+    groups partition the header's names, and the experts and the router go with the FFN."""
+    from test_checkpoint_dir import load_descriptor
+
+    from generator.checkpoint import Checkpoint
+
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    ckpt = save_ported_type(tmp_path / "moe", marker, "mixtral")
+    config = json.loads((ckpt / "config.json").read_text())
+    out = tmp_path / "out"
+    assert cli.main(["generate", str(ckpt), "--out", str(out)]) == 0
+    assert list(marker.iterdir()) == []
+    assert not [m for m in sys.modules if "modeling_ported" in m]
+    path = out / "ported_mixtral" / "ported_mixtral_model_descriptor.py"
+    assert "parsed with libcst and never imported" in path.read_text()
+    descriptor = load_descriptor(path).MixtralModelDescriptor
+    layers = config["num_hidden_layers"]
+    names = list(Checkpoint(ckpt).tensors)
+    groups = descriptor.get_weight_groups(names, layers)
+    placed = [n for members in groups.values() for n in members]
+    assert sorted(placed) == sorted(names)  # every name, none twice
+    ffn = [n for n in names if n.startswith("model.layers.0.mlp.")]
+    assert ffn and set(ffn) <= set(groups["block_0_ffn"]), groups["block_0_ffn"]
+    assert list(marker.iterdir()) == []
+
+
+def test_tensors_no_group_takes_are_named_one_by_one(tmp_path, capsys):
+    import torch
+
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    ckpt = save_ported(tmp_path / "mini", marker)
+    _add_tensors(ckpt, {"model.extra_proj.weight": torch.ones(2),
+                        "model.layers.1.mystery.weight": torch.ones(2)})  # fmt: skip
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(["generate", str(ckpt), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert "(2 wrong)" in err[-1], err[-1]
+    assert "model.extra_proj.weight in no group" in err[-1]
+    assert "model.layers.1.mystery.weight in no group" in err[-1]
+    assert not out.exists()
+    assert list(marker.iterdir()) == []
 
 
 # -- what the static build cannot decide ------------------------------------------------------------
@@ -248,6 +383,36 @@ def test_what_the_parse_cannot_decide_is_one_line(case, tmp_path, capsys):
     assert list(marker.iterdir()) == []
 
 
+def test_a_module_beside_the_language_model_is_refused_without_running_it(tmp_path, capsys):
+    """A weighted module beside the base model (a vision tower) is grouped by whether a
+    text-only forward calls it: that needs the code run, so the parse refuses, naming it."""
+    import torch
+
+    marker = tmp_path / "marker"
+    marker.mkdir()
+
+    def with_a_tower(src: str) -> str:
+        return src.replace(
+            "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n",
+            "        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)\n"
+            "        self.vision_tower = nn.Linear(4, config.hidden_size)\n",
+            1,
+        )
+
+    ckpt = save_ported(tmp_path / "mini", marker, edit=with_a_tower)
+    _add_tensors(ckpt, {"vision_tower.weight": torch.ones(48, 4),
+                        "vision_tower.bias": torch.ones(48)})  # fmt: skip
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(["generate", str(ckpt), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("puzzle-gen: cannot infer the weight group of vision_tower: "), err
+    assert "--trust-remote-code" in err[-1]
+    assert not out.exists()
+    assert list(marker.iterdir()) == []
+
+
 def test_inspect_reports_the_parse_and_the_fact_that_stopped_it(tmp_path, capsys):
     marker = tmp_path / "marker"
     marker.mkdir()
@@ -288,7 +453,7 @@ def test_a_config_that_contradicts_the_parsed_shapes_is_refused(tmp_path, capsys
 
 
 # -- what the interpretation never calls ------------------------------------------------------------
-HELPER = '''
+HELPER = """
 from pathlib import Path
 
 Path({marker!r}, "helper_imported").touch()
@@ -299,7 +464,7 @@ import torch
 class MiniAct(torch.nn.Module):
     def forward(self, x):
         return x
-'''
+"""
 
 
 def test_a_library_loader_in_the_code_is_not_called(tmp_path, capsys):
