@@ -227,13 +227,23 @@ def test_importing_the_code_infers_the_same_and_the_descriptor_verifies(generate
 
 # -- the checkpoint's own tensor names ---------------------------------------------------------------
 def _add_tensors(ckpt: Path, extra: dict) -> None:
+    """Tensors the code does not build, added to model.safetensors, or for a sharded checkpoint
+    in a shard of their own that the index names."""
     from safetensors.torch import load_file, save_file
 
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        save_file(extra, str(ckpt / "model-extra.safetensors"), metadata={"format": "pt"})
+        data = json.loads(index.read_text())
+        data["weight_map"].update({name: "model-extra.safetensors" for name in extra})
+        index.write_text(json.dumps(data))
+        return
     tensors = load_file(ckpt / "model.safetensors")
     save_file({**tensors, **extra}, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
 
 
-def test_the_groups_partition_the_checkpoints_own_names(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_the_groups_partition_the_checkpoints_own_names(sharded, tmp_path):
     """Without the flag, the descriptor's groups cover every tensor the safetensors header names,
     each once, including the per-layer inv_freq older conversions add (which the parsed code does
     not build as a persistent tensor)."""
@@ -244,7 +254,8 @@ def test_the_groups_partition_the_checkpoints_own_names(tmp_path):
 
     marker = tmp_path / "marker"
     marker.mkdir()
-    ckpt = save_ported(tmp_path / "mini", marker)
+    ckpt = save_ported(tmp_path / "mini", marker, sharded=sharded)
+    assert (ckpt / "model.safetensors.index.json").exists() == sharded
     _add_tensors(ckpt, {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(6)
                         for i in range(3)})  # fmt: skip
     out = tmp_path / "out"
