@@ -278,8 +278,16 @@ def _listed(items: list[str], sep: str = ", ") -> str:
 
 def origin_fields(source) -> dict[str, Any]:
     """DescriptorSpec fields that record where the code came from."""
+    from .spec import IMPORTED_ORIGIN, STATIC_ORIGIN
+
     if source.trust_remote_code:
-        origin = "the checkpoint's own code, imported with --trust-remote-code"
+        origin = IMPORTED_ORIGIN
+    elif getattr(source, "static", None) is not None:  # loading it still needs its code
+        return dict(
+            requires_trust_remote_code=True,
+            code_origin=STATIC_ORIGIN,
+            source_argument=source.argument,
+        )
     elif source.custom_code is not None:
         origin = "transformers (the checkpoint's own code was parsed, not imported)"
     else:

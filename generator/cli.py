@@ -321,14 +321,16 @@ def _check_targets(out_dir: Path, manifest, trust_remote_code: bool = False) -> 
 
 
 def cmd_inspect(args) -> int:
+    from .errors import InferenceError
     from .infer import infer
-    from .source import CustomCodeNotTrusted
 
+    (target,) = _targets([args.model_type], args.trust_remote_code)
     try:
-        (target,) = _targets([args.model_type], args.trust_remote_code)
-    except CustomCodeNotTrusted as exc:
-        return _inspect_parsed_only(exc, args.json)
-    spec = infer(target)
+        spec = infer(target)
+    except InferenceError as exc:
+        if getattr(target, "static", None) is None:
+            raise
+        return _inspect_parsed_only(target, exc, args.json)
     if args.json:
         print(spec.to_json())
         return 0
@@ -336,16 +338,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _inspect_parsed_only(exc, as_json: bool) -> int:
-    """`inspect PATH` of custom code without --trust-remote-code: what the parse and the
-    safetensors headers show, and why no descriptor can be inferred from that alone."""
+def _inspect_parsed_only(target, exc, as_json: bool) -> int:
+    """`inspect PATH` of custom code without --trust-remote-code whose static build cannot
+    describe it: what the parse and the safetensors headers show, and the fact that stopped it."""
     import json
 
     from .checkpoint import show
     from .probe import probe_headers
     from .source import find_list_construction
 
-    ckpt, custom = exc.checkpoint, exc.custom
+    ckpt, custom = target.checkpoint, target.custom_code
     headers = probe_headers(ckpt)
     stack_attr = headers.layer_stack.rpartition(".")[2]
     static = find_list_construction(custom, stack_attr)
@@ -381,11 +383,11 @@ def _inspect_parsed_only(exc, as_json: bool) -> int:
             lines.append(f"    {show(name)}  {list(shape)}")
         print("\n".join(lines))
     print(
-        "puzzle-gen: which subblock each layer child belongs to comes from the layer's forward; "
-        "pass --trust-remote-code to import the code and infer a descriptor",
+        f"puzzle-gen: {_one_line(exc)}; the report above is what the parse and the headers show "
+        "(--trust-remote-code imports the code to probe it)",
         file=sys.stderr,
     )
-    return 0
+    return exc.exit_code
 
 
 def format_spec(spec) -> str:
@@ -454,6 +456,13 @@ def cmd_verify(args) -> int:
 def _verify_checkpoint(target, out: Path) -> int:
     """verify PATH: the descriptor against the checkpoint's own tensors and weights."""
     from .verify_checkpoint import verify_checkpoint
+
+    if getattr(target, "static", None) is not None:
+        raise PuzzleGenError(
+            f"{target.argument}: verify compares the descriptor with the model transformers "
+            "builds from the checkpoint's own code, which is only parsed without "
+            "--trust-remote-code; pass it to import the code (generate did not need it)"
+        )
 
     _progress(f"{target.argument}: verifying the descriptor against the checkpoint")
     checks = verify_checkpoint(target, out)

@@ -45,3 +45,10 @@ class ProbeMismatch(InferenceError):
         super().__init__(fact, f"static analysis says {static}, but the probe finds {probed}")
         self.static = static
         self.probed = probed
+
+
+class StaticGap(InferenceError):
+    """A static build of parsed code (a checkpoint's own code, never imported) does not decide
+    something a descriptor needs: a condition on a value config.json lacks, a class picked at run
+    time, a shape computed by code that is not read. Never a model rejecting its config: where a
+    real build's failure means "this config is not taken", a StaticGap still stops inference."""

@@ -67,7 +67,10 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
 
     source = model_type if isinstance(model_type, ModelSource) else resolve(model_type)
     model_type = source.model_type
-    ctx = _Context(source, SourceIndex(display=source.relpath), Probe(source), [])
+    if source.static is not None:  # parsed code, never imported: its static build
+        ctx = _Context(source, source.static.index, source.static.probe(source), [])
+    else:
+        ctx = _Context(source, SourceIndex(display=source.relpath), Probe(source), [])
     probe = ctx.probe
 
     stack_path, stack_at, layer_classes = _layer_stack(ctx)
@@ -175,14 +178,14 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     # projector) that a text-only forward never runs gets a group of its own; one that runs
     # beside the base model (ModernBERT-decoder's prediction head before its decoder) runs on
     # the base model's output, like the LM head
-    called = probe.called_modules()
     encoders: list[str] = []
     for path, child in _outside_language_model(probe.model, owner_path):
         if any(p == path or p.startswith(path + ".") for p in embeddings + lm_head):
             continue
         if not _has_params(child):
             continue
-        if path not in called:
+        # asked only here: a static build (parsed code) cannot run a forward to tell
+        if path not in probe.called_modules(path):
             encoders.append(path)
             ctx.fact(
                 f"{path} (outside the language model)",
@@ -259,9 +262,9 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     if source.checkpoint is not None:
         check_checkpoint(source.checkpoint, preds, probe)
 
-    buffers = _rebuilt_buffers(ctx, tiny)
+    buffers = probe.static_buffers(ctx) if probe.is_static else _rebuilt_buffers(ctx, tiny)
     causal = source.causal_lm_cls
-    return DescriptorSpec(
+    spec = DescriptorSpec(
         model_type=model_type,
         package=_package_name(model_type),
         class_name=_class_name(causal.__name__),
@@ -289,6 +292,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         config_variants=tuple(variants),
         **origin_fields(source),
     )
+    return probe.restate(spec)
 
 
 # -- layer stack ------------------------------------------------------------------------------
@@ -679,7 +683,7 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) ->
         ctx.fact(
             f"{name} returns",
             f"a tuple of {size}" if size else "a tensor",
-            [flow.sites[name], "probe: a traced forward of a tiny model agrees"],
+            [flow.sites[name], ctx.probe.trace_evidence],
         )
     return Subblock(kind, tuple(replacements), weight_modules, tuple(sb.joins), tuple(sb.evidence))
 

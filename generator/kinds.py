@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import InferenceError
+from .errors import InferenceError, StaticGap
 from .spec import ClassRef, KindTest, is_identifier
 
 
@@ -103,6 +103,8 @@ def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -
             changes = {name: list(tiny_values[:-1]) + [value]}
             try:
                 tiny_stack = build(probe.tiny_config(**changes)).get_submodule(stack_path)
+            except StaticGap:
+                raise  # a static build that cannot tell (generator/static_build.py)
             except Exception:
                 continue  # a value this model does not take
             sig = signature(tiny_stack[len(tiny_stack) - 1])
@@ -112,6 +114,8 @@ def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -
             setattr(full.get_text_config(), name, list(full_values[:-1]) + [value])
             try:
                 full_stack = build(full).get_submodule(stack_path)
+            except StaticGap:
+                raise
             except Exception:
                 continue
             layer = full_stack[len(full_stack) - 1]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .analysis.layer_flow import ChildInfo
-from .errors import InferenceError
+from .errors import InferenceError, StaticGap
 from .source import ModelSource
 from .tiny import default_config, tiny_config, tiny_overrides
 
@@ -80,7 +80,16 @@ class CallTrace:
 
 class Probe:
     """The model of `source` built on the meta device: from the checkpoint's config when the
-    source is a checkpoint directory, else from the model type's default config."""
+    source is a checkpoint directory, else from the model type's default config.
+    (generator/static_probe.py's StaticProbe is the same interface for parsed code.)"""
+
+    is_static = False  # StaticProbe: a static build of parsed code, nothing run
+    trace_evidence = "probe: a traced forward of a tiny model agrees"
+
+    @staticmethod
+    def restate(spec):
+        """The spec as inference built it (StaticProbe says its evidence is a static build)."""
+        return spec
 
     def __init__(self, source: ModelSource):
         self.source = source
@@ -101,6 +110,8 @@ class Probe:
         self.text_config_attr = text_config_attr(self.config)
         try:
             self.model = build_model(source.causal_lm_cls, self.config)
+        except StaticGap:
+            raise  # a static build that cannot tell (generator/static_build.py)
         except Exception as exc:
             which = "the checkpoint's config" if source.config is not None else "its default config"
             raise InferenceError(
@@ -233,8 +244,9 @@ class Probe:
                 h.remove()
         return frozenset(seen)
 
-    def called_modules(self) -> frozenset[str]:
-        """Paths of the modules a text-only forward of the tiny model calls."""
+    def called_modules(self, asking: str = "") -> frozenset[str]:
+        """Paths of the modules a text-only forward of the tiny model calls (`asking`: the module
+        whose group depends on it, for StaticProbe's refusal)."""
         return self._called
 
     def checkpoint_names(self, model: nn.Module) -> dict[str, str]:

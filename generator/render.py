@@ -22,6 +22,8 @@ import jinja2
 from . import __version__
 from .errors import PuzzleGenError
 from .spec import (
+    IMPORTED_ORIGIN,
+    STATIC_ORIGIN,
     ClassRef,
     DescriptorSpec,
     SpecError,
@@ -112,8 +114,10 @@ def command_for(model_type: str, out: str | None, trust_remote_code: bool = Fals
 
 
 def spec_command(spec: DescriptorSpec, out: str | None) -> str:
+    # a static build of parsed code regenerates without the flag; loading the model still
+    # needs the code (requires_trust_remote_code), generating it did not
     return command_for(
-        spec.source_argument or spec.model_type, out, spec.requires_trust_remote_code
+        spec.source_argument or spec.model_type, out, spec.code_origin == IMPORTED_ORIGIN
     )
 
 
@@ -210,6 +214,7 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
                 v.module for v in spec.config_variants if v.group in ("attention", "ffn")
             ],
             layer_type=layer_type(spec),
+            static=spec.code_origin == STATIC_ORIGIN,
             remote_classes=[c for c in referenced_classes(spec) if is_remote(c)],
             top_groups=[
                 ("embeddings", spec.predicates.embeddings),

@@ -28,6 +28,9 @@ class ModelSource:
     custom_code: "CustomCode | None" = None  # the checkpoint's own modeling files (auto_map)
     trust_remote_code: bool = False  # custom code was imported (only with --trust-remote-code)
     argument: str | None = None  # what the user typed (regenerate commands repeat it)
+    # custom code parsed and never imported: the classes above are stand-ins of a static build
+    # (generator/static_probe.py); None for classes that were imported
+    static: Any = None
 
     def relpath(self, path: str | Path) -> str:
         """A path relative to the transformers package (stable across machines)."""
@@ -133,21 +136,6 @@ class CustomCode:
     files: tuple[Path, ...]  # every parsed .py file (the named ones and their relative imports)
 
 
-class CustomCodeNotTrusted(PuzzleGenError):
-    """A checkpoint whose model type only its own code defines, without --trust-remote-code:
-    the code was parsed (and so checked), never imported. `inspect` still reports what the
-    parse and the safetensors headers show."""
-
-    def __init__(self, checkpoint: Checkpoint, custom: CustomCode):
-        super().__init__(
-            f"{checkpoint.directory}: model type {checkpoint.model_type!r} comes with its own code "
-            f"({', '.join(p.name for p in custom.files)}), which was parsed but not run; "
-            "pass --trust-remote-code to import it for the probe"
-        )
-        self.checkpoint = checkpoint
-        self.custom = custom
-
-
 def find_list_construction(custom: CustomCode, attr: str) -> list[tuple[str, str, str | None]]:
     """Static evidence for a layer stack in the checkpoint's own code: every
     `self.<attr> = [nn.]ModuleList(...)` in a class's __init__, as (file:line, class, element
@@ -217,7 +205,8 @@ def resolve_target(arg: str, trust_remote_code: bool = False) -> ModelSource:
     A known model type wins over a directory of the same name unless the argument is spelled as
     a path (`./llama`). A checkpoint's config.json decides the model type and the config (its
     sizes, layer count, tied embeddings); its auto_map files are parsed with libcst and imported
-    only with `trust_remote_code`.
+    only with `trust_remote_code`. Without it, a model type only those files define is described
+    by a static build of the parsed code (generator/static_probe.py).
     """
     if not looks_like_path(arg) and arg in known_model_types():
         return resolve(arg)
@@ -248,8 +237,10 @@ def resolve_checkpoint(directory: Path, arg: str, trust_remote_code: bool) -> Mo
         if not isinstance(config, source.config_cls):  # the class is built from the text config
             config = config.get_text_config()
         return _with(source, config=config, checkpoint=ckpt, custom_code=custom, argument=arg)
-    if custom is not None:
-        raise CustomCodeNotTrusted(ckpt, custom)
+    if custom is not None:  # its own code, parsed and never imported: a static build
+        from .static_probe import static_source
+
+        return static_source(ckpt, custom, arg)
     raise UnknownModelType(
         model_type, closest_model_types(model_type), f" (in {ckpt.directory / 'config.json'})"
     )

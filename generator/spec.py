@@ -278,10 +278,18 @@ BLOCK_CONFIG_ATTRS = (
     "ffn.moe.expert_intermediate_dim",
     "ffn.moe.shared_expert_intermediate_dim",
 )
+IMPORTED_ORIGIN = "the checkpoint's own code, imported with --trust-remote-code"
+# without --trust-remote-code, a model type only the checkpoint's own code defines
+# (generator/static_probe.py); loading such a model still needs that code
+STATIC_ORIGIN = (
+    "the checkpoint's own code, parsed with libcst and never imported: a static build from "
+    "config.json and the safetensors headers"
+)
 CODE_ORIGINS = (
     "transformers",
     "transformers (the checkpoint's own code was parsed, not imported)",
-    "the checkpoint's own code, imported with --trust-remote-code",
+    IMPORTED_ORIGIN,
+    STATIC_ORIGIN,
 )
 
 

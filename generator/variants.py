@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .analysis import layer_flow, model_structure
-from .errors import InferenceError
+from .errors import InferenceError, StaticGap
 from .probe import build_model, layer_children
 
 
@@ -67,6 +67,8 @@ def variant_children(
         try:
             model = build_model(probe.source.causal_lm_cls, config)
             variant = model.get_submodule(f"{stack_path}.{tiny_index}")
+        except StaticGap:
+            raise  # a static build that cannot tell (generator/static_build.py)
         except Exception:
             continue
         children = layer_children(variant)

@@ -109,3 +109,113 @@ def save_custom(directory: Path, marker: Path) -> Path:
     )
     (directory / "modeling_toy.py").write_text(textwrap.dedent(MODELING).format(marker=str(marker)))
     return directory
+
+
+# -- a llama-like model under another name, as a checkpoint's own code ----------------------------
+PORTED_AUTO_MAP = {
+    "AutoConfig": "configuration_mini.MiniConfig",
+    "AutoModelForCausalLM": "modeling_mini.MiniForCausalLM",
+}
+
+
+def _port(text: str) -> str:
+    """transformers' Llama source as a checkpoint would ship it: absolute imports of the library,
+    every Llama name renamed Mini."""
+    import re
+
+    text = re.sub(r"from \.\.\.(\w)", r"from transformers.\1", text)
+    text = text.replace("from .configuration_llama import", "from .configuration_mini import")
+    return text.replace("LLaMA", "Mini").replace("Llama", "Mini").replace("llama", "mini")
+
+
+def _with_marker(text: str, marker: Path, name: str) -> str:
+    lines = text.splitlines(keepends=True)
+    first_code = next(i for i, line in enumerate(lines) if line.strip() and line[0] != "#")
+    touch = (
+        "from pathlib import Path as _MarkerPath\n\n"
+        f"_MarkerPath({str(marker)!r}, {name!r}).touch()\n\n"
+    )
+    return "".join(lines[:first_code] + [touch] + lines[first_code:])
+
+
+def save_ported(directory: Path, marker: Path, edit=None, **overrides) -> Path:
+    """A `mini` checkpoint whose code is transformers' modeling_llama.py and
+    configuration_llama.py renamed (self-contained: it subclasses only transformers' base
+    classes), with config.json's auto_map naming them. Importing either file touches a file in
+    `marker`. `edit(modeling_source) -> modeling_source` changes the model's code."""
+    import transformers
+
+    root = Path(transformers.__file__).parent / "models" / "llama"
+    save_llama(directory, **overrides)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="mini", architectures=["MiniForCausalLM"], auto_map=PORTED_AUTO_MAP)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    configuration = _port((root / "configuration_llama.py").read_text())
+    modeling = _port((root / "modeling_llama.py").read_text())
+    if edit is not None:
+        edited = edit(modeling)
+        assert edited != modeling, "the edit changed nothing"
+        modeling = edited
+    (directory / "configuration_mini.py").write_text(
+        _with_marker(configuration, marker, "configuration_imported")
+    )
+    (directory / "modeling_mini.py").write_text(_with_marker(modeling, marker, "modeling_imported"))
+    return directory
+
+
+# -- any of transformers' model types, as a checkpoint's own code ---------------------------------
+def save_ported_type(directory: Path, marker: Path, model_type: str) -> Path:
+    """A tiny checkpoint of `model_type` (a MoE such as mixtral) whose code is transformers'
+    modeling and configuration files copied in, imports made absolute, the type renamed
+    `ported_<type>` so transformers does not know it (as scripts/static_sweep.py ports them).
+    Tensors are saved under the module's own names (transformers renames only types it knows).
+    Importing either file touches a file in `marker`."""
+    import inspect
+    import re
+
+    import torch
+    from safetensors.torch import save_file
+
+    from generator.probe import quiet_transformers
+    from generator.source import resolve
+    from generator.tiny import tiny_config
+
+    source = resolve(model_type)
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+        torch.manual_seed(0)
+        model = source.causal_lm_cls(config)
+        directory.mkdir(parents=True)
+        model.config.save_pretrained(directory)
+    tensors = model.state_dict()
+    for target in getattr(model, "all_tied_weights_keys", {}) or {}:
+        tensors.pop(target, None)
+    tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config_file = Path(inspect.getsourcefile(source.config_cls))
+
+    def port(text: str) -> str:
+        text = re.sub(r"from \.\.\.(\w)", r"from transformers.\1", text)
+        text = text.replace("from ... import", "from transformers import")
+        text = re.sub(r"from \.\.(\w)", r"from transformers.models.\1", text)
+        text = text.replace("from .. import", "from transformers.models import")
+        text = text.replace(f"from .{config_file.stem} import", "from .configuration_ported import")
+        return text.replace(f'model_type = "{model_type}"', f'model_type = "ported_{model_type}"')
+
+    for name, text in (
+        ("configuration_ported", config_file.read_text()),
+        ("modeling_ported", source.modeling_file.read_text()),
+    ):
+        (directory / f"{name}.py").write_text(
+            _with_marker(port(text), marker, name.replace("_ported", "_imported"))
+        )
+    data = json.loads((directory / "config.json").read_text())
+    data.update(
+        model_type=f"ported_{model_type}",
+        auto_map={
+            "AutoConfig": f"configuration_ported.{source.config_cls.__name__}",
+            "AutoModelForCausalLM": f"modeling_ported.{source.causal_lm_cls.__name__}",
+        },
+    )
+    (directory / "config.json").write_text(json.dumps(data, indent=2))
+    return directory

@@ -169,41 +169,8 @@ def custom(tmp_path):
     return save_custom(tmp_path / "toy", marker), marker
 
 
-def test_custom_code_is_parsed_but_never_run_without_the_flag(custom, tmp_path, capsys):
-    ckpt, marker = custom
-    out = tmp_path / "out"
-    capsys.readouterr()
-    assert cli.main(["generate", str(ckpt), "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "configuration_toy.py, modeling_toy.py), which was parsed but not run" in err
-    assert "--trust-remote-code" in err
-    assert list(marker.iterdir()) == []  # neither file was imported
-    assert not out.exists()
-
-
-def test_inspect_without_the_flag_reports_the_parse_and_the_headers(custom, capsys):
-    ckpt, marker = custom
-    capsys.readouterr()
-    assert cli.main(["inspect", str(ckpt), "--json"]) == 0
-    captured = capsys.readouterr()
-    report = json.loads(captured.out)
-    assert report["custom_code"] == "parsed, not imported"
-    assert report["classes"]["AutoModelForCausalLM"] == "modeling_toy.py ToyForCausalLM"
-    headers = report["headers"]
-    assert headers["layer_stack"] == "model.layers" and headers["num_layers"] == 3
-    assert headers["layer_children"] == [
-        "input_layernorm", "mlp", "post_attention_layernorm", "self_attn"
-    ]  # fmt: skip
-    assert headers["layer_tensors"]["mlp.down_proj.weight"] == [48, 96]
-    assert set(headers["outside"]) == {
-        "lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"
-    }  # fmt: skip
-    # the libcst parse confirms the stack the headers show, without importing anything
-    (static,) = report["layer_stack_in_code"]
-    assert static["class"] == "ToyModel" and static["element"] == "ToyDecoderLayer"
-    assert static["where"].startswith("modeling_toy.py:")
-    assert "pass --trust-remote-code" in captured.err
-    assert list(marker.iterdir()) == []
+# Custom code without the flag (a static build of the parsed code; what it cannot decide, and
+# `inspect` then): tests/test_static_custom_code.py
 
 
 def test_builtin_model_type_with_auto_map_uses_transformers_without_the_flag(custom, capsys):
