@@ -32,7 +32,12 @@ def _out_arg(out: str) -> str | None:
 
 
 def plan(
-    model_types: list[str], out: str, keep_existing: bool = True, keep_going: bool = False
+    model_types: list[str],
+    out: str,
+    keep_existing: bool = True,
+    keep_going: bool = False,
+    target: str = "puzzletron",
+    layout: str = "package",
 ) -> dict[Path, str]:
     """Every file `generate` would write for `model_types` under `out`, rendered in memory.
 
@@ -47,6 +52,10 @@ def plan(
 
     out_dir = Path(out)
     out_flag = _out_arg(out)
+    if (target, layout) != ("puzzletron", "package"):  # Model Optimizer files: generator/modelopt.py
+        from .modelopt import plan_target
+
+        return plan_target(model_types, out, out_flag, target, layout, _progress)
     files: dict[Path, str] = {}
     entries = (
         {e.model_type: e for e in render.read_manifest(out_dir / "__init__.py")}
@@ -74,6 +83,12 @@ def plan(
         pkg = out_dir / spec.package
         module = pkg / f"{render.descriptor_module(spec)}.py"
         files[module] = render.render_descriptor(spec, out_flag)
+        try:
+            files[pkg / f"{render.converter_module(spec)}.py"] = render.render_converter(
+                spec, out_flag
+            )
+        except PuzzleGenError as exc:
+            _progress(f"    {exc}")
         files[pkg / "__init__.py"] = render.render_package_init(spec, out_flag)
         entries[model_type] = render.ManifestEntry(model_type, spec.package, spec.class_name)
         previous = rows.get(model_type)
@@ -123,10 +138,13 @@ def cmd_generate(args) -> int:
 
     if args.all == bool(args.model_types):
         raise UsageError("generate: give model types, or --all (not both)")
+    target, layout = getattr(args, "target", "puzzletron"), getattr(args, "layout", "package")
+    if args.all and (target, layout) != ("puzzletron", "package"):
+        raise UsageError("generate: --all writes the default target only; name the model types")
     if args.all:
         files = plan(known_model_types(), args.out, keep_going=True)
     else:
-        files = plan(_dedupe(args.model_types), args.out)
+        files = plan(_dedupe(args.model_types), args.out, target=target, layout=layout)
     changed = {p: t for p, t in files.items() if _read(p) != t}
     if args.diff:
         for path, text in changed.items():
@@ -324,6 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=DEFAULT_OUT, help="output package directory (default: %(default)s)"
     )
     g.add_argument("--diff", action="store_true", help="print a unified diff instead of writing")
+    g.add_argument(
+        "--target",
+        choices=["puzzletron", "modelopt"],
+        default="puzzletron",
+        help="the API the descriptor imports: this project's puzzletron_runtime (default) or "
+        "NVIDIA Model Optimizer's modelopt.torch.puzzletron (adds a registered Converter, "
+        "pruning layer descriptors and pruning_mixins())",
+    )
+    g.add_argument(
+        "--layout",
+        choices=["package", "modelopt-tree"],
+        default="package",
+        help="package: <out>/<type>/ with absolute imports (default); modelopt-tree: "
+        "<out>/models/<name>/ as a Model Optimizer pull request adds it, relative imports "
+        "(needs --target modelopt)",
+    )
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("check", help="fail (exit 1) when a generated file is out of date")
     c.add_argument(

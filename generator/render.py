@@ -29,6 +29,9 @@ _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")
 
 
 def _templates_dir() -> Path:
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "templates" / "converter.py.j2").is_file():
+        return checkout / "templates"  # this source checkout's own (another one may be installed)
     try:
         from importlib.resources import files
 
@@ -53,6 +56,12 @@ def _location(where: str) -> str:
     if not match:
         raise PuzzleGenError(f"not a source location: {where!r}")
     return f"{match.group(1)}:{match.group(2)}"
+
+
+def _docline(text: str) -> str:
+    """One line of free text made safe inside a triple-quoted docstring."""
+    text = " ".join(str(text).split()).rstrip(".")
+    return "".join(c for c in text if c.isprintable()).replace("\\", "/").replace('"', "'")
 
 
 def _owner_expr(b: BufferModule) -> str:
@@ -99,6 +108,7 @@ def _env() -> jinja2.Environment:
         buffer_path=_buffer_path,
         buffer_args=_buffer_args,
         code=lambda s: f"`{s}`",
+        docline=_docline,
     )
     return env
 
@@ -111,7 +121,15 @@ def _sort_names(names) -> list[str]:
     return sorted(set(names), key=key)
 
 
-def _import_lines(spec: DescriptorSpec) -> list[str]:
+def _runtime_module(submodule: str) -> str:
+    return f"{RUNTIME}.{submodule}"
+
+
+def _import_lines(
+    spec: DescriptorSpec, module_for=_runtime_module, extra_first=None, stdlib=()
+) -> list[str]:
+    """Sorted import lines; `module_for` names the module of one of our runtime's submodules
+    (another target's, see generator/modelopt.py), `extra_first` adds names from them."""
     third: dict[str, set[str]] = {"torch": {"nn"}}
     for ref in spec.decoder_layer_classes:
         third.setdefault(ref.module, set()).add(ref.name)
@@ -121,17 +139,19 @@ def _import_lines(spec: DescriptorSpec) -> list[str]:
     if any(r.tuple_size for sb in (spec.attention, spec.ffn) for r in sb.replacements):
         no_op.add("return_tuple_of_size")
     first: dict[str, set[str]] = {
-        f"{RUNTIME}.block_config": {"BlockConfig"},
-        f"{RUNTIME}.model_descriptor": {"ModelDescriptor", "ModelDescriptorFactory"},
+        module_for("block_config"): {"BlockConfig"},
+        module_for("model_descriptor"): {"ModelDescriptor", "ModelDescriptorFactory"},
     }
     if no_op:
-        first[f"{RUNTIME}.puzzformer.no_op"] = no_op
+        first[module_for("puzzformer.no_op")] = no_op
     if spec.dummy_block.returns_tuple or spec.dummy_block.attributes:
-        first[f"{RUNTIME}.utils.dummy_modules"] = {"DummyBlock"}
+        first[module_for("utils.dummy_modules")] = {"DummyBlock"}
+    for submodule, names in (extra_first or {}).items():
+        first.setdefault(module_for(submodule), set()).update(names)
     for module, names in list(third.items()) + list(first.items()):
-        if not is_dotted_path(module) or not all(is_identifier(n) for n in names):
+        if not is_dotted_path(module.lstrip(".")) or not all(is_identifier(n) for n in names):
             raise PuzzleGenError(f"refusing to import {sorted(names)} from {module!r}")
-    lines = ["import re", "from typing import Any", ""]
+    lines = ["import re", *stdlib, "from typing import Any", ""]
     for group in (third, first):
         for module in sorted(group):
             lines.append(f"from {module} import {', '.join(_sort_names(group[module]))}")
@@ -166,7 +186,17 @@ def _header(command: str, source_module: str | None, transformers_version: str) 
     )
 
 
-def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
+def render_descriptor(
+    spec: DescriptorSpec,
+    out: str | None = None,
+    *,
+    module_for=_runtime_module,
+    registration_name: str | None = None,
+    pruning=None,
+    command: str | None = None,
+) -> str:
+    """The descriptor module. The defaults render for our runtime; generator/modelopt.py passes
+    Model Optimizer's modules, its registration name and pruning layer descriptors."""
     for alt in (
         *spec.predicates.embeddings,
         *spec.predicates.lm_head,
@@ -182,15 +212,40 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
     if not is_identifier(spec.class_name):
         raise PuzzleGenError(f"refusing to render the class name {spec.class_name!r}")
     layer_types = [c.name for c in spec.decoder_layer_classes]
+    exports = [spec.class_name]
+    extra_first: dict[str, set[str]] = {}
+    stdlib: tuple[str, ...] = ()
+    if pruning is not None and (pruning.ffn or pruning.kv_heads):
+        stdlib = ("from dataclasses import dataclass, field",)
+        if pruning.ffn:
+            exports.append(f"{spec.class_name[:-len('ModelDescriptor')]}FFNIntermediateLayerDescriptor")
+            extra_first["pruning.ffn_intermediate_pruning_mixin"] = {
+                "FFNIntermediateLayerDescriptor",
+                "FFNIntermediatePruningMixIn",
+            }
+        if pruning.kv_heads:
+            exports.append(f"{spec.class_name[:-len('ModelDescriptor')]}KVHeadsLayerDescriptor")
+            extra_first["pruning.kv_heads_pruning_mixin"] = {
+                "KVHeadsLayerDescriptor",
+                "KVHeadsPruningMixIn",
+            }
     source = (
         _env()
         .get_template("descriptor.py.j2")
         .render(
             **_header(
-                command_for(spec.model_type, out), spec.modeling_module, spec.transformers_version
+                command or command_for(spec.model_type, out),
+                spec.modeling_module,
+                spec.transformers_version,
             ),
             spec=spec,
-            imports=_import_lines(spec),
+            registration_name=registration_name or spec.model_type,
+            exports=exports,
+            pruning=pruning,
+            ffn_mixin_key="ffn_intermediate",
+            kv_mixin_key="kv_heads",
+            prefix=spec.class_name[: -len("ModelDescriptor")],
+            imports=_import_lines(spec, module_for, extra_first, stdlib),
             subblocks=[
                 _SubblockView("Attention", "attn_no_op_post_init", spec.attention),
                 _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
@@ -205,6 +260,66 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
         )
     )
     return _format(source, f"descriptor of {spec.model_type}")
+
+
+def render_converter(
+    spec: DescriptorSpec,
+    out: str | None = None,
+    *,
+    module_for=_runtime_module,
+    registration_name: str | None = None,
+    converter_class: str | None = None,
+    command: str | None = None,
+) -> str:
+    """The converter module: `create_block_configs_from_main_config(config)`, one block config
+    per layer. For our runtime a plain class; for Model Optimizer (a `module_for` that names its
+    `converter` module) a registered `Converter` subclass."""
+    from .modelopt import block_config_tree, converter_fields
+
+    fields = converter_fields(spec)
+    tree = block_config_tree(fields)
+    if not is_identifier(spec.num_layers_field) or (
+        spec.text_config_attr and not is_identifier(spec.text_config_attr)
+    ):
+        raise PuzzleGenError("refusing to render the layer-count or text-config attribute")
+    classes = {"BlockConfig", "AttentionConfig", "FFNConfig"}
+    if "moe" in tree.get("ffn", {}):
+        classes.add("MoEConfig")
+    converter_module = None if module_for is _runtime_module else module_for("converter")
+    first = {module_for("block_config"): classes}
+    if converter_module:
+        first[converter_module] = {"Converter", "ConverterFactory"}
+    lines = ["from typing import Any", "", "from transformers import PretrainedConfig", ""]
+    for module in sorted(first):
+        if not is_dotted_path(module.lstrip(".")):
+            raise PuzzleGenError(f"refusing to import from {module!r}")
+        lines.append(f"from {module} import {', '.join(_sort_names(first[module]))}")
+    name = converter_class or spec.class_name[: -len("ModelDescriptor")] + "Converter"
+    if not is_identifier(name):
+        raise PuzzleGenError(f"refusing to render the class name {name!r}")
+    source = (
+        _env()
+        .get_template("converter.py.j2")
+        .render(
+            **_header(
+                command or command_for(spec.model_type, out),
+                spec.modeling_module,
+                spec.transformers_version,
+            ),
+            spec=spec,
+            fields=fields,
+            tree=tree,
+            imports=lines,
+            converter_base=converter_module is not None,
+            converter_class=name,
+            registration_name=registration_name or spec.model_type,
+        )
+    )
+    return _format(source, f"converter of {spec.model_type}")
+
+
+def converter_module(spec: DescriptorSpec) -> str:
+    return f"{spec.package}_converter"
 
 
 def descriptor_module(spec: DescriptorSpec) -> str:
