@@ -47,4 +47,4 @@ $(MO_STAMP): pyproject.toml setup.py constraints-modelopt.txt
 	touch $(MO_STAMP)
 
 test-modelopt: $(MO_STAMP)
-	$(MO_PY) -m pytest -q -p no:xdist tests/test_modelopt_api.py tests/test_modelopt_target.py
+	$(MO_PY) -m pytest -q tests/test_modelopt_api.py tests/test_modelopt_target.py

@@ -283,3 +283,37 @@ def test_layer_descriptors_equal_model_optimizers(tree, model_type):
 def theirs_module(model_type):
     descriptor = ModelDescriptorFactory.get(HAND_WRITTEN[model_type])
     return descriptor.__module__
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_pruning_layer_descriptors_address_the_model(tree, model_type):
+    """Model Optimizer's mixins find what our layer descriptors name: its hook targets are each
+    layer's output projection, and every weight it slices exists under the prefixes."""
+    config = tiny(model_type)
+    model = tiny_model(model_type, config)
+    state = model.state_dict()
+    mixins = tree[model_type].descriptor.pruning_mixins()
+    n = config.num_hidden_layers
+    ffn = mixins["ffn_intermediate"]
+    kv = mixins["kv_heads"]
+    for mixin in (ffn, kv):
+        hooked = mixin.get_module_names_to_hook(model)
+        suffix = mixin.layer_descriptor.module_name_regex()
+        assert hooked == [
+            (i, f"{tree[model_type].descriptor.layer_block_name(i)}.{suffix}") for i in range(n)
+        ]
+    down = ffn.layer_descriptor.down_proj_name.rsplit(".", 1)[-1]
+    for i in range(n):
+        prefix = ffn.layer_descriptor.ffn_prefix(i)
+        for name in ffn.layer_descriptor.linear_weight_names:
+            assert (
+                state[f"{prefix}.{name}.weight"].shape[1 if name == down else 0]
+                == config.intermediate_size
+            )
+        q, k, v, o = (
+            f"{kv.layer_descriptor.attn_prefix(i)}.{p}.weight"
+            for p in kv.layer_descriptor.qkvo_weight_names
+        )
+        head_dim = state[q].shape[0] // config.num_attention_heads
+        assert state[k].shape[0] == state[v].shape[0] == config.num_key_value_heads * head_dim
+        assert state[o].shape[1] == state[q].shape[0]
