@@ -291,3 +291,19 @@ def _forward_with_swapped_names(forward):
             self.k_proj, self.v_proj = self.v_proj, self.k_proj
 
     return wrapped
+
+
+def test_modelopt_target_refuses_dummy_blocks_it_cannot_express():
+    spec = spec_of("llama")
+    needs = dataclasses.replace(
+        spec, dummy_block=dataclasses.replace(spec.dummy_block, attributes=("attention_type",))
+    )
+    modelopt.check_renderable(spec, "modelopt")
+    modelopt.check_renderable(needs, "puzzletron")  # our runtime's DummyBlock carries them
+    with pytest.raises(PuzzleGenError, match=r"DummyBlock\(block_index\) does neither"):
+        modelopt.check_renderable(needs, "modelopt")
+
+
+def test_generate_all_is_the_default_target_only(tmp_path, capsys):
+    assert main(["generate", "--all", "--target", "modelopt", "--out", str(tmp_path)]) == 2
+    assert "--all writes the default target only" in capsys.readouterr().err
