@@ -150,11 +150,12 @@ def target_spec(spec: DescriptorSpec, target: str) -> DescriptorSpec:
 
 
 def check_renderable(spec: DescriptorSpec, target: str) -> None:
-    """Refuse what Model Optimizer's API cannot express (one line, naming why)."""
-    if target == MODELOPT and (spec.dummy_block.returns_tuple or spec.dummy_block.attributes):
+    """Refuse what Model Optimizer's API cannot express (one line, naming why). Attributes the
+    model loop reads are set on its DummyBlock after construction (see the template)."""
+    if target == MODELOPT and spec.dummy_block.returns_tuple:
         raise PuzzleGenError(
-            f"{spec.model_type}: the model loop needs dummy blocks that return a tuple or carry "
-            "attributes, and Model Optimizer's DummyBlock(block_index) does neither"
+            f"{spec.model_type}: the model loop indexes a layer's output as a tuple, and Model "
+            "Optimizer's DummyBlock returns a tensor"
         )
 
 

@@ -293,15 +293,33 @@ def _forward_with_swapped_names(forward):
     return wrapped
 
 
-def test_modelopt_target_refuses_dummy_blocks_it_cannot_express():
+def test_modelopt_target_dummy_blocks():
+    """Attributes the model loop reads (attention_type under transformers 4.57) are set on Model
+    Optimizer's DummyBlock after construction; a loop that indexes a tuple is refused."""
     spec = spec_of("llama")
-    needs = dataclasses.replace(
+    reads = dataclasses.replace(
         spec, dummy_block=dataclasses.replace(spec.dummy_block, attributes=("attention_type",))
     )
-    modelopt.check_renderable(spec, "modelopt")
-    modelopt.check_renderable(needs, "puzzletron")  # our runtime's DummyBlock carries them
-    with pytest.raises(PuzzleGenError, match=r"DummyBlock\(block_index\) does neither"):
-        modelopt.check_renderable(needs, "modelopt")
+    modelopt.check_renderable(reads, "modelopt")
+    text = render.render_descriptor(
+        reads,
+        module_for=lambda sub: modelopt.module_for(sub, modelopt.MODELOPT),
+        pruning=modelopt.infer_pruning(spec),
+    )
+    assert "from modelopt.torch.puzzletron.utils.dummy_modules import DummyBlock" in text
+    assert (
+        "        dummy = DummyBlock(block_index=block_index)\n"
+        "        dummy.attention_type = original_layer.attention_type\n"
+        "        return dummy\n"
+    ) in text
+    default = render.render_descriptor(reads)
+    assert '"attention_type": original_layer.attention_type' in default  # our runtime's kwargs
+    tuples = dataclasses.replace(
+        spec, dummy_block=dataclasses.replace(spec.dummy_block, returns_tuple=True)
+    )
+    modelopt.check_renderable(tuples, "puzzletron")
+    with pytest.raises(PuzzleGenError, match="DummyBlock returns a tensor"):
+        modelopt.check_renderable(tuples, "modelopt")
 
 
 def test_generate_all_is_the_default_target_only(tmp_path, capsys):
