@@ -36,14 +36,17 @@ clean-venv:
 	rm -rf $(VENV)
 
 # NVIDIA Model Optimizer's environment: its own transformers range, so a venv of its own
+# (MO_CONSTRAINTS=constraints-modelopt-4.57.txt MO_VENV=.venv-modelopt-4.57: the lower end of
+# its transformers range)
 MO_VENV ?= .venv-modelopt
+MO_CONSTRAINTS ?= constraints-modelopt.txt
 MO_PY := $(MO_VENV)/bin/python
 MO_STAMP := $(MO_VENV)/.installed
 
-$(MO_STAMP): pyproject.toml setup.py constraints-modelopt.txt
+$(MO_STAMP): pyproject.toml setup.py $(MO_CONSTRAINTS)
 	$(PYTHON) -m venv $(MO_VENV)
-	$(MO_PY) -m pip install --quiet -c constraints-modelopt.txt torch
-	$(MO_PY) -m pip install --quiet -c constraints-modelopt.txt -e '.[modelopt,test]'
+	$(MO_PY) -m pip install --quiet -c $(MO_CONSTRAINTS) torch
+	$(MO_PY) -m pip install --quiet -c $(MO_CONSTRAINTS) -e '.[modelopt,test]'
 	touch $(MO_STAMP)
 
 test-modelopt: $(MO_STAMP)
