@@ -104,6 +104,11 @@ def module_for(submodule: str, target: str, layout: str = PACKAGE) -> str:
         if submodule.startswith("pruning.") or submodule == "converter":
             raise PuzzleGenError(f"{RUNTIME} has no {submodule} module")
         return f"{RUNTIME}.{submodule}"
+    if submodule not in _MODULES:
+        raise PuzzleGenError(
+            f"Model Optimizer has no counterpart of {RUNTIME}.{submodule}: this descriptor "
+            "cannot be rendered for the modelopt target"
+        )
     absolute, relative = _MODULES[submodule]
     return relative if layout == MODELOPT_TREE else absolute
 

@@ -58,18 +58,37 @@ def rebuilt_shapes(model_type, config, block_configs, device):
 def configs(model_type):
     """A tiny config (KV heads below the head count, so a converter reading the wrong field
     fails) and the default-size one (built on the meta device)."""
+    import generator.tiny as tiny
+
     source = resolve(model_type)
+    default = getattr(tiny, "default_config", lambda cls: cls())  # with its fix-ups, if any
     with quiet_transformers():
         return [
             ("tiny", tiny_config(source.config_cls), "cpu"),
-            ("default", source.config_cls(), "meta"),
+            ("default", default(source.config_cls), "meta"),
         ]
+
+
+def read_fields(model_type):
+    spec = spec_of(model_type)
+    return [o.config_field for sb in (spec.attention, spec.ffn) for o in sb.overrides]
 
 
 @pytest.mark.parametrize("model_type", BY_TYPE)
 def test_converter_block_configs_rebuild_every_tensor_shape(model_type):
+    package, _ = generated._DESCRIPTORS[model_type]
+    if not (ROOT / "generated" / package / f"{package}_converter.py").is_file():
+        with pytest.raises(PuzzleGenError, match="no converter"):  # the spec lacks a size
+            render.render_converter(spec_of(model_type))
+        return
     converter = converter_of(model_type)
     for label, config, device in configs(model_type):
+        text = config.get_text_config()
+        unset = [f for f in read_fields(model_type) if getattr(text, f, None) is None]
+        if unset:  # the modeling code derives the size (n_inner=None: 4 * hidden): not a size
+            with pytest.raises(ValueError):
+                converter.create_block_configs_from_main_config(config)
+            continue
         block_configs = converter.create_block_configs_from_main_config(config)
         assert len(block_configs) == config.get_text_config().num_hidden_layers, label
         assert all(isinstance(b, dict) for b in block_configs)  # config.json form
@@ -77,7 +96,7 @@ def test_converter_block_configs_rebuild_every_tensor_shape(model_type):
         assert rebuilt_shapes(model_type, config, block_configs, device) == original, label
 
 
-@pytest.mark.parametrize("model_type", BY_TYPE)
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_converter_follows_the_config_it_reads(model_type):
     """Another width and KV-head count in the config give block configs with those sizes."""
     source = resolve(model_type)
@@ -225,6 +244,31 @@ def test_generated_default_target_has_a_converter_and_check_covers_it():
 
 
 @pytest.mark.parametrize("model_type", BY_TYPE)
+def test_pruning_layer_descriptors_name_real_tensors(model_type):
+    """Whatever the names, every tensor a layer descriptor names exists in a tiny model with
+    the widths Model Optimizer's mixins slice by; a missing descriptor comes with a reason."""
+    spec = spec_of(model_type)
+    p = modelopt.infer_pruning(spec)
+    assert p.ffn or p.ffn_reason
+    assert p.kv_heads or p.kv_reason
+    source = resolve(model_type)
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    state = build_model(source.causal_lm_cls, config, "meta").state_dict()
+    text = config.get_text_config()
+    if p.ffn:
+        width = getattr(text, spec.ffn.overrides[0].config_field)
+        prefix = p.ffn.ffn_prefix_name.format(layer_idx=0)
+        down = p.ffn.down_proj_name.rsplit(".", 1)[-1]
+        for name in p.ffn.linear_weight_names:
+            assert state[f"{prefix}.{name}.weight"].shape[1 if name == down else 0] == width
+    if p.kv_heads:
+        prefix = p.kv_heads.attn_prefix_name.format(layer_idx=0)
+        q, k, v, o = (state[f"{prefix}.{n}.weight"] for n in p.kv_heads.qkvo_weight_names)
+        assert k.shape == v.shape and o.shape[1] == q.shape[0]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_pruning_layer_descriptors_from_data_flow(model_type):
     p = modelopt.infer_pruning(spec_of(model_type))
     assert p.ffn == modelopt.FFNLayer(
@@ -291,6 +335,11 @@ def _forward_with_swapped_names(forward):
             self.k_proj, self.v_proj = self.v_proj, self.k_proj
 
     return wrapped
+
+
+def test_a_runtime_module_without_a_model_optimizer_counterpart_is_refused():
+    with pytest.raises(PuzzleGenError, match="no counterpart of puzzletron_runtime.buffers"):
+        modelopt.module_for("buffers", modelopt.MODELOPT)
 
 
 def test_modelopt_target_dummy_blocks():
