@@ -1,6 +1,8 @@
 # Two commands on a fresh machine (see README):
 #   make demo   generate the default descriptor (llama) and verify it end to end on a tiny model
 #   make test   run the test suite
+#   make test-modelopt   create .venv-modelopt (Model Optimizer 0.47, its transformers range)
+#                        and run the tests that need Model Optimizer
 # Both create .venv on first use, installing torch first from constraints.txt (a CPU build).
 
 PYTHON ?= python3
@@ -9,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?= llama
 
-.PHONY: demo test check bench clean-venv
+.PHONY: demo test check bench clean-venv test-modelopt
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +36,20 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# NVIDIA Model Optimizer's environment: its own transformers range, so a venv of its own
+# (MO_CONSTRAINTS=constraints-modelopt-4.57.txt MO_VENV=.venv-modelopt-4.57: the lower end of
+# its transformers range)
+MO_VENV ?= .venv-modelopt
+MO_CONSTRAINTS ?= constraints-modelopt.txt
+MO_PY := $(MO_VENV)/bin/python
+MO_STAMP := $(MO_VENV)/.installed
+
+$(MO_STAMP): pyproject.toml setup.py $(MO_CONSTRAINTS)
+	$(PYTHON) -m venv $(MO_VENV)
+	$(MO_PY) -m pip install --quiet -c $(MO_CONSTRAINTS) torch
+	$(MO_PY) -m pip install --quiet -c $(MO_CONSTRAINTS) -e '.[modelopt,test]'
+	touch $(MO_STAMP)
+
+test-modelopt: $(MO_STAMP)
+	$(MO_PY) -m pytest -q tests/test_modelopt_api.py tests/test_modelopt_target.py

@@ -13,8 +13,9 @@ import os
 import re
 import shlex
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import black
 import jinja2
@@ -41,6 +42,8 @@ _TEMPLATE_NAMES = {
     "re", "sys", "Any", "nn", "_remote_class", "__all__",
     "ModelDescriptor", "ModelDescriptorFactory", "BlockConfig", "Same", "MatchingZeros",
     "return_tuple_of_size", "DummyBlock",
+    # the Model Optimizer target's (templates/modelopt_descriptor.py.j2)
+    "PreTrainedModel", "dataclass", "field", "_rebuild_buffers", "_TupleDummyBlock",
 }  # fmt: skip
 
 
@@ -105,6 +108,25 @@ def _env() -> jinja2.Environment:
     return env
 
 
+def _runtime_module(submodule: str) -> str:
+    return f"{RUNTIME}.{submodule}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What differs between the APIs a descriptor is rendered for. The default is this project's
+    runtime; generator/modelopt.py builds Model Optimizer's (its module names, its imports, the
+    command that regenerates the file and the template variables of its additions)."""
+
+    module_for: Callable[[str], str] = _runtime_module  # our runtime's submodule -> module
+    third_party: dict[str, frozenset[str]] = field(default_factory=dict)  # more `from m import`s
+    first_party: dict[str, frozenset[str]] = field(default_factory=dict)  # submodule -> names
+    stdlib: tuple[str, ...] = ()  # more import lines before `from typing import Any`
+    command: str | None = None
+    inline_rebuild: bool = False  # the buffer rebuild is written into the module, not imported
+    template_vars: dict[str, Any] = field(default_factory=dict)
+
+
 def _sort_names(names) -> list[str]:
     def key(n: str):
         rank = 0 if n.isupper() else 1 if n[:1].isupper() else 2
@@ -113,9 +135,10 @@ def _sort_names(names) -> list[str]:
     return sorted(set(names), key=key)
 
 
-def _import_lines(spec: DescriptorSpec) -> list[str]:
+def _import_lines(spec: DescriptorSpec, target: Target = Target()) -> list[str]:
     import builtins
 
+    module_for = target.module_for
     third: dict[str, set[str]] = {"torch": {"nn"}}
     for ref in spec.decoder_layer_classes:
         if not is_remote(ref):
@@ -127,26 +150,30 @@ def _import_lines(spec: DescriptorSpec) -> list[str]:
             f"refusing to import {', '.join(clashes) or spec.class_name}: the name would shadow "
             "one the descriptor uses"
         )
+    for module, names in target.third_party.items():
+        third.setdefault(module, set()).update(names)
     no_op = {r.replacement for sb in (spec.attention, spec.ffn) for r in sb.replacements}
     if any(r.tuple_size for sb in (spec.attention, spec.ffn) for r in sb.replacements):
         no_op.add("return_tuple_of_size")
     first: dict[str, set[str]] = {
-        f"{RUNTIME}.block_config": {"BlockConfig"},
-        f"{RUNTIME}.model_descriptor": {"ModelDescriptor", "ModelDescriptorFactory"},
+        module_for("block_config"): {"BlockConfig"},
+        module_for("model_descriptor"): {"ModelDescriptor", "ModelDescriptorFactory"},
     }
     if no_op:
-        first[f"{RUNTIME}.puzzformer.no_op"] = no_op
+        first[module_for("puzzformer.no_op")] = no_op
     if spec.dummy_block.returns_tuple or spec.dummy_block.attributes:
-        first[f"{RUNTIME}.utils.dummy_modules"] = {"DummyBlock"}
-    if spec.rebuilt_buffers:
-        first[f"{RUNTIME}.buffers"] = {"rebuild_buffers"}
+        first[module_for("utils.dummy_modules")] = {"DummyBlock"}
+    if spec.rebuilt_buffers and not target.inline_rebuild:
+        first[module_for("buffers")] = {"rebuild_buffers"}
+    for submodule, names in target.first_party.items():
+        first.setdefault(module_for(submodule), set()).update(names)
     for module, names in list(third.items()) + list(first.items()):
-        if not is_dotted_path(module) or not all(is_identifier(n) for n in names):
+        if not is_dotted_path(module.lstrip(".")) or not all(is_identifier(n) for n in names):
             raise PuzzleGenError(f"refusing to import {sorted(names)} from {module!r}")
     lines = ["import re"]
     if any(is_remote(c) for c in spec.decoder_layer_classes):
         lines.append("import sys")
-    lines += ["from typing import Any", ""]
+    lines += [*target.stdlib, "from typing import Any", ""]
     for group in (third, first):
         for module in sorted(group):
             lines.append(f"from {module} import {', '.join(_sort_names(group[module]))}")
@@ -231,7 +258,10 @@ def _check(spec: DescriptorSpec) -> None:
         raise PuzzleGenError(str(exc)) from None
 
 
-def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
+def render_descriptor(
+    spec: DescriptorSpec, out: str | None = None, target: Target = Target()
+) -> str:
+    """The descriptor module, for this project's runtime unless `target` says otherwise."""
     _check(spec)
     for alt in (
         *spec.predicates.embeddings,
@@ -263,9 +293,14 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
         _env()
         .get_template("descriptor.py.j2")
         .render(
-            **_header(spec_command(spec, out), spec.modeling_module, spec.transformers_version),
+            **_header(
+                target.command or spec_command(spec, out),
+                spec.modeling_module,
+                spec.transformers_version,
+            ),
             spec=spec,
-            imports=_import_lines(spec),
+            imports=_import_lines(spec, target),
+            **{"registration_name": spec.model_type, "modelopt": None, **target.template_vars},
             subblocks=[
                 _SubblockView("Attention", "attn_no_op_post_init", spec.attention),
                 _SubblockView("FFN", "mlp_no_op_post_init", spec.ffn),
