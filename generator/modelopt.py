@@ -243,28 +243,254 @@ class ConverterField:
     note: str  # for the docstring: where the expression comes from
 
 
+# Model Optimizer's BlockConfig needs these for every layer whose subblock is not a no-op
+# (AttentionConfig asserts num_key_value_heads, FFNConfig intermediate_size), also where the
+# descriptor cannot change them (no override): the converter then records the size the layer has.
+REQUIRED_SIZES = ("attention.num_key_value_heads", "ffn.intermediate_size")
+
+
 def converter_fields(spec: DescriptorSpec) -> tuple[ConverterField, ...]:
     """The converter reads every config field the overrides write back, so block configs fed
-    back through `block_config_to_layer_overrides` rebuild the config it read them from.
+    back through `block_config_to_layer_overrides` rebuild the config it read them from. A size
+    Model Optimizer requires that no config field sets as it is (the field defaults to None, or
+    there is no field: GPT-2's n_inner, Bloom's 4 x hidden, MHA's KV heads) comes from a rule
+    measured on tiny and default-size models (`derived_size`).
 
-    Raises when the spec lacks a size a BlockConfig needs (no override for a subblock)."""
-    from .render import _location
-
+    Raises PuzzleGenError when neither gives a size a BlockConfig needs."""
     fields = []
+    seen = set()
+    probe = _LazyProbe(spec)
     for kind in SUBBLOCK_KINDS:
-        overrides = spec_overrides(spec, kind)
-        if not overrides:
-            raise PuzzleGenError(
-                f"{spec_names(spec)[0]}: no converter: the {kind} subblock reads no size from "
-                "the config (no override was inferred)"
-            )
-        for o in overrides:
+        for o in spec_overrides(spec, kind):
             path = tuple(o.block_config_attr.split("."))
             if not all(is_identifier(p) for p in path) or not is_identifier(o.config_field):
                 raise PuzzleGenError(f"refusing to render the override {o}")
+            seen.add(o.block_config_attr)
+            derived = _derived(probe, o.block_config_attr, o.config_field)
+            if derived is not None:
+                fields.append(ConverterField(path, *derived))
+                continue
+            from .render import _location
+
             note = f"config.{o.config_field} (read at {_location(o.read_at)})"
             fields.append(ConverterField(path, f"text_config.{o.config_field}", note))
+    for size in REQUIRED_SIZES:
+        if size in seen:
+            continue
+        derived = _derived(probe, size, None)
+        if derived is None:
+            raise PuzzleGenError(
+                f"{spec_names(spec)[0]}: no converter: no config field sets {size} and no rule "
+                "for it could be confirmed on tiny and default-size models"
+            )
+        fields.append(ConverterField(tuple(size.split(".")), *derived))
     return tuple(fields)
+
+
+class _LazyProbe:
+    """One _SizeProbe per spec, built on first use (most converters need none)."""
+
+    def __init__(self, spec: DescriptorSpec):
+        self.spec, self._probe, self.failure = spec, None, None
+
+    def get(self) -> "_SizeProbe | None":
+        if self._probe is None and self.failure is None:
+            try:
+                self._probe = _SizeProbe(self.spec)
+            except Exception as exc:  # a type whose tiny or default model does not build
+                self.failure = exc
+        return self._probe
+
+
+def _default_holds(spec: DescriptorSpec, field: str) -> bool:
+    """Whether the type's default config holds `field` as a number."""
+    from .probe import quiet_transformers
+    from .source import resolve
+    from .tiny import default_config
+
+    try:
+        with quiet_transformers():
+            text = default_config(resolve(spec_names(spec)[0]).config_cls).get_text_config()
+    except Exception:
+        return True  # nothing to measure: the field is read as it is
+    value = getattr(text, field, None)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _derived(probe: _LazyProbe, size: str, field: str | None) -> tuple[str, str] | None:
+    """(expression, note) of a size the config does not hold as a number (`field` None or
+    absent), or None when `field` holds it as it is or no rule can be confirmed."""
+    if field is not None and _default_holds(probe.spec, field):
+        return None
+    sizes = probe.get()
+    if sizes is None:
+        return None
+    try:
+        if size == "attention.num_key_value_heads":
+            return sizes.kv_heads_rule()
+        if size == "ffn.intermediate_size":
+            return sizes.ffn_width_rule(field)
+    except Exception:  # no rule: the caller says so, or reads the field as it is
+        return None
+    return None
+
+
+class _SizeProbe:
+    """Tiny and default-size builds of one model type, for rules a converter applies to a
+    config that does not hold a size as a number. Every rule is an expression over the text
+    config, evaluated here on both configs against what the model builds."""
+
+    def __init__(self, spec: DescriptorSpec):
+        from .probe import quiet_transformers
+        from .source import resolve
+        from .tiny import default_config, tiny_config
+
+        self.spec = spec
+        stack, _, text_attr = spec_layers(spec)
+        if text_attr:
+            raise PuzzleGenError("nested text config: no derived sizes")
+        self.source = resolve(spec_names(spec)[0])
+        self.layer = f"{stack}.0"
+        self._tiny_config = tiny_config
+        with quiet_transformers():
+            self.tiny = tiny_config(self.source.config_cls)
+            self.default = default_config(self.source.config_cls)
+
+    def config(self, **extra):
+        from .probe import quiet_transformers
+
+        with quiet_transformers():
+            return self._tiny_config(self.source.config_cls, **extra)
+
+    def shapes(self, config) -> dict[str, tuple[int, ...]]:
+        from .probe import build_model
+
+        model = build_model(self.source.causal_lm_cls, config, "meta")
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def ffn_dims(self, config) -> set[int]:
+        """Every dimension of layer 0's FFN tensors, except the hidden size."""
+        hidden = config.get_text_config().hidden_size
+        prefixes = tuple(f"{self.layer}.{m}." for m in spec_weight_modules(self.spec, "ffn"))
+        dims = {
+            d for k, shape in self.shapes(config).items() if k.startswith(prefixes) for d in shape
+        }
+        return dims - {hidden}
+
+    @staticmethod
+    def evaluate(expr: str, config) -> Any:
+        return eval(compile(expr, "<converter>", "eval"), {}, {"text_config": config})  # noqa: S307
+
+    def ffn_width_rule(self, field: str | None) -> tuple[str, str]:
+        """The FFN width of a config whose `field` is None (the width a None builds), or of a
+        model with no width field at all (a multiple of the hidden size, possibly a field)."""
+        tiny = self.tiny.get_text_config()
+        hidden = tiny.hidden_size
+        if field is not None:
+            base = self.shapes(self.tiny)
+            widths = [
+                c
+                for c in sorted(self.ffn_dims(self.tiny))
+                if self.shapes(self.config(**{field: c})) == base
+            ]
+            if len(widths) != 1 or widths[0] % hidden:
+                raise PuzzleGenError(
+                    f"config.{field}=None builds no single multiple of hidden_size"
+                )
+            ratio = widths[0] // hidden
+            expr = (
+                f"text_config.{field} if text_config.{field} is not None "
+                f"else {ratio} * text_config.hidden_size"
+            )
+            note = (
+                f"config.{field}, or {ratio} x hidden_size where it is None (the width a None "
+                "builds, measured on tiny and default-size models)"
+            )
+        else:
+            dims = sorted(d for d in self.ffn_dims(self.tiny) if d % hidden == 0)
+            if not dims:
+                raise PuzzleGenError("no FFN dimension is a multiple of hidden_size")
+            ratio = dims[0] // hidden
+            expr, note = f"{ratio} * text_config.hidden_size", (
+                f"{ratio} x hidden_size: no config field sets the FFN width alone (measured on "
+                "tiny and default-size models)"
+            )
+            for name, value in sorted(vars(tiny).items()):
+                if value != ratio or isinstance(value, bool) or not is_identifier(name):
+                    continue
+                try:
+                    changed = self.config(**{name: ratio + 1})
+                    if (ratio + 1) * hidden in self.ffn_dims(changed):
+                        expr = f"text_config.{name} * text_config.hidden_size"
+                        note = f"config.{name} x hidden_size, as the modeling code builds it (measured)"
+                        break
+                except Exception:
+                    continue
+        for config in (self.tiny, self.default):
+            width = self.evaluate(expr, config.get_text_config())
+            if field is not None:  # the width a None builds: the same shapes as that width
+                same = self.shapes(config) == self.shapes(self._with(config, field, width))
+            else:
+                same = width in self.ffn_dims(config)
+            if not same:
+                raise PuzzleGenError(f"{expr} is not the FFN width of the model")
+        return expr, note
+
+    def _with(self, config, field: str, value: int):
+        from .probe import quiet_transformers
+
+        with quiet_transformers():
+            return type(config).from_dict({**config.to_dict(), field: value})
+
+    def kv_heads_rule(self) -> tuple[str, str]:
+        """The heads of the key/value cache a forward fills, where no config field sets them
+        alone: all the attention heads (multi-head attention) or one (multi-query, or a latent
+        cache), confirmed on a second head count."""
+        heads_attr = "num_attention_heads"
+        measured = []
+        for config in (self.tiny, self._other_heads()):
+            measured.append(
+                (config.get_text_config().num_attention_heads, self._cache_heads(config))
+            )
+        (h1, kv1), (h2, kv2) = measured
+        if kv1 == h1 and kv2 == h2:
+            return f"text_config.{heads_attr}", (
+                "config.num_attention_heads: every attention head has its own keys and values "
+                "(the key/value cache of a tiny forward, at two head counts)"
+            )
+        if kv1 == kv2 == 1:
+            return "1", (
+                "1: the key/value cache of a tiny forward holds one head at any head count "
+                "(multi-query or latent attention)"
+            )
+        raise PuzzleGenError(f"KV heads {kv1}, {kv2} at {h1}, {h2} attention heads: no rule")
+
+    def _other_heads(self):
+        text = self.tiny.get_text_config()
+        field = type(text).attribute_map.get("num_attention_heads", "num_attention_heads")
+        for heads in (text.num_attention_heads // 2, text.num_attention_heads * 2):
+            if heads < 1 or heads == text.num_attention_heads or text.hidden_size % heads:
+                continue
+            try:
+                config = self.config(**{field: heads})
+                self._cache_heads(config)
+                return config
+            except Exception:
+                continue
+        raise PuzzleGenError("no second head count builds")
+
+    def _cache_heads(self, config) -> int:
+        import torch
+
+        from .probe import build_model
+
+        torch.manual_seed(0)
+        model = build_model(self.source.causal_lm_cls, config, "cpu")
+        vocab = config.get_text_config().vocab_size
+        with torch.no_grad():
+            out = model(input_ids=torch.arange(6).unsqueeze(0) % vocab, use_cache=True)
+        keys = out.past_key_values.layers[0].keys
+        return int(keys.shape[1])
 
 
 def block_config_tree(fields: tuple[ConverterField, ...]) -> dict[str, Any]:
