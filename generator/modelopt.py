@@ -247,6 +247,9 @@ class ConverterField:
 # (AttentionConfig asserts num_key_value_heads, FFNConfig intermediate_size), also where the
 # descriptor cannot change them (no override): the converter then records the size the layer has.
 REQUIRED_SIZES = ("attention.num_key_value_heads", "ffn.intermediate_size")
+# config fields that name a KV-head count (a candidate where the layer reads one the override
+# inference did not confirm)
+KV_FIELDS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "n_head_kv")
 
 
 def converter_fields(spec: DescriptorSpec) -> tuple[ConverterField, ...]:
@@ -443,41 +446,42 @@ class _SizeProbe:
             return type(config).from_dict({**config.to_dict(), field: value})
 
     def kv_heads_rule(self) -> tuple[str, str]:
-        """The heads of the key/value cache a forward fills, where no config field sets them
-        alone: all the attention heads (multi-head attention) or one (multi-query, or a latent
-        cache), confirmed on a second head count."""
-        heads_attr = "num_attention_heads"
-        measured = []
-        for config in (self.tiny, self._other_heads()):
-            measured.append(
-                (config.get_text_config().num_attention_heads, self._cache_heads(config))
-            )
-        (h1, kv1), (h2, kv2) = measured
-        if kv1 == h1 and kv2 == h2:
-            return f"text_config.{heads_attr}", (
-                "config.num_attention_heads: every attention head has its own keys and values "
-                "(the key/value cache of a tiny forward, at two head counts)"
-            )
-        if kv1 == kv2 == 1:
-            return "1", (
-                "1: the key/value cache of a tiny forward holds one head at any head count "
-                "(multi-query or latent attention)"
-            )
-        raise PuzzleGenError(f"KV heads {kv1}, {kv2} at {h1}, {h2} attention heads: no rule")
-
-    def _other_heads(self):
+        """The heads of the key/value cache a forward fills, where no override sets them: all
+        the attention heads (multi-head attention), a KV-head field the layer reads without an
+        override, or one (multi-query, or a latent cache); the first candidate that equals the
+        cache's heads on the tiny config and on configs with another head count and another
+        value of each KV-head field."""
         text = self.tiny.get_text_config()
-        field = type(text).attribute_map.get("num_attention_heads", "num_attention_heads")
-        for heads in (text.num_attention_heads // 2, text.num_attention_heads * 2):
-            if heads < 1 or heads == text.num_attention_heads or text.hidden_size % heads:
+        heads = type(text).attribute_map.get("num_attention_heads", "num_attention_heads")
+        present = [f for f in KV_FIELDS if isinstance(getattr(text, f, None), int)]
+        count = text.num_attention_heads
+        variants = [(heads, h) for h in (count // 2, count * 2)]
+        for f in present:
+            variants += [(f, v) for v in (getattr(text, f) // 2, getattr(text, f) * 2)]
+        measured = [(text, self._cache_heads(self.tiny))]
+        for f, value in variants:
+            if value < 1 or text.hidden_size % value:
                 continue
             try:
-                config = self.config(**{field: heads})
-                self._cache_heads(config)
-                return config
-            except Exception:
+                config = self.config(**{f: value})
+                measured.append((config.get_text_config(), self._cache_heads(config)))
+            except Exception:  # a combination the config refuses
                 continue
-        raise PuzzleGenError("no second head count builds")
+        if len({(c.num_attention_heads, kv) for c, kv in measured}) < 2:
+            raise PuzzleGenError("no second configuration to confirm a KV-heads rule on")
+        candidates = [
+            ("text_config.num_attention_heads", "config.num_attention_heads: every attention "
+             "head has its own keys and values"),
+            *((f"text_config.{f}", f"config.{f}, which the layer reads without an override")
+              for f in present),
+            ("1", "1: one head at any head count (multi-query or latent attention)"),
+        ]  # fmt: skip
+        for expr, note in candidates:
+            if all(self.evaluate(expr, c) == kv for c, kv in measured):
+                n = len(measured)
+                return expr, f"{note} (the key/value cache of tiny forwards, {n} configs)"
+        found = ", ".join(f"{kv} at {c.num_attention_heads} heads" for c, kv in measured)
+        raise PuzzleGenError(f"cache heads {found}: no rule")
 
     def _cache_heads(self, config) -> int:
         import torch

@@ -5,12 +5,13 @@
 """Converter for ``llama``: one block config per decoder layer, from the config.
 
 Each size is read from the config field the modeling code reads, the same field the
-descriptor's overrides write back, so these block configs rebuild the model the config describes
+descriptor's overrides write back, so these block configs rebuild the model the config describes;
+a size no config field holds as a number comes from a rule measured on tiny models of the type
 (line numbers in transformers 5.23.0):
-- block_config.attention.num_key_value_heads <- config.num_key_value_heads
-  (read at modeling_llama.py:214)
-- block_config.ffn.intermediate_size <- config.intermediate_size
-  (read at modeling_llama.py:157)
+- block_config.attention.num_key_value_heads <- config.num_key_value_heads (read at
+  modeling_llama.py:214)
+- block_config.ffn.intermediate_size <- config.intermediate_size (read at
+  modeling_llama.py:157)
 - num_hidden_layers layers, every one of the same kind.
 """
 
