@@ -277,8 +277,9 @@ def converter_fields(spec: DescriptorSpec) -> tuple[ConverterField, ...]:
 
             note = f"config.{o.config_field} (read at {_location(o.read_at)})"
             fields.append(ConverterField(path, f"text_config.{o.config_field}", note))
+    moe = any(size.startswith("ffn.moe.") for size in seen)
     for size in REQUIRED_SIZES:
-        if size in seen:
+        if size in seen or (moe and size == "ffn.intermediate_size"):  # MoE: FFNConfig.moe
             continue
         derived = _derived(probe, size, None)
         if derived is None:
