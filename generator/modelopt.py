@@ -135,6 +135,11 @@ def spec_dummy_block(spec: DescriptorSpec) -> tuple[bool, tuple[str, ...]]:
     return spec.dummy_block.returns_tuple, spec.dummy_block.attributes
 
 
+def spec_no_op_stand_ins(spec: DescriptorSpec) -> set[str]:
+    """The no-op stand-in classes the descriptor's no-op methods use (Same, MatchingZeros...)."""
+    return {r.replacement for kind in SUBBLOCK_KINDS for r in _subblock(spec, kind).replacements}
+
+
 def spec_rebuilds_buffers(spec: DescriptorSpec) -> bool:
     """Whether some module keeps buffers a meta-device build leaves empty (rotary tables...)."""
     return bool(spec.rebuilt_buffers)
@@ -225,10 +230,11 @@ def command(spec: DescriptorSpec, out: str | None, target: str, layout: str) -> 
     """The command line that regenerates a file of `target` / `layout` (its header says it)."""
     from .render import spec_command
 
-    base = spec_command(spec, out)
+    base = spec_command(spec, None)
+    out_flag = spec_command(spec, out)[len(base) :]  # " --out DIR", quoted and checked
     flags = f" --target {target}" if target != PUZZLETRON else ""
     flags += f" --layout {layout}" if layout != PACKAGE else ""
-    return base + flags
+    return base + flags + out_flag
 
 
 # -- the converter -----------------------------------------------------------------------------
@@ -874,6 +880,7 @@ class ModeloptView:
     dummy_returns_tuple: bool
     dummy_attributes: tuple[str, ...]
     rebuild_buffers: bool  # write _rebuild_buffers into the module
+    pass_residual: bool  # write PassResidual into the module
 
 
 def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, command_line: str):
@@ -906,6 +913,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         if not is_identifier(a):
             raise PuzzleGenError(f"refusing to render the layer attribute {a!r}")
     has_rebuild = spec_rebuilds_buffers(spec)
+    pass_residual = "PassResidual" in spec_no_op_stand_ins(spec)
     view = ModeloptView(
         prefix=names.prefix,
         exports=tuple(exports),
@@ -918,6 +926,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         dummy_returns_tuple=returns_tuple,
         dummy_attributes=attributes,
         rebuild_buffers=has_rebuild,
+        pass_residual=pass_residual,
     )
     return Target(
         module_for=lambda sub: module_for(sub, MODELOPT, layout),
@@ -925,7 +934,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         first_party=first,
         stdlib=("from dataclasses import dataclass, field",) if exports else (),
         command=command_line,
-        inline_rebuild=True,
+        inline=frozenset({"rebuild_buffers", "PassResidual"}),
         template_vars={"registration_name": names.registration, "modelopt": view},
     )
 

@@ -44,6 +44,7 @@ _TEMPLATE_NAMES = {
     "return_tuple_of_size", "DummyBlock",
     # the Model Optimizer target's (templates/modelopt_descriptor.py.j2)
     "PreTrainedModel", "dataclass", "field", "_rebuild_buffers", "_TupleDummyBlock",
+    "PassResidual",
 }  # fmt: skip
 
 
@@ -123,7 +124,9 @@ class Target:
     first_party: dict[str, frozenset[str]] = field(default_factory=dict)  # submodule -> names
     stdlib: tuple[str, ...] = ()  # more import lines before `from typing import Any`
     command: str | None = None
-    inline_rebuild: bool = False  # the buffer rebuild is written into the module, not imported
+    # runtime names the module defines itself instead of importing them ("rebuild_buffers",
+    # no-op stand-ins such as "PassResidual")
+    inline: frozenset[str] = frozenset()
     template_vars: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,11 +162,12 @@ def _import_lines(spec: DescriptorSpec, target: Target = Target()) -> list[str]:
         module_for("block_config"): {"BlockConfig"},
         module_for("model_descriptor"): {"ModelDescriptor", "ModelDescriptorFactory"},
     }
+    no_op -= target.inline
     if no_op:
         first[module_for("puzzformer.no_op")] = no_op
     if spec.dummy_block.returns_tuple or spec.dummy_block.attributes:
         first[module_for("utils.dummy_modules")] = {"DummyBlock"}
-    if spec.rebuilt_buffers and not target.inline_rebuild:
+    if spec.rebuilt_buffers and "rebuild_buffers" not in target.inline:
         first[module_for("buffers")] = {"rebuild_buffers"}
     for submodule, names in target.first_party.items():
         first.setdefault(module_for(submodule), set()).update(names)
