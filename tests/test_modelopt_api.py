@@ -1,0 +1,486 @@
+"""Generated Model Optimizer descriptors, proven with Model Optimizer itself.
+
+Runs in the Model Optimizer environment (`make test-modelopt`: nvidia-modelopt 0.47 and a
+transformers inside its range); skipped where modelopt is not importable. For every type the
+default target verifies (generated/coverage.json) that this transformers knows, the descriptor
+and converter are generated here, under this environment's transformers, into a temporary
+directory as `--layout modelopt-tree` writes them, and imported as a subpackage of Model
+Optimizer's own `anymodel.models` (so their relative imports resolve as in a pull request).
+"""
+
+import atexit
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+anymodel = pytest.importorskip("modelopt.torch.puzzletron.anymodel")
+
+from modelopt.torch.puzzletron.anymodel import convert_model  # noqa: E402
+from modelopt.torch.puzzletron.anymodel.converter import Converter, ConverterFactory  # noqa: E402
+from modelopt.torch.puzzletron.anymodel.model_descriptor import (  # noqa: E402
+    ModelDescriptor,
+    ModelDescriptorFactory,
+)
+from modelopt.torch.puzzletron.anymodel.puzzformer import deci_x_patcher  # noqa: E402
+from modelopt.torch.puzzletron.block_config import BlockConfig  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from generator import modelopt  # noqa: E402
+from generator.cli import main  # noqa: E402
+from generator.infer import infer  # noqa: E402
+from generator.probe import build_model, quiet_transformers  # noqa: E402
+from generator.source import known_model_types, resolve  # noqa: E402
+from generator.tiny import default_config, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.modelopt
+
+ROOT = Path(__file__).resolve().parent.parent
+_COVERAGE = json.loads((ROOT / "generated" / "coverage.json").read_text())["types"]
+VERIFIED = sorted(t for t, row in _COVERAGE.items() if row["status"] == "verified")
+KNOWN = set(known_model_types())
+MODEL_TYPES = [t for t in VERIFIED if t in KNOWN]
+# `make test-modelopt MO_TYPES="llama gpt2"`: a sample (CI's), never a type outside the verified
+_SAMPLE = os.environ.get("PUZZLE_GEN_MO_TYPES", "").split()
+if _SAMPLE:
+    assert set(_SAMPLE) <= set(MODEL_TYPES), sorted(set(_SAMPLE) - set(MODEL_TYPES))
+    MODEL_TYPES = [t for t in MODEL_TYPES if t in _SAMPLE]
+BY_TYPE = [pytest.param(t, marks=pytest.mark.xdist_group(f"mo-{t}"), id=t) for t in MODEL_TYPES]
+if not _SAMPLE:  # verified types this transformers does not have: reported as skips
+    BY_TYPE += [
+        pytest.param(t, marks=pytest.mark.skip(reason="not in this transformers"), id=t)
+        for t in VERIFIED
+        if t not in KNOWN
+    ]
+# the hand-written Model Optimizer descriptor of the same model (the name it registers under)
+HAND_WRITTEN = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral_small"}
+# what Model Optimizer registered before any generated module was imported
+REGISTERED_BEFORE = (set(ModelDescriptorFactory.CLASS_MAPPING), set(ConverterFactory.CLASS_MAPPING))
+PACKAGE = "modelopt.torch.puzzletron.anymodel.models"
+OUT = Path(tempfile.mkdtemp(prefix="modelopt-tree-"))
+atexit.register(shutil.rmtree, OUT, True)
+
+
+@lru_cache(maxsize=None)
+def tree(model_type):
+    """Generate `model_type` for Model Optimizer (tree layout) and import it the way a pull
+    request's `from .<name> import *` in models/__init__.py would."""
+    args = ["generate", model_type, "--target", "modelopt", "--layout", "modelopt-tree"]
+    assert main([*args, "--out", str(OUT)]) == 0
+    names = modelopt.names_for(spec_of(model_type), "modelopt")
+    name, path = names.registration, OUT / "models" / names.package
+    qualified = f"{PACKAGE}.{names.package}"
+    spec = importlib.util.spec_from_file_location(
+        qualified, path / "__init__.py", submodule_search_locations=[str(path)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[qualified] = module
+    spec.loader.exec_module(module)
+    return SimpleNamespace(
+        name=name,
+        path=path,
+        module=module,
+        descriptor=ModelDescriptorFactory.get(name),
+        converter=ConverterFactory.get(name),
+    )
+
+
+@lru_cache(maxsize=None)
+def spec_of(model_type):
+    return infer(model_type)
+
+
+def tiny(model_type, **extra):
+    with quiet_transformers():
+        return tiny_config(resolve(model_type).config_cls, **extra)
+
+
+def tiny_model(model_type, config):
+    torch.manual_seed(0)
+    return build_model(resolve(model_type).causal_lm_cls, config, "cpu")
+
+
+def ids_for(config):
+    vocab = config.get_text_config().vocab_size
+    return torch.arange(36).reshape(3, 12) % vocab  # batch 3: a forgotten tuple cannot hide
+
+
+def first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def test_the_registration_rule_knows_every_name_model_optimizer_registers():
+    descriptors, converters = REGISTERED_BEFORE
+    assert descriptors == converters == set(modelopt.MODELOPT_REGISTERED)
+
+
+@pytest.mark.parametrize("model_type", BY_TYPE)
+def test_module_imports_subclasses_and_registers(model_type):
+    t = tree(model_type)
+    assert isinstance(t.descriptor, type) and issubclass(t.descriptor, ModelDescriptor)
+    assert isinstance(t.converter, type) and issubclass(t.converter, Converter)
+    assert t.name not in REGISTERED_BEFORE[0]  # never one of Model Optimizer's own names
+    assert t.descriptor.__module__.startswith(f"{PACKAGE}.{t.path.name}.")
+    assert t.descriptor.mlp_no_op_supported() and t.descriptor.attn_no_op_supported()
+    assert set(t.descriptor.pruning_mixins()) <= {"ffn_intermediate", "kv_heads"}
+    # a drop-in file: Model Optimizer (relative imports), transformers and torch only
+    for path in t.path.glob("*.py"):
+        imported = re.findall(r"^(?:from|import) (\S+)", path.read_text(), re.M)
+        assert {m.split(".")[0] for m in imported} <= {
+            "",
+            "re",
+            "typing",
+            "dataclasses",
+            "torch",
+            "transformers",
+        }, path
+
+
+def test_package_layout_imports_with_absolute_imports(tmp_path):
+    """`--target modelopt` without the tree layout: a package importing modelopt absolutely."""
+    assert main(["generate", "qwen3", "--target", "modelopt", "--out", str(tmp_path)]) == 0
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import qwen3_generated as m\n"
+        "from modelopt.torch.puzzletron.anymodel.converter import ConverterFactory\n"
+        "from modelopt.torch.puzzletron.anymodel.model_descriptor import ModelDescriptorFactory\n"
+        "assert ModelDescriptorFactory.get('qwen3_generated') is m.Qwen3GeneratedModelDescriptor\n"
+        "assert ConverterFactory.get('qwen3_generated') is m.Qwen3GeneratedConverter\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+
+
+# -- Model Optimizer's deci_x_patcher finds a layer's index by name in the calling frames -------
+
+
+def loop_variable(model_type) -> str | None:
+    """The variable the modeling code's layer-stack construction iterates with (read from the
+    line the spec cites), e.g. `layer_idx` in `[LlamaDecoderLayer(config, layer_idx) for
+    layer_idx in range(...)]`."""
+    spec = spec_of(model_type)
+    file, line = spec.layer_stack_at.rsplit(":", 1)
+    module = sys.modules[resolve(model_type).causal_lm_cls.__module__]
+    lines = Path(module.__file__).read_text().splitlines()
+    text = " ".join(lines[int(line) - 1 : int(line) + 3])
+    found = re.search(r"for (\w+) in ", text)
+    return found.group(1) if found else None
+
+
+def patcher_finds_the_index(model_type) -> bool:
+    """Model Optimizer's patcher looks for a variable named layer_idx or idx up the stack."""
+    return loop_variable(model_type) in ("layer_idx", "idx")
+
+
+def expect_patcher(model_type):
+    """A context: Model Optimizer's own patcher either works, or fails exactly where the
+    modeling code names its loop variable otherwise (a Model Optimizer limit, not ours)."""
+    if patcher_finds_the_index(model_type):
+        return _nothing()
+    return pytest.raises(RuntimeError, match=r"\['layer_idx', 'idx'\] not found in caller stack")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load_converted(descriptor, out_dir):
+    """Load a converted checkpoint as Model Optimizer's sharded loader does for one rank owning
+    every block: built on the meta device through its deci_x_patcher with the block configs of
+    config.json, the subblock tensors assigned, tied weights re-tied, then the buffers rebuilt
+    through the descriptor's init_rotary_embedding."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(out_dir)
+    block_configs = config.block_configs
+    with quiet_transformers():
+        with deci_x_patcher(descriptor, block_configs), torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    index = json.loads((Path(out_dir) / "model.safetensors.index.json").read_text())
+    state = {}
+    for file in sorted(set(index["weight_map"].values())):
+        state.update(load_file(str(Path(out_dir) / file)))
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    assert not on_meta, on_meta
+    descriptor.init_rotary_embedding(model, SimpleNamespace(device=torch.device("cpu")))
+    assert not [n for n, b in model.named_buffers() if b.is_meta]
+    return model.eval(), block_configs, index
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("model_type", BY_TYPE)
+def test_convert_model_round_trip_gives_the_original_logits(model_type, tie, tmp_path):
+    """Model Optimizer's own convert_model with our descriptor and converter, loaded back
+    through its deci_x_patcher (buffers rebuilt by the descriptor's inline helper): the
+    original model's logits, bit for bit."""
+    t = tree(model_type)
+    config = tiny(model_type, tie_word_embeddings=tie)
+    original = tiny_model(model_type, config).eval()
+    original.save_pretrained(tmp_path / "hf")
+    convert_model(str(tmp_path / "hf"), str(tmp_path / "anymodel"), converter=t.name)
+    converted = tmp_path / "anymodel"
+    block_configs = json.loads((converted / "config.json").read_text())["block_configs"]
+    assert block_configs == t.converter.create_block_configs_from_main_config(config)
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    n = config.get_text_config().num_hidden_layers
+    groups = {Path(f).stem for f in index["weight_map"].values()}
+    expected = {"embeddings", "lm_head"} | {
+        f"block_{i}_{kind}" for i in range(n) for kind in ("attention", "ffn")
+    }
+    if tie and "lm_head" not in groups:  # tied head, weightless final norm (OLMo): no tensor
+        expected.discard("lm_head")
+    assert groups == expected
+    with expect_patcher(model_type):
+        model, _, _ = _load_converted(t.descriptor, converted)
+    if not patcher_finds_the_index(model_type):
+        return
+    with torch.no_grad():
+        expected = original(input_ids=ids_for(config)).logits
+        got = model(input_ids=ids_for(config)).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def _overridden(model_type):
+    """{block-config size: config field} the descriptor overrides."""
+    spec = spec_of(model_type)
+    return {
+        o.block_config_attr: o.config_field
+        for kind in modelopt.SUBBLOCK_KINDS
+        for o in modelopt.spec_overrides(spec, kind)
+    }
+
+
+@pytest.mark.parametrize("model_type", BY_TYPE)
+def test_patcher_builds_heterogeneous_block_configs(model_type):
+    """Model Optimizer's deci_x_patcher with a list of its own BlockConfigs: no-op subblocks
+    drop their tensors, a layer of both no-ops is an identity, and a layer with smaller sizes
+    (for each size the descriptor overrides) has the shapes transformers builds from a config
+    with those sizes."""
+    t = tree(model_type)
+    config = tiny(model_type)
+    text = config.get_text_config()
+    base = t.converter.create_block_configs_from_main_config(config)
+    narrow, reference_fields = json.loads(json.dumps(base[2])), {}
+    for size, field in _overridden(model_type).items():
+        kind, attr = size.split(".")
+        if attr == "num_key_value_heads":
+            value = 1
+        else:
+            value = max(8, base[2][kind][attr] // 2)
+        narrow[kind][attr] = value
+        reference_fields[field] = value
+    blocks = [
+        {**base[0], "attention": {"no_op": True}},
+        {**base[1], "ffn": {"no_op": True}},
+        narrow,
+        {"attention": {"no_op": True}, "ffn": {"no_op": True}},
+        *base[4:],
+    ]
+    blocks = [BlockConfig(**b) for b in blocks]
+    with expect_patcher(model_type):
+        with deci_x_patcher(t.descriptor, blocks):
+            model = tiny_model(model_type, config).eval()
+    if not patcher_finds_the_index(model_type):
+        return
+    names = list(model.state_dict())
+    groups = t.descriptor.get_weight_groups(names, text.num_hidden_layers)
+    spec = spec_of(model_type)
+    cores = {kind: modelopt.spec_cores(spec, kind) for kind in modelopt.SUBBLOCK_KINDS}
+
+    def has(layer, kind):  # a tensor of the subblock's core modules is left in that layer
+        prefix = t.descriptor.layer_block_name(layer)
+        return any(n.startswith(f"{prefix}.{c}.") for n in names for c in cores[kind])
+
+    assert not has(0, "attention") and has(0, "ffn")
+    assert not has(1, "ffn") and has(1, "attention")
+    assert not has(3, "attention") and not has(3, "ffn")
+    assert "block_3_ffn" not in groups
+    reference = tiny_model(model_type, tiny(model_type, **reference_fields))
+    ref_shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    state = model.state_dict()
+    for name in groups["block_2_attention"] + groups["block_2_ffn"]:
+        assert state[name].shape == ref_shapes[name], name
+    seen = {}
+    layer = model.get_submodule(t.descriptor.layer_block_name(3))
+    hook = layer.register_forward_hook(
+        lambda _m, args, kwargs, out: seen.update(
+            x=args[0] if args else kwargs["hidden_states"], y=out
+        ),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        model(input_ids=ids_for(config))
+    hook.remove()
+    assert torch.equal(first(seen["y"]), seen["x"])
+
+
+@pytest.mark.parametrize("model_type", BY_TYPE)
+def test_dummy_blocks_pass_the_hidden_states_through_the_model_loop(model_type):
+    """Every layer replaced by the descriptor's create_dummy_block (what Model Optimizer's
+    sharded loader does with the layers another rank owns): the model loop runs, and what
+    reaches the final norm (or the head) is what entered the first layer."""
+    t = tree(model_type)
+    config = tiny(model_type)
+    model = tiny_model(model_type, config).eval()
+    n = config.get_text_config().num_hidden_layers
+    stack = model.get_submodule(t.descriptor.layer_block_name(0).rpartition(".")[0])
+    for i in range(n):
+        stack[i] = t.descriptor.create_dummy_block(stack[i], i)
+    after = t.descriptor.final_norm_name() or t.descriptor.output_embedding_name()
+    seen = {}
+
+    def entered(_m, args, kwargs):
+        seen.setdefault("in", args[0] if args else kwargs["hidden_states"])
+
+    def left(_m, args):
+        seen.setdefault("out", args[0])
+
+    hooks = [
+        stack[0].register_forward_pre_hook(entered, with_kwargs=True),
+        model.get_submodule(after).register_forward_pre_hook(left),
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids_for(config))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(seen["out"], seen["in"])
+
+
+@pytest.mark.parametrize("model_type", BY_TYPE)
+def test_pruning_layer_descriptors_address_the_model(model_type):
+    """Model Optimizer's mixins find what our layer descriptors name: its hook targets are each
+    layer's output projection, and every weight it slices exists with the sliced width."""
+    t = tree(model_type)
+    config = tiny(model_type)
+    text = config.get_text_config()
+    model = tiny_model(model_type, config)
+    state = model.state_dict()
+    mixins = t.descriptor.pruning_mixins()
+    n = text.num_hidden_layers
+    for mixin in mixins.values():
+        hooked = mixin.get_module_names_to_hook(model)
+        suffix = mixin.layer_descriptor.module_name_regex()
+        assert hooked == [(i, f"{t.descriptor.layer_block_name(i)}.{suffix}") for i in range(n)]
+    block = t.converter.create_block_configs_from_main_config(config)[0]
+    if "ffn_intermediate" in mixins:
+        ffn = mixins["ffn_intermediate"].layer_descriptor
+        down = ffn.down_proj_name.rsplit(".", 1)[-1]
+        for i in range(n):
+            for name in ffn.linear_weight_names:
+                weight = state[f"{ffn.ffn_prefix(i)}.{name}.weight"]
+                assert weight.shape[1 if name == down else 0] == block["ffn"]["intermediate_size"]
+    if "kv_heads" in mixins:
+        kv = mixins["kv_heads"].layer_descriptor
+        for i in range(n):
+            q, k, v, o = (state[f"{kv.attn_prefix(i)}.{p}.weight"] for p in kv.qkvo_weight_names)
+            head_dim = q.shape[0] // text.num_attention_heads
+            kv_heads = block["attention"]["num_key_value_heads"]
+            assert k.shape[0] == v.shape[0] == kv_heads * head_dim
+            assert o.shape[1] == q.shape[0]
+
+
+# -- against Model Optimizer's hand-written descriptors ------------------------------------
+
+
+def _names(model_type, config, device):
+    return list(build_model(resolve(model_type).causal_lm_cls, config, device).state_dict())
+
+
+def _fields(obj):
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def theirs(model_type):
+    return SimpleNamespace(
+        descriptor=ModelDescriptorFactory.get(HAND_WRITTEN[model_type]),
+        converter=ConverterFactory.get(HAND_WRITTEN[model_type]),
+    )
+
+
+@pytest.mark.parametrize("model_type", sorted(HAND_WRITTEN))
+def test_equal_to_model_optimizers_hand_written_descriptor(model_type):
+    ours, hand = tree(model_type), theirs(model_type)
+    assert ours.descriptor is not hand.descriptor
+    for method in ("input_embedding_name", "output_embedding_name", "final_norm_name"):
+        assert getattr(ours.descriptor, method)() == getattr(hand.descriptor, method)(), method
+    assert ours.descriptor.layer_block_name(7) == hand.descriptor.layer_block_name(7)
+    assert ours.descriptor.decoder_layer_cls() is hand.descriptor.decoder_layer_cls()
+    with quiet_transformers():
+        default = default_config(resolve(model_type).config_cls)
+    for config, device in ((tiny(model_type), "cpu"), (default, "meta")):
+        n = config.num_hidden_layers
+        names = _names(model_type, config, device)
+        mine = {k: sorted(v) for k, v in ours.descriptor.get_weight_groups(names, n).items()}
+        their = {k: sorted(v) for k, v in hand.descriptor.get_weight_groups(names, n).items()}
+        assert mine == their
+        mine_blocks = ours.converter.create_block_configs_from_main_config(config)
+        assert mine_blocks == hand.converter.create_block_configs_from_main_config(config)
+        block = BlockConfig(**mine_blocks[0])
+        assert ours.descriptor.block_config_to_layer_overrides(
+            block
+        ) == hand.descriptor.block_config_to_layer_overrides(block)
+    # the no-op plans replace the same children by the same stand-ins
+    layer_cls = ours.descriptor.decoder_layer_cls()
+    config = tiny(model_type)
+    for method in ("attn_no_op_post_init", "mlp_no_op_post_init"):
+        a, b = layer_cls(config, 0), layer_cls(config, 0)
+        getattr(ours.descriptor, method)(a)
+        getattr(hand.descriptor, method)(b)
+        assert {k: type(v) for k, v in a.named_children()} == {
+            k: type(v) for k, v in b.named_children()
+        }, method
+
+
+@pytest.mark.parametrize("model_type", sorted(HAND_WRITTEN))
+def test_rotary_rebuild_equals_model_optimizers(model_type):
+    """Theirs constructs the rotary module anew; ours rebuilds every empty buffer through
+    _init_weights: the same buffers."""
+    ours, hand = tree(model_type), theirs(model_type)
+    config = tiny(model_type)
+    runtime = SimpleNamespace(device=torch.device("cpu"))
+    models = []
+    for descriptor in (ours.descriptor, hand.descriptor):
+        model = build_model(resolve(model_type).causal_lm_cls, config, "meta")
+        descriptor.init_rotary_embedding(model, runtime)
+        models.append(dict(model.named_buffers()))
+    mine, their = models
+    names = [n for n in their if "inv_freq" in n]
+    assert names
+    for name in names:
+        assert torch.equal(mine[name], their[name]), name
+
+
+@pytest.mark.parametrize("model_type", sorted(HAND_WRITTEN))
+def test_layer_descriptors_equal_model_optimizers(model_type):
+    hand_module = sys.modules[theirs(model_type).descriptor.__module__]
+    mixins = tree(model_type).descriptor.pruning_mixins()
+    ours = {
+        "FFNIntermediateLayerDescriptor": mixins["ffn_intermediate"].layer_descriptor,
+        "KVHeadsLayerDescriptor": mixins["kv_heads"].layer_descriptor,
+    }
+    compared = 0
+    for name, obj in vars(hand_module).items():
+        for base, mine in ours.items():
+            if isinstance(obj, type) and name.endswith(base) and name != base:
+                assert _fields(obj()) == _fields(mine), name
+                compared += 1
+    assert compared >= 1  # Model Optimizer's qwen2 has an FFN descriptor only; ours adds KV
