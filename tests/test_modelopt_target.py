@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from generator.probe import build_model, quiet_transformers
 from generator.source import resolve
 from generator.tiny import default_config, tiny_config
 from puzzletron_runtime import deci_x_patcher
+from puzzletron_runtime.block_config import BlockConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 _COVERAGE = json.loads((ROOT / "generated" / "coverage.json").read_text())["types"]
@@ -76,17 +78,58 @@ def render_modelopt(spec, pruning=NO_PRUNING, layout="package"):
 
 
 # -- converters --------------------------------------------------------------------------------
+# Types whose layers a block config cannot describe (the reason generate prints, in part).
+NO_CONVERTER = {
+    # token mixers with neither KV heads (no key/value cache) nor Mamba sizes: LFM2 / LFM3
+    # short convolutions, MiniMax's lightning (linear) attention
+    "lfm2": "attention.num_key_value_heads of Lfm2DecoderLayer with conv",
+    "lfm3": "attention.num_key_value_heads of Lfm3DecoderLayer with conv",
+    "minimax": "attention.num_key_value_heads of MiniMaxDecoderLayer with self_attn: MiniMaxLightning",
+}
 
 
 def test_every_verified_type_has_a_converter_that_check_covers():
     for t in VERIFIED:
         package, _ = generated._DESCRIPTORS[t]
-        text = (ROOT / "generated" / package / f"{package}_converter.py").read_text()
+        path = ROOT / "generated" / package / f"{package}_converter.py"
+        if t in NO_CONVERTER:
+            assert not path.exists(), t
+            continue
+        text = path.read_text()
         assert "puzzletron_runtime.block_config" in text and "modelopt" not in text
         assert "Regenerate: puzzle-gen generate" in text  # the header `check` regenerates from
 
 
-@pytest.mark.parametrize("model_type", BY_TYPE)
+@pytest.mark.parametrize("model_type", sorted(t for t in NO_CONVERTER if t in VERIFIED))
+def test_no_converter_says_which_size_of_which_kind(model_type):
+    with pytest.raises(PuzzleGenError, match=re.escape(NO_CONVERTER[model_type])):
+        modelopt.render_converter(spec_of(model_type))
+
+
+CONVERTED = [p for p in BY_TYPE if p.values[0] not in NO_CONVERTER]
+# Mamba-1 mixers: no heads, head width or groups; Model Optimizer's MambaConfig (a Mamba-2
+# description) requires them, so only our runtime's converter is written
+MAMBA_1 = {"mamba", "falcon_mamba", "jamba"}
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t in MAMBA_1 if t in VERIFIED))
+def test_a_mamba_1_mixer_has_no_model_optimizer_converter(model_type):
+    spec = spec_of(model_type)
+    text = modelopt.render_converter(spec)  # ours: the sizes it has
+    assert "attention.mamba.num_heads, head_dim, num_groups: None" in " ".join(text.split())
+    with pytest.raises(PuzzleGenError, match="no config field sets attention.mamba.num_heads"):
+        modelopt.render_converter(spec, target="modelopt")
+
+
+def layer_parts(block):
+    """("no_op" | "kv" | "mamba", "no_op" | "dense" | "moe") of a block config dict."""
+    a, f = block["attention"], block["ffn"]
+    attention = "no_op" if a["no_op"] else "mamba" if a.get("mamba") else "kv"
+    ffn = "no_op" if f["no_op"] else "moe" if f.get("moe") else "dense"
+    return attention, ffn
+
+
+@pytest.mark.parametrize("model_type", CONVERTED)
 def test_converter_block_configs_rebuild_every_tensor_shape(model_type):
     converter = converter_of(model_type)
     for label, config, device in configs(model_type):
@@ -94,16 +137,146 @@ def test_converter_block_configs_rebuild_every_tensor_shape(model_type):
         text = config.get_text_config()
         assert len(block_configs) == text.num_hidden_layers, label
         for b in block_configs:  # config.json form, every size Model Optimizer asserts on
-            assert isinstance(b["attention"]["num_key_value_heads"], int), label
-            assert isinstance(b["ffn"]["intermediate_size"], int), label
+            assert BlockConfig.from_dict(b).to_dict() == b, label
+            attention, ffn = layer_parts(b)
+            if attention == "kv":
+                assert isinstance(b["attention"]["num_key_value_heads"], int), label
+            if attention == "mamba":  # a state size at least; None: the model's own
+                mamba = b["attention"]["mamba"]
+                assert isinstance(mamba["state_dim"], int), label
+                assert all(v is None or isinstance(v, int) for v in mamba.values()), label
+                if model_type not in MAMBA_1:  # Model Optimizer's MambaConfig needs all four
+                    assert all(isinstance(v, int) for v in mamba.values()), label
+            if ffn == "dense":
+                assert isinstance(b["ffn"]["intermediate_size"], int), label
+            if ffn == "moe":
+                moe = b["ffn"]["moe"]
+                assert all(
+                    isinstance(moe[k], int)
+                    for k in ("num_local_experts", "num_experts_per_tok", "expert_intermediate_dim")
+                ), label
         original = shapes(build_model(resolve(model_type).causal_lm_cls, config, device))
         assert rebuilt_shapes(model_type, config, block_configs, device) == original, label
 
 
-@pytest.mark.parametrize("model_type", BY_TYPE)
+def _new_value(size, current, text):
+    """Another value of a block-config size, as the override inference probes them."""
+    from generator.overrides import _fewer_heads, _other_size
+
+    if size == "attention.num_key_value_heads":
+        return _fewer_heads(current, text)
+    if size == "ffn.moe.num_local_experts":
+        return current + 2
+    if size == "ffn.moe.num_experts_per_tok":
+        return None  # changes no shape
+    return _other_size(current, text)
+
+
+def _leaf(block, size):
+    node = block
+    for part in size.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            return None
+        node = node[part]
+    return node
+
+
+def _set_leaf(block, size, value):
+    block = json.loads(json.dumps(block))
+    node = block
+    *parents, last = size.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return block
+
+
+@pytest.mark.parametrize("model_type", CONVERTED)
+def test_each_block_config_addresses_its_own_layer(model_type):
+    """The per-layer pattern: changing one size of block i alone (each size the descriptor
+    overrides and that block holds) changes tensor shapes of layer i and of no other layer.
+    A block config of the wrong kind for its layer (expert sizes for a dense layer, a Mamba
+    state for an attention) changes nothing there, and fails."""
+    descriptor = generated.get_descriptor(model_type)
+    source = resolve(model_type)
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    text = config.get_text_config()
+    blocks = converter_of(model_type).create_block_configs_from_main_config(config)
+    sizes = {o.block_config_attr for o in spec_of(model_type).overrides}
+    base = rebuilt_shapes(model_type, config, blocks, "meta")
+    tried = 0
+    for i, block in enumerate(blocks):
+        for size in sorted(sizes):
+            current = _leaf(block, size)
+            if current is None:
+                continue
+            value = _new_value(size, current, text)
+            if value is None:
+                continue
+            changed = rebuilt_shapes(
+                model_type, config, [*blocks[:i], _set_leaf(block, size, value), *blocks[i + 1 :]],
+                "meta",
+            )  # fmt: skip
+            layers = {
+                k[len(descriptor.layer_block_name(0)) - 1 :].split(".")[0]
+                for k in set(base) | set(changed)
+                if base.get(k) != changed.get(k)
+                and k.startswith(descriptor.layer_block_name(0)[:-1])
+            }
+            outside = {
+                k
+                for k in set(base) | set(changed)
+                if base.get(k) != changed.get(k)
+                and not k.startswith(descriptor.layer_block_name(0)[:-1])
+            }
+            assert layers == {str(i)} and not outside, (i, size, value, layers, outside)
+            tried += 1
+    assert tried >= len(blocks)  # every layer has at least one size it is addressed by
+
+
+# Configs whose per-layer pattern differs from the default and the tiny one, with the parts
+# each layer must get, written from the config's own documentation of its pattern fields.
+PATTERNS = {
+    "nemotron_h": (
+        {"num_hidden_layers": 6, "hybrid_override_pattern": "M*-EM-"},
+        [("mamba", "no_op"), ("kv", "no_op"), ("no_op", "dense"), ("no_op", "moe"),
+         ("mamba", "no_op"), ("no_op", "dense")],
+    ),
+    "qwen3_next": (
+        {"num_hidden_layers": 3,
+         "layer_types": ["full_attention", "linear_attention", "full_attention"]},
+        [("kv", "moe"), ("mamba", "moe"), ("kv", "moe")],
+    ),
+    "deepseek_v3": (
+        {"num_hidden_layers": 3, "first_k_dense_replace": 2},
+        [("kv", "dense"), ("kv", "dense"), ("kv", "moe")],
+    ),
+    "jamba": (
+        {"num_hidden_layers": 4, "attn_layer_period": 2, "attn_layer_offset": 0,
+         "expert_layer_period": 4, "expert_layer_offset": 3},
+        [("kv", "dense"), ("mamba", "dense"), ("kv", "dense"), ("mamba", "moe")],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", sorted(t for t in PATTERNS if t in VERIFIED))
+def test_converter_reads_the_pattern_of_any_config(model_type):
+    changes, expected = PATTERNS[model_type]
+    source = resolve(model_type)
+    with quiet_transformers():
+        config = tiny_config(source.config_cls, **changes)
+    blocks = converter_of(model_type).create_block_configs_from_main_config(config)
+    parts = [layer_parts(b) for b in blocks]
+    assert parts == expected
+    original = shapes(build_model(source.causal_lm_cls, config, "meta"))
+    assert rebuilt_shapes(model_type, config, blocks, "meta") == original
+
+
+@pytest.mark.parametrize("model_type", CONVERTED)
 def test_converter_kv_heads_are_the_heads_of_the_key_value_cache(model_type):
     """What Model Optimizer counts as KV heads (KV-cache memory, KV-head pruning) is the head
-    dimension of the cache a forward fills."""
+    dimension of the cache a forward fills, in every layer that fills keys and values."""
     source = resolve(model_type)
     with quiet_transformers():
         config = tiny_config(source.config_cls)
@@ -111,26 +284,41 @@ def test_converter_kv_heads_are_the_heads_of_the_key_value_cache(model_type):
     model = build_model(source.causal_lm_cls, config, "cpu")
     ids = torch.arange(6).unsqueeze(0) % config.get_text_config().vocab_size
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
-    block, *_ = converter_of(model_type).create_block_configs_from_main_config(config)
-    assert block["attention"]["num_key_value_heads"] == cache.layers[0].keys.shape[1]
+        out = model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    blocks = converter_of(model_type).create_block_configs_from_main_config(config)
+    checked = 0
+    for i, block in enumerate(blocks):
+        if layer_parts(block)[0] != "kv":
+            continue
+        layer = cache.layers[i]
+        assert block["attention"]["num_key_value_heads"] == layer.keys.shape[1], i
+        checked += 1
+    assert checked or all(layer_parts(b)[0] != "kv" for b in blocks)
 
 
-@pytest.mark.parametrize("model_type", BY_TYPE)
+@pytest.mark.parametrize("model_type", CONVERTED)
 def test_converter_follows_the_fields_the_overrides_write(model_type):
-    """Another value of each overridden config field gives block configs with that value."""
+    """Another value of each overridden config field gives block configs with that value, in
+    every layer whose block holds that size."""
     source = resolve(model_type)
     converter = converter_of(model_type)
     spec = spec_of(model_type)
-    for kind in modelopt.SUBBLOCK_KINDS:
-        for o in modelopt.spec_overrides(spec, kind):
-            _, attr = o.block_config_attr.split(".")
-            value = 1 if attr == "num_key_value_heads" else 48
-            with quiet_transformers():
-                config = tiny_config(source.config_cls, **{o.config_field: value})
-            block = converter.create_block_configs_from_main_config(config)[0]
-            assert block[kind][attr] == value, o.config_field
-            assert not block[kind]["no_op"]
+    with quiet_transformers():
+        base = tiny_config(source.config_cls).get_text_config()
+    for o in spec.overrides:
+        value = _new_value(o.block_config_attr, getattr(base, o.config_field), base)
+        if o.block_config_attr == "ffn.moe.num_experts_per_tok":
+            value = getattr(base, o.config_field) - 1 or 2
+        if value is None:
+            continue
+        with quiet_transformers():
+            config = tiny_config(source.config_cls)
+        setattr(config.get_text_config(), o.config_field, value)  # nested: the text config's
+        blocks = converter.create_block_configs_from_main_config(config)
+        held = [_leaf(b, o.block_config_attr) for b in blocks]
+        held = [v for v in held if v is not None]
+        assert held and set(held) == {value}, (o.config_field, held)
 
 
 def test_shape_check_catches_a_converter_reading_the_wrong_field():
@@ -152,22 +340,65 @@ def test_shape_check_catches_a_converter_reading_the_wrong_field():
     }
 
 
+def test_pattern_check_catches_a_converter_of_one_kind_for_a_mixed_stack():
+    """The per-layer checks can fail: DeepSeek-V3's block configs with the first layer's (dense)
+    block repeated for every layer leave the expert sizes of the MoE layers unaddressed."""
+    with quiet_transformers():
+        config = tiny_config(resolve("deepseek_v3").config_cls)
+    good = converter_of("deepseek_v3").create_block_configs_from_main_config(config)
+    parts = [layer_parts(b) for b in good]
+    assert ("kv", "dense") in parts and ("kv", "moe") in parts
+    one_kind = [good[0]] * len(good)
+    moe_layer = parts.index(("kv", "moe"))
+    changed = [*one_kind]
+    changed[moe_layer] = _set_leaf(good[0], "ffn.intermediate_size", 48)
+    base = rebuilt_shapes("deepseek_v3", config, one_kind, "meta")
+    after = rebuilt_shapes("deepseek_v3", config, changed, "meta")
+    assert base == after  # a dense width on an expert layer addresses nothing
+
+
 def test_a_derived_width_must_build_the_models_shapes():
     """GPT-2 leaves n_inner to the modeling code (None: 4 x hidden); the rule is confirmed by
     building, so a wrong one is refused."""
-    probe = modelopt._SizeProbe(spec_of("gpt2"))
-    expr, _ = probe.ffn_width_rule("n_inner")
+    spec = spec_of("gpt2")
+    (kind,) = spec.kinds
+    probe = modelopt._SizeProbe(spec)
+    expr, _ = probe.ffn_width_rule(kind, "n_inner")
     hidden = probe.default.get_text_config().hidden_size
     assert probe.evaluate(expr, probe.default.get_text_config()) == 4 * hidden
-    original = modelopt._SizeProbe.ffn_dims
-    probe.ffn_dims = lambda config: {d + 1 for d in original(probe, config)}  # a wrong width
+    original = modelopt._SizeProbe.subblock_dims
+    probe.subblock_dims = lambda k, w, config: {d + 1 for d in original(probe, k, w, config)}
     with pytest.raises(PuzzleGenError):
-        probe.ffn_width_rule("n_inner")
+        probe.ffn_width_rule(kind, "n_inner")
+
+
+def test_a_mamba_size_no_override_sets_is_read_where_the_whole_model_reads_it():
+    """Nemotron-H's mamba_num_heads cannot change for one layer alone (no override), but Model
+    Optimizer's MambaConfig needs the heads: the converter reads the field whose change resizes
+    the Mamba mixers, and that is the heads of their A and D parameters."""
+    spec = spec_of("nemotron_h")
+    (mamba,) = [k for k in spec.kinds if modelopt.kind_overrides(k, "attention.mamba")]
+    assert "attention.mamba.num_heads" not in {o.block_config_attr for o in mamba.overrides}
+    expr, note = modelopt._SizeProbe(spec).mamba_rule(mamba, "attention.mamba.num_heads")
+    assert expr == "text_config.mamba_num_heads" and "not per layer" in note
+    source = resolve("nemotron_h")
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    blocks = converter_of("nemotron_h").create_block_configs_from_main_config(config)
+    model = build_model(source.causal_lm_cls, config, "meta")
+    for i, block in enumerate(blocks):
+        if layer_parts(block)[0] == "mamba":
+            mixer = model.model.layers[i].mixer
+            assert block["attention"]["mamba"]["num_heads"] == mixer.A_log.shape[0]
 
 
 def test_a_missing_size_without_a_rule_means_no_converter():
     spec = spec_of("llama")
-    no_ffn = dataclasses.replace(spec, ffn=dataclasses.replace(spec.ffn, overrides=()))
+    (kind,) = spec.kinds
+    no_ffn = dataclasses.replace(
+        spec,
+        kinds=(dataclasses.replace(kind, overrides=modelopt.kind_overrides(kind, "attention")),),
+    )
     broken = dataclasses.replace(no_ffn, layer_stack="model.nowhere")  # nothing to measure
     with pytest.raises(PuzzleGenError, match="no converter: no config field sets ffn.intermediate"):
         modelopt.render_converter(broken)
@@ -237,6 +468,43 @@ def test_inline_rebuild_gives_transformers_buffers(model_type):
         assert torch.equal(model.state_dict()[name], value), name
 
 
+def test_inline_move_to_sole_subblock_equals_the_runtimes():
+    """Model Optimizer has no move_to_sole_subblock: the Model Optimizer target writes it into
+    the module. On Nemotron-H's tensor names (module and checkpoint forms) both give the same
+    groups, and a sabotaged copy does not (the comparison can fail)."""
+    from puzzletron_runtime.model_descriptor.weight_groups import move_to_sole_subblock
+
+    spec = spec_of("nemotron_h")
+    text = render_modelopt(spec)
+    tree = ast.parse(text)
+    (func,) = [
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_move_to_sole_subblock"
+    ]
+
+    def compiled(node):
+        scope = {"re": re}
+        exec(compile(ast.Module([node], []), "<helper>", "exec"), scope)
+        return scope["_move_to_sole_subblock"]
+
+    inline = compiled(func)
+    sabotaged = ast.parse(ast.unparse(func).replace("moving + out[ffn]", "out[ffn]")).body[0]
+    broken = compiled(sabotaged)
+    descriptor = generated.get_descriptor("nemotron_h")
+    source = resolve("nemotron_h")
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    names = list(build_model(source.causal_lm_cls, config, "meta").state_dict())
+    n = config.num_hidden_layers
+    followers = re.compile(r"^model\.layers\.\d+\.norm\..+$")
+    from puzzletron_runtime.model_descriptor import ModelDescriptor
+
+    base = ModelDescriptor.get_weight_groups.__func__(descriptor, names, n)  # before the move
+    groups = {k: list(v) for k, v in base.items()}
+    assert move_to_sole_subblock(groups, n, followers) != groups  # something moves
+    assert inline(groups, n, followers) == move_to_sole_subblock(groups, n, followers)
+    assert broken(groups, n, followers) != move_to_sole_subblock(groups, n, followers)
+
+
 def test_inline_rebuild_refuses_to_leave_a_buffer_unset():
     """The check can fail: without the _init_weights call the helper raises instead of leaving
     NaN in the rotary tables."""
@@ -249,7 +517,7 @@ def test_inline_rebuild_refuses_to_leave_a_buffer_unset():
 # -- target and layout -----------------------------------------------------------------------
 
 
-MODELOPT_ONLY = {"_rebuild_buffers", "_TupleDummyBlock"}
+MODELOPT_ONLY = {"_rebuild_buffers", "_TupleDummyBlock", "_move_to_sole_subblock"}
 
 
 def _comparable(text, modelopt_target):
@@ -278,16 +546,27 @@ def _comparable(text, modelopt_target):
             continue
         body.append(node)
     dump = ast.dump(ast.Module(body, []))
-    return dump.replace("'_rebuild_buffers'", "'rebuild_buffers'") if modelopt_target else dump
+    if not modelopt_target:
+        return dump
+    for helper in ("rebuild_buffers", "move_to_sole_subblock"):
+        dump = dump.replace(f"'_{helper}'", f"'{helper}'")
+    return dump
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "gptj", "gemma"])
+@pytest.mark.parametrize("model_type", ["mistral", "gptj", "gemma", "nemotron_h", "qwen3_next"])
 def test_modelopt_target_differs_only_in_imports_and_its_additions(model_type):
-    spec = spec_of(model_type)  # mistral, gptj, gemma: names Model Optimizer does not register
+    """The same descriptor (kind dispatch, overrides with their optional groups, the vision
+    group, the move of a layer's tensors to its sole subblock), under another name where Model
+    Optimizer registers the model type (nemotron_h)."""
+    spec = spec_of(model_type)
     default = render.render_descriptor(spec)
     ours = render_modelopt(spec)
+    names = modelopt.names_for(spec, "modelopt")
+    ours_as_default = ours.replace(names.descriptor_class, spec.class_name).replace(
+        repr(names.registration).replace("'", '"'), repr(spec.model_type).replace("'", '"')
+    )
     assert default != ours
-    assert _comparable(default, False) == _comparable(ours, True)
+    assert _comparable(default, False) == _comparable(ours_as_default, True)
     assert "from modelopt.torch.puzzletron.anymodel.model_descriptor import" in ours
     assert "puzzletron_runtime" not in ours
 
@@ -449,3 +728,52 @@ def _forward_with_swapped_names(forward):
             self.k_proj, self.v_proj = self.v_proj, self.k_proj
 
     return wrapped
+
+
+def test_expert_descriptor_from_data_flow_not_names(monkeypatch):
+    """Swap the names of Mixtral's router and experts in the module tree (the module named
+    `gate` holds the experts, the one named `experts` routes): the descriptor follows what each
+    module does."""
+    from transformers.models.mixtral import modeling_mixtral
+
+    block = modeling_mixtral.MixtralSparseMoeBlock
+    original_init, original_forward = block.__init__, block.forward
+
+    def swapped_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        gate, experts = self.gate, self.experts
+        del self.gate, self.experts
+        self.gate, self.experts = experts, gate
+
+    def forward(self, *args, **kwargs):
+        self.gate, self.experts = self.experts, self.gate
+        try:
+            return original_forward(self, *args, **kwargs)
+        finally:
+            self.gate, self.experts = self.experts, self.gate
+
+    monkeypatch.setattr(block, "__init__", swapped_init)
+    monkeypatch.setattr(block, "forward", forward)
+    plain = modelopt.infer_pruning(spec_of("mixtral")).experts
+    assert plain.target_name == "mlp.experts"  # the module that routes
+    assert plain.router_weights == ("experts.weight",)
+    assert plain.is_fused_experts
+    assert set(plain.fused_expert_weights) == {"gate.gate_up_proj", "gate.down_proj"}
+
+
+def test_expert_removal_needs_one_router_with_a_logit_per_expert(monkeypatch):
+    """A router whose output is not one logit per expert (here: its logits halved in width by a
+    hook) cannot drive Model Optimizer's voting hooks: no descriptor, and the reason."""
+    from transformers.models.mixtral import modeling_mixtral
+
+    router = modeling_mixtral.MixtralTopKRouter
+    original_forward = router.forward
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = original_forward(self, hidden_states, *args, **kwargs)
+        return (out[0][..., :1], *out[1:]) if isinstance(out, tuple) else out[..., :1]
+
+    monkeypatch.setattr(router, "forward", forward)
+    p = modelopt.infer_pruning(spec_of("mixtral"))
+    assert p.experts is None
+    assert "one logit per expert" in p.experts_reason
