@@ -115,14 +115,15 @@ def out_of_scope_by_running(config: Any) -> str | None:
 def _tiny_model(config: Any):
     """A tiny causal LM of `config`'s class (generator.tiny) and token ids for it."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from puzzletron_runtime.loading import from_config
 
     from .probe import quiet_transformers
     from .tiny import VOCAB, tiny_config
 
     with quiet_transformers():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config(type(config))).eval()
+        model = from_config(tiny_config(type(config))).eval()
     ids = torch.randint(3, VOCAB - 3, (2, 9), generator=torch.Generator().manual_seed(0))
     return model, ids
 

@@ -467,6 +467,19 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
             weight_modules=sb.weight_modules + (child.name,),
         )
         ctx.fact(f"{child.name} (other configs)", f"in the {child.kind} subblock", child.evidence)
+    own = tuple(n for n, _ in layer.named_parameters(recurse=False))
+    for name in own:
+        if not is_identifier(name):
+            raise InferenceError("a parameter of the layer itself", repr(name))
+    if own:
+        ctx.fact(
+            "parameters of the layer itself",
+            ", ".join(own),
+            [
+                f"probe: {flow.class_name} holds {', '.join(own)} directly (Doge's learned "
+                "residual scales): no no-op replaces them; grouped with the attention subblock"
+            ],
+        )
     if flow.shared:
         ctx.fact(
             "shared modules",
@@ -485,6 +498,7 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
         attention=subblocks.get(ATTENTION),
         ffn=subblocks.get(FFN),
         shared_modules=tuple(flow.shared),
+        own_tensors=own,
         selector=selector,
         evidence=(
             (
@@ -550,6 +564,8 @@ def _weight_modules(layer_kinds: list[LayerKind], modules: list[nn.Module]):
         for name in k.shared_modules:
             if _has_params(getattr(layer, name)):
                 roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
+        for name in k.own_tensors:
+            roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
     attention: list[str] = []
     ffn: list[str] = []
     tensors: list[str] = []
@@ -560,6 +576,8 @@ def _weight_modules(layer_kinds: list[LayerKind], modules: list[nn.Module]):
                 attention.append(name)
             else:
                 ffn.append(name)
+            if any(name in k.own_tensors for ks in by_role.values() for k in ks):
+                tensors.append(name)
             continue
         below = {role: _below(name, kinds_, layer_of) for role, kinds_ in by_role.items()}
         if not below[ATTENTION] & below[FFN]:
@@ -680,12 +698,6 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) ->
 
 
 def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
-    direct = [n for n, _ in layer.named_parameters(recurse=False)]
-    if direct:
-        raise InferenceError(
-            f"the subblock of {flow.class_name}'s own parameters",
-            f"parameters directly on the layer are not supported yet: {', '.join(direct)}",
-        )
     assigned = set(flow.shared)
     for sb in subblocks.values():
         assigned |= {r.attr for r in sb.replacements}

@@ -119,7 +119,14 @@ class Probe:
 
     @property
     def num_layers(self) -> int:
-        return int(self.text_config.num_hidden_layers)
+        layers = getattr(self.text_config, "num_hidden_layers", None)
+        if not isinstance(layers, int):
+            raise InferenceError(
+                "the layer count",
+                f"{type(self.text_config).__name__} has no num_hidden_layers "
+                f"(its sub-configs: {', '.join(sorted(self.text_config.sub_configs)) or 'none'})",
+            )
+        return layers
 
     @cached_property
     def state_keys(self) -> list[str]:

@@ -76,6 +76,19 @@ def _transformers_class(name: str) -> type:
         raise PuzzleGenError(f"transformers does not export {name}: {exc}") from None
 
 
+def causal_lm_config_class(config_cls: type, causal_lm_cls: type) -> type:
+    """The config class `causal_lm_cls` is built from. Some vision-language types map to a
+    text-only causal LM whose config class is the text sub-config of the type's own config
+    (qwen3_5 -> Qwen3_5ForCausalLM(Qwen3_5TextConfig), llama4, emu3, ...: transformers'
+    "VLM compatibility" entries); AutoModelForCausalLM.from_config builds those from
+    `config.get_text_config()`. The same rule here, so that every config made from this source
+    (default, tiny, a checkpoint's) is one the class is built from."""
+    text_cls = (getattr(config_cls, "sub_configs", None) or {}).get("text_config")
+    if text_cls is not None and getattr(causal_lm_cls, "config_class", None) == text_cls:
+        return text_cls
+    return config_cls
+
+
 def resolve(model_type: str) -> ModelSource:
     """Find the classes and modeling file for `model_type`; unknown types raise UnknownModelType."""
     import transformers
@@ -91,8 +104,10 @@ def resolve(model_type: str) -> ModelSource:
     )
     if model_type not in mapping:
         raise UnknownModelType(model_type, closest_model_types(model_type))
-    config_cls = _transformers_class(CONFIG_MAPPING_NAMES[model_type])
     causal_lm_cls = _transformers_class(mapping[model_type])
+    config_cls = causal_lm_config_class(
+        _transformers_class(CONFIG_MAPPING_NAMES[model_type]), causal_lm_cls
+    )
     module = importlib.import_module(causal_lm_cls.__module__)
     return ModelSource(
         model_type=model_type,
@@ -226,8 +241,12 @@ def resolve_checkpoint(directory: Path, arg: str, trust_remote_code: bool) -> Mo
     if custom is not None and trust_remote_code:
         return _import_custom(ckpt, custom, arg)
     if model_type in known_model_types():
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
         source = resolve(model_type)
-        config = _builtin_config(ckpt, source.config_cls)
+        config = _builtin_config(ckpt, _transformers_class(CONFIG_MAPPING_NAMES[model_type]))
+        if not isinstance(config, source.config_cls):  # the class is built from the text config
+            config = config.get_text_config()
         return _with(source, config=config, checkpoint=ckpt, custom_code=custom, argument=arg)
     if custom is not None:
         raise CustomCodeNotTrusted(ckpt, custom)

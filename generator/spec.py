@@ -110,6 +110,9 @@ class LayerKind:
     # the overrides proven on this kind's layer (all of them are in DescriptorSpec.overrides):
     # which block-config sizes this kind's layers read, and from which config fields
     overrides: tuple[ConfigOverride, ...] = ()
+    # parameters held by the layer itself (Doge's residual scales): kept on a no-op, grouped
+    # with the attention subblock
+    own_tensors: tuple[str, ...] = ()
 
     def subblock(self, kind: str) -> Subblock | None:
         return self.attention if kind == "attention" else self.ffn
@@ -347,7 +350,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
         class_ref(k.layer_class, "a layer kind's class")
         need(k.layout in LAYOUTS, "the layout", k.layout)
         need(k.attention is not None or k.ffn is not None, "a layer kind's subblocks", k.label)
-        for name in (*k.children, *k.shared_modules):
+        for name in (*k.children, *k.shared_modules, *k.own_tensors):
             ident(name, "a layer kind's child")
         for i in k.layers:
             need(type(i) is int and i >= 0, "a layer index", i)

@@ -9,12 +9,19 @@ serves every config class, by generic rules applied to the default config's own 
   same ratio as head_dim, so partial rotary and split heads keep their proportions;
 - layers: at least TINY_LAYERS, and enough that every kind of a per-layer pattern (a list as
   long as the stack: `layer_types`, `attention_layers`, ...; or a list of layer indices such as
-  `full_attn_idxs`) appears; each per-layer list is cut to that many layers;
+  `full_attn_idxs`) appears; each per-layer list is cut to that many layers, and the entries of
+  a `per_layer_config` shrunk in proportion to their global field; a stack that is linear
+  attention only by default (Bamba) gets a full-attention last layer, as its checkpoints have;
+- experts: 4 routed experts in one group, a routing top-k of at most 2 (and at most the expert
+  count: a top-k left None beside routed experts gets one), expert widths 64;
+- state-space mixers: heads of at most head_dim 16 that still span `hidden_size * expand`;
 - RoPE parameters: per-frequency lists (longrope's `short_factor` / `long_factor`) cut to the
   tiny rotary width, per-layer-type parameter dicts shrunk alike;
-- vocabulary 256, with every special token id moved inside it;
+- vocabulary 256, with every special token id moved inside it, and every other vocabulary
+  (hashed n-grams, per-layer input embeddings) no larger;
 - tied embeddings as the model defines them (never touched);
-- nested configs (text, vision, audio) shrunk by the same rules and passed back as dicts.
+- nested configs (text, vision, audio) shrunk by the same rules and passed back as dicts, with
+  the widths one sub-config takes from another (a vision merger's `out_hidden_size`) at 64.
 
 Only fields the default config has (with a non-None value) are set, and the config class
 recomputes what derives from them. Config classes whose defaults do not build, or whose derived
@@ -23,6 +30,7 @@ fields need a nudge, have one entry each in FIXUPS, with the reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,14 +62,45 @@ TINY_SIZES: dict[str, int] = {
     "moe_intermediate_size": 64,
     "shared_expert_intermediate_size": 64,
     "expert_intermediate_size": 64,
+    # widths of another config of the same model, which every tiny config shares: a vision
+    # merger's output fed to the language model (Qwen-VL's `out_hidden_size`), BLT's local
+    # encoder and decoder sized to its global transformer
+    "out_hidden_size": HIDDEN,
+    "hidden_size_global": HIDDEN,
+}
+# field -> value; applied when the default config has the field with a larger value (0 means
+# "none of these": a config without shared experts keeps none)
+TINY_CAPS: dict[str, int] = {
+    "expert_ffn_hidden_size": 64,
+    "shared_intermediate_size": 64,
+    "moe_shared_expert_intermediate_size": 64,
 }
 KV_HEAD_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_head_kv")
-_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_EXPERT_COUNTS = (
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
+    "moe_num_experts",
+    "zero_expert_num",  # LongCat-Flash's identity experts, routed to beside the others
+)
 # routed experts split into groups (DeepSeek-V3's group-limited routing): with few experts, one
 # group, of which one is picked
 _EXPERT_GROUPS = ("n_group", "num_expert_group", "n_expert_groups", "moe_n_group")
 _EXPERT_GROUP_TOPK = ("topk_group", "topk_groups", "moe_topk_group")
+# experts routed to per token: at most 2 and never more than the tiny expert count (a top-k over
+# fewer experts than k fails: "selected index k out of range"); a list holds one per layer
+_EXPERT_TOPK = (
+    "num_experts_per_tok",
+    "num_experts_per_token",
+    "moe_k",
+    "moe_topk",
+    "moe_top_k",
+    "top_k_experts",
+)
+TINY_EXPERTS, TINY_TOPK = 4, 2
 _HEAD_DIM_LIKE = ("_head_dim", "rotary_dim", "rope_dim", "head_size")
+# other vocabularies (hashed n-gram tables, per-layer input embeddings indexed by token id)
+_VOCAB_LIKE = ("vocab_size", "_vocab", "vocab_size_per_layer_input")
 _RANK_LIKE = ("_lora_rank",)
 
 
@@ -80,8 +119,27 @@ def _gpt_neo_pattern(kwargs: dict[str, Any], default: Any) -> dict[str, Any]:
     return {"attention_types": [[pattern, max(1, layers // len(pattern))]]}
 
 
+def _two_shared_blocks(kwargs: dict[str, Any], default: Any) -> dict[str, Any]:
+    kinds = list(default.layers_block_type)
+    hybrids = [i for i, kind in enumerate(kinds) if kind == "hybrid"]
+    layers = max(kwargs.get("num_hidden_layers", TINY_LAYERS), hybrids[1] + 1)
+    return {"num_hidden_layers": layers, "layers_block_type": kinds[:layers]}
+
+
 # model_type -> the one thing its defaults lack (kept to the types that need it)
 FIXUPS: dict[str, Fixup] = {
+    "falcon_h1": Fixup(
+        "its Mamba widths have names of their own (mamba_d_ssm = mamba_n_heads x mamba_d_head), "
+        "which the generic mixer rule does not know: left at default, a tiny forward takes 9 s",
+        tiny=lambda kwargs, default: {
+            "mamba_d_ssm": 64,
+            "mamba_n_heads": 8,
+            "mamba_d_head": 8,
+            "mamba_d_state": 16,
+            "mamba_n_groups": 1,
+            "mamba_chunk_size": 16,
+        },
+    ),
     "ministral": Fixup(
         "head_dim defaults to None, which the attention uses as a number (hidden 4096 / 32 heads)",
         build={"head_dim": 128},
@@ -106,6 +164,52 @@ FIXUPS: dict[str, Fixup] = {
             }
         },
     ),
+    "hunyuan_v1_moe": Fixup(
+        "head_dim defaults to None, which the attention uses as a number (hidden 4096 / 32 heads)",
+        build={"head_dim": 128},
+    ),
+    "dbrx": Fixup(
+        "the attention reads attn_config.rope_theta, which DbrxAttentionConfig does not define, "
+        "and clamps q/k/v by clip_qkv, None by default (DBRX's: 500000 and 8)",
+        build={"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8}},
+    ),
+    "dots1": Fixup(
+        "expert fields default to None, which the MoE layer sizes its tensors by "
+        "(dots.llm1's: 128 routed experts, 2 shared, top-6, first layer dense)",
+        build={
+            "n_routed_experts": 128,
+            "n_shared_experts": 2,
+            "num_experts_per_tok": 6,
+            "first_k_dense_replace": 1,
+        },
+    ),
+    "lfm2_moe": Fixup(
+        "layer_types defaults to None, which each layer indexes (LFM2's pattern: convolution "
+        "layers with full attention every 4th layer from layer 2)",
+        build={"layer_types": ["full_attention" if i % 4 == 2 else "conv" for i in range(32)]},
+    ),
+    "qwen4_exp_text": Fixup(
+        "every full-attention layer builds a QSA indexer, which divides indexer_budget by "
+        "indexer_compress_ratio, both None by default (the config validates the five together; "
+        "the index head holds the whole rotary width, 256)",
+        build={
+            "indexer_n_heads": 16,
+            "indexer_kv_heads": 1,
+            "indexer_head_dim": 256,
+            "indexer_budget": 2048,
+            "indexer_compress_ratio": 4,
+        },
+    ),
+    "zamba": Fixup(
+        "one shared transformer block is tied across the hybrid layers; with a single hybrid "
+        "layer transformers rejects the tie (its pattern finds no target), so two are kept",
+        tiny=_two_shared_blocks,
+    ),
+    "blt": Fixup(
+        "with use_cache its forward builds a cache from BltConfig, which has no layer count "
+        "(the layers are in its encoder, global and decoder sub-configs)",
+        tiny=lambda kwargs, default: {"use_cache": False},
+    ),
     "gpt_neo": Fixup(
         "attention_layers is derived from attention_types (pattern, repeat count), not cut",
         tiny=_gpt_neo_pattern,
@@ -123,17 +227,15 @@ def _layer_count(values: dict[str, Any]) -> tuple[str, int] | None:
 def _per_layer(values: dict[str, Any], n: int) -> tuple[dict[str, list], dict[str, list[int]]]:
     """Lists as long as the stack, and lists of layer indices (sorted distinct ints below n
     under a name that speaks of layers or indices). A dict keyed by layer indices
-    (`per_layer_config`) is read as the per-layer list of its values (None where absent)."""
+    (`per_layer_config`; to_dict writes its keys as zero-padded strings) is read as the per-layer
+    list of its values (None where absent)."""
     lists, indices = {}, {}
     for key, value in values.items():
         layered = any(w in key for w in ("idx", "layer", "indices"))
-        if (
-            layered
-            and isinstance(value, dict)
-            and value
-            and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < n for k in value)
-        ):
-            lists[key] = [value.get(i) for i in range(n)]
+        keys = [_layer_index(k) for k in value] if isinstance(value, dict) else []
+        if layered and keys and all(k is not None and 0 <= k < n for k in keys):
+            by_index = dict(zip(keys, value.values()))
+            lists[key] = [by_index.get(i) for i in range(n)]
             continue
         if not isinstance(value, (list, tuple)) or key.endswith("token_id"):
             continue
@@ -148,6 +250,62 @@ def _per_layer(values: dict[str, Any], n: int) -> tuple[dict[str, list], dict[st
         elif len(value) == n and n > 1:
             lists[key] = list(value)
     return lists, indices
+
+
+def _layer_index(key: Any) -> int | None:
+    if _is_int(key):
+        return key
+    if isinstance(key, str) and key.isdigit():
+        return int(key)
+    return None
+
+
+def _shrink_layer_entries(
+    entries: dict[int, Any], present: dict[str, Any], overrides: dict[str, Any]
+) -> dict[int, Any]:
+    """Per-layer config entries (`per_layer_config`: {layer: {field: value}}) shrunk in
+    proportion to their global field: a layer with 64 heads where the default has 128 gets
+    half the tiny head count, a full-attention head_dim of 512 beside a global 256 twice the
+    tiny head_dim. Fields the tiny config leaves alone keep their value."""
+    out = {}
+    for index, entry in entries.items():
+        if not isinstance(entry, dict):
+            out[index] = entry
+            continue
+        shrunk = {}
+        for attr, value in entry.items():
+            before, after = present.get(attr), overrides.get(attr)
+            if _is_int(value) and _is_int(before) and _is_int(after) and before > 0:
+                value = max(1, round(value * after / before))
+            shrunk[attr] = value
+        out[index] = shrunk
+    return out
+
+
+def _attention_layer(
+    default: Any, present: dict[str, Any], overrides: dict[str, Any], n: int
+) -> dict[str, Any]:
+    """A hybrid stack whose default layer kinds are linear attention only (Bamba, GraniteMoE-
+    Hybrid: Mamba layers unless the config names attention layers) has attention layers in its
+    real checkpoints, and its forward needs one (the cache's `get_seq_length` reads an attention
+    layer). The tiny config makes its last layer full attention: through `layer_types` when that
+    is a field, else through a list of layer indices that defaults to None and, when given,
+    turns those layers to attention (`attn_layer_indices`)."""
+    kinds = getattr(default, "layer_types", None)
+    if not (isinstance(kinds, (list, tuple)) and kinds and set(kinds) == {"linear_attention"}):
+        return {}
+    if isinstance(present.get("layer_types"), list):
+        return {"layer_types": ["linear_attention"] * (n - 1) + ["full_attention"]}
+    for key, value in present.items():
+        if value is None and "layer" in key and key.endswith(("indices", "idxs", "ids")):
+            change = {key: [n - 1]}
+            try:
+                shown = getattr(type(default)(**{**overrides, **change}), "layer_types", None)
+            except Exception:
+                continue
+            if isinstance(shown, (list, tuple)) and "full_attention" in shown:
+                return change
+    return {}
 
 
 def _periodic(values: dict[str, Any]) -> int:
@@ -217,13 +375,73 @@ def _is_config(value: Any) -> bool:
     return isinstance(value, PretrainedConfig)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expert_topk(present: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Top-k of the routing: at most TINY_TOPK and at most the tiny expert count. A top-k that
+    defaults to None beside a routed expert count (DeepSeek-V2: `topk(k=None)`) gets TINY_TOPK."""
+    counts = [overrides.get(k, present[k]) for k in _EXPERT_COUNTS if _is_int(present.get(k))]
+    counts = [c for c in counts if c > 0]
+    if not counts:
+        return {}
+    cap = min([TINY_TOPK, *counts])
+    out: dict[str, Any] = {}
+    for key in _EXPERT_TOPK:
+        if key not in present:
+            continue
+        value = present[key]
+        if value is None:
+            out[key] = cap
+        elif _is_int(value):
+            out[key] = min(value, cap)
+        elif isinstance(value, list) and value and all(_is_int(v) for v in value):
+            out[key] = [min(v, cap) for v in value]
+    return out
+
+
+def _mixer_heads(present: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A state-space mixer whose heads span the expanded hidden size (Mamba-2:
+    `num_heads * head_dim == hidden_size * expand`, which Mamba2Config validates) keeps that
+    product: heads of at most HEAD_DIM, as many as the tiny expanded width holds, and a group
+    count that divides them."""
+    hidden = next((present[k] for k in ("hidden_size", "d_model") if _is_int(present.get(k))), None)
+    tiny_hidden = next((overrides[k] for k in ("hidden_size", "d_model") if k in overrides), None)
+    if not hidden or not tiny_hidden:
+        return {}
+    ints = {k: v for k, v in present.items() if _is_int(v) and v > 0}
+    heads = [k for k in ints if k.endswith("heads")]
+    dims = [k for k in ints if "head" in k and not k.endswith("heads")]
+    out: dict[str, Any] = {}
+    for e in (k for k in ints if k.endswith("expand")):
+        for h in heads:
+            for d in dims:
+                if ints[h] * ints[d] != hidden * ints[e]:
+                    continue
+                dim = overrides.get(d, ints[d])
+                if d not in overrides and dim > HEAD_DIM:
+                    dim = HEAD_DIM
+                width = tiny_hidden * overrides.get(e, ints[e])
+                if width % dim:
+                    continue
+                out[d], out[h] = dim, width // dim
+                for g in (k for k in ints if k.endswith(("n_groups", "ngroups"))):
+                    out[g] = math.gcd(overrides.get(g, ints[g]), out[h])
+    return out
+
+
 def tiny_overrides(default_config: Any) -> dict[str, Any]:
     """The keyword arguments that turn `type(default_config)()` into a tiny config."""
     present = default_config.to_dict()
     overrides: dict[str, Any] = {k: v for k, v in TINY_SIZES.items() if present.get(k) is not None}
+    overrides.update(
+        {k: v for k, v in TINY_CAPS.items() if _is_int(present.get(k)) and present[k] > v}
+    )
 
     # layers and per-layer patterns
     count = _layer_count(present)
+    lists_seen: set[str] = set()
     if count is not None:
         name, n = count
         lists, indices = _per_layer(present, n)
@@ -231,6 +449,7 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
         for layer_field in LAYER_FIELDS:
             if isinstance(present.get(layer_field), int) and present[layer_field] == n:
                 overrides[layer_field] = tiny_n
+        lists_seen.update(lists)
         for key, value in lists.items():
             resized = _resized(value, tiny_n)
             if isinstance(present[key], dict):
@@ -239,6 +458,7 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
         for key, value in indices.items():
             marks = _resized([i in set(value) for i in range(n)], tiny_n)
             overrides[key] = [i for i, marked in enumerate(marks) if marked]
+        overrides.update(_attention_layer(default_config, present, overrides, tiny_n))
 
     # KV heads keep the attention's kind: multi-head stays multi-head (MLA needs it), multi-query
     # stays multi-query, grouped stays grouped
@@ -261,12 +481,14 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
             overrides[key] = _scaled(value, ratio)
         elif key.endswith(_RANK_LIKE) and value > 0 and isinstance(hidden, int):
             overrides[key] = _scaled(value, HIDDEN / hidden, minimum=8, multiple=8)
-        elif key in _EXPERT_COUNTS and value > 4:
-            overrides[key] = 4
+        elif key in _EXPERT_COUNTS and value > TINY_EXPERTS:
+            overrides[key] = TINY_EXPERTS
         elif key in _EXPERT_GROUPS + _EXPERT_GROUP_TOPK and value > 1:
             overrides[key] = 1
-    if isinstance(present.get("num_experts_per_tok"), int):
-        overrides["num_experts_per_tok"] = min(present["num_experts_per_tok"], 2)
+        elif key.endswith(_VOCAB_LIKE) and value > VOCAB:
+            overrides[key] = VOCAB
+    overrides.update(_expert_topk(present, overrides))
+    overrides.update(_mixer_heads(present, overrides))
 
     # RoPE per-frequency lists follow the rotary width
     rope = present.get("rope_parameters")
@@ -275,6 +497,11 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
         half = int(head_dim * partial) // 2
         tiny_half = int(HEAD_DIM * partial) // 2
         overrides["rope_parameters"] = _shrink_rope(rope, half, tiny_half)
+
+    # per-layer config entries follow their global fields
+    for key, value in present.items():
+        if isinstance(value, dict) and isinstance(overrides.get(key), dict) and key in lists_seen:
+            overrides[key] = _shrink_layer_entries(overrides[key], present, overrides)
 
     # token ids inside the tiny vocabulary
     vocab = overrides.get("vocab_size", present.get("vocab_size"))

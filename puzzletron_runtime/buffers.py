@@ -59,7 +59,35 @@ def rebuild_buffers(model: nn.Module, device: str | torch.device = "cpu") -> dic
         targets = {(path, n) for n in names}
         with _hidden_tensors(module, path, targets):
             owner._init_weights(module)
+    _from_ancestors(model, todo, owners)
     return todo
+
+
+def _from_ancestors(model: nn.Module, todo: dict[str, list[str]], owners) -> None:
+    """Floating buffers the owner's `_init_weights(module)` left unset are filled by
+    `_init_weights` of the modules above them, nearest first (Falcon-H1 computes each Mamba
+    mixer's mup_vector in `_init_weights(FalconH1Model)`), with every other tensor hidden."""
+    for path, names in todo.items():
+        module = model.get_submodule(path) if path else model
+        unset = [n for n in names if _unset(module._buffers[n])]
+        if not unset:
+            continue
+        targets = {(path, n) for n in unset}
+        parts = path.split(".") if path else []
+        for depth in range(len(parts) - 1, -1, -1):
+            above = ".".join(parts[:depth])
+            owner = owners.get(above)
+            if owner is None:
+                break
+            ancestor = model.get_submodule(above) if above else model
+            with _hidden_tensors(ancestor, above, {(f"{p}", n) for p, n in targets}):
+                owner._init_weights(ancestor)
+            if not any(_unset(module._buffers[n]) for n in unset):
+                break
+
+
+def _unset(buffer: torch.Tensor) -> bool:
+    return (buffer.is_floating_point() or buffer.is_complex()) and bool(torch.isnan(buffer).all())
 
 
 def _sentinel(meta: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -146,14 +146,34 @@ def _weight_map(checkpoint_dir: Path) -> dict[str, Path]:
     )
 
 
+def from_config(config) -> nn.Module:
+    """`config`'s generative model, built as transformers builds it from a config."""
+    cls = auto_model_class(config)
+    return cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+
+
 def auto_model_class(config):
-    """The auto class that builds `config`'s generative model: the causal LM, or for a
-    vision-language type transformers maps only as image-text-to-text (Qwen3-VL), that."""
+    """What builds `config`'s generative model: the causal-LM auto class; for a
+    vision-language type transformers maps only as image-text-to-text (Qwen3-VL), that one;
+    for the text config of a type whose causal LM is built from it (Emu3), its class."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         if type(config) in auto._model_mapping:
             return auto
+    # a text config of a multimodal type whose causal LM is built from it (Emu3's): the class
+    # of that type, found among the types whose config lives in the same module
+    for model_type, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        config_name = CONFIG_MAPPING_NAMES.get(model_type)
+        owner = getattr(transformers, config_name, None) if config_name else None
+        if owner is None or owner.__module__ != type(config).__module__:
+            continue
+        cls = getattr(transformers, name, None)
+        if cls is not None and getattr(cls, "config_class", None) is type(config):
+            return cls
     return AutoModelForCausalLM  # its error names the config
 
 
@@ -165,7 +185,7 @@ def _build_meta(descriptor, config) -> nn.Module:
         text = descriptor.get_language_model_config(config)
         block_configs = getattr(text, "block_configs", None)
     with torch.device("meta"), deci_x_patcher(descriptor, block_configs) as built:
-        model = auto_model_class(config).from_config(config)
+        model = from_config(config)
     built.check_positions(model, descriptor.layer_block_name)
     return model
 

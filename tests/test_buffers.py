@@ -126,3 +126,17 @@ def test_buffers_are_rebuilt_on_the_target_device(model_type):
         buffer, ref = getattr(module, names[0]), refs[name]
         assert buffer.device.type == "cuda", name
         assert buffer.dtype == ref.dtype and torch.equal(buffer.cpu(), ref), name
+
+
+def test_a_buffer_only_an_ancestor_initialises_is_rebuilt_from_there(monkeypatch):
+    """Falcon-H1's Mamba mixers hold a non-persistent mup_vector that transformers fills in
+    `_init_weights(FalconH1Model)`, not in the mixer's own: the rebuild walks up to it."""
+    import puzzletron_runtime.buffers as buffers
+
+    reference, meta = reference_and_meta("falcon_h1")
+    rebuild_buffers(meta, "cpu")
+    assert buffer_mismatches(reference, meta) == []
+    _, again = reference_and_meta("falcon_h1")
+    monkeypatch.setattr(buffers, "_from_ancestors", lambda *args: None)
+    rebuild_buffers(again, "cpu")
+    assert "model.layers.0.mamba.mup_vector" in buffer_mismatches(reference, again)

@@ -219,3 +219,46 @@ def test_two_token_mixers_on_one_input_are_one_subblock_with_two_cores():
     assert attention.members[0] == "input_layernorm"
     assert flow.subblocks[FFN].members == ["pre_ff_layernorm", "feed_forward"]
     assert flow.layout == "sequential"  # not an attention / FFN parallel layout
+
+
+def test_the_oracle_checks_kinds_only_other_configs_build(tmp_path):
+    """A descriptor whose no-ops know only LFM2's default attention layers fails `no-ops` on
+    a config with a convolution layer; the generated one, which knows both, passes."""
+    from transformers import Lfm2Config
+
+    from generator import cli
+    from generator.verify import CHECKS, load_descriptor, make_subject, run_check
+
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "lfm2", "--out", str(out)]) == 0
+    generated = load_descriptor("lfm2", out)
+
+    class AttentionOnly(generated):
+        @staticmethod
+        def attn_no_op_post_init(decoder_layer):
+            from puzzletron_runtime import MatchingZeros, Same, return_tuple_of_size
+
+            decoder_layer.operator_norm = Same()
+            decoder_layer.self_attn = return_tuple_of_size(MatchingZeros, size=2)()
+
+    no_ops = next(c for c in CHECKS if c.name == "no-ops")
+    subject = make_subject(generated, Lfm2Config)
+    result = run_check(subject, no_ops)
+    assert result.ok and "layer_types[-1] = 'conv'" in result.detail, result.detail
+    subject.descriptor = AttentionOnly
+    assert not run_check(subject, no_ops).ok
+
+
+def test_parameters_of_the_layer_itself_stay_on_a_no_op_and_are_grouped():
+    """Doge scales the residual by learned vectors held by the layer itself: the join is still
+    found (the residual is a call-free function of the stream), the vectors belong to neither
+    subblock's modules and are grouped with the attention, tensor by tensor."""
+    spec = spec_of("doge")
+    (kind,) = spec.kinds
+    assert kind.own_tensors == ("input_residual", "post_attention_residual")
+    assert r"input_residual" in spec.predicates.attention
+    replaced = {r.attr for sb in (kind.attention, kind.ffn) for r in sb.replacements}
+    assert not replaced & set(kind.own_tensors)
+    groups = predicates.compile_groups(spec.predicates, 2)
+    hits = [g for g, p in groups.items() if p.match("model.layers.1.post_attention_residual")]
+    assert hits == ["block_1_attention"]

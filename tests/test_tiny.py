@@ -140,3 +140,169 @@ def test_fixups_make_the_type_build_and_run(model_type):
     if fixup.build:
         with pytest.raises(Exception), quiet_transformers():
             build_model(source.causal_lm_cls, source.config_cls(), "meta")
+
+
+# -- mixture-of-experts, hybrid and multimodal configs ------------------------------------------
+
+
+def params(model_type, config) -> int:
+    with quiet_transformers():
+        model = build_model(resolve(model_type).causal_lm_cls, config, "meta")
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "model_type, field, count",
+    [
+        ("ernie4_5_moe", "moe_k", "moe_num_experts"),  # 6 of 64 by default
+        ("kimi_linear", "num_experts_per_token", "num_experts"),  # 8 of 256
+        ("bailing_hybrid", "num_experts_per_token", "num_experts"),  # 8 of 512
+    ],
+)
+def test_routing_top_k_fits_the_tiny_expert_count(model_type, field, count):
+    config = tiny(model_type)
+    assert 0 < getattr(config, field) <= min(2, getattr(config, count))
+    runs(model_type, config)  # a top-k over fewer experts: "selected index k out of range"
+
+
+def test_a_top_k_left_none_beside_routed_experts_gets_a_number():
+    default = resolve("deepseek_v2").config_cls()
+    assert default.num_experts_per_tok is None and default.n_routed_experts > 0
+    config = tiny("deepseek_v2")
+    assert config.num_experts_per_tok == 2
+    runs("deepseek_v2", config)  # topk(k=None) fails
+
+
+def test_top_k_rule_on_a_synthetic_config():
+    from transformers import PretrainedConfig
+
+    class Routed(PretrainedConfig):
+        model_type = "routed-test"
+
+        def __init__(self, n_routed_experts=64, moe_topk=None, num_experts_per_tok=8, **kw):
+            self.n_routed_experts = n_routed_experts
+            self.moe_topk = moe_topk
+            self.num_experts_per_tok = num_experts_per_tok
+            super().__init__(**kw)
+
+    overrides = tiny_overrides(Routed(moe_topk=[8, 1, 6]))
+    assert overrides["n_routed_experts"] == 4
+    assert overrides["num_experts_per_tok"] == 2
+    assert overrides["moe_topk"] == [2, 1, 2]  # one per layer, each capped
+    assert tiny_overrides(Routed(n_routed_experts=1))["num_experts_per_tok"] == 1
+    assert tiny_overrides(Routed())["moe_topk"] == 2  # None beside routed experts
+    assert "moe_topk" not in tiny_overrides(Routed(n_routed_experts=0))  # no experts: leave it
+
+
+def test_mamba2_heads_span_the_expanded_width():
+    default = resolve("mamba2").config_cls()
+    assert default.num_heads * default.head_dim == default.hidden_size * default.expand
+    config = tiny("mamba2")  # Mamba2Config validates the product
+    assert config.num_heads * config.head_dim == config.hidden_size * config.expand
+    assert config.num_heads % config.n_groups == 0
+    runs("mamba2", config)
+
+
+@pytest.mark.parametrize(
+    "model_type, heads, head_dim, expand",
+    [
+        ("bamba", "mamba_n_heads", "mamba_d_head", "mamba_expand"),
+        ("nemotron_h", "mamba_num_heads", "mamba_head_dim", "expand"),
+    ],
+)
+def test_mixer_heads_keep_their_product_under_other_names(model_type, heads, head_dim, expand):
+    config = tiny(model_type)
+    width = config.hidden_size * getattr(config, expand)
+    assert getattr(config, heads) * getattr(config, head_dim) == width
+    # a few heads of at most HEAD_DIM, not 128 heads of width 1 (what Bamba's config derives)
+    assert 8 <= getattr(config, head_dim) <= HEAD_DIM
+
+
+@pytest.mark.parametrize(
+    "model_type, field", [("bamba", "attn_layer_indices"), ("granitemoehybrid", "layer_types")]
+)
+def test_a_stack_of_linear_layers_by_default_gets_an_attention_layer(model_type, field):
+    default = resolve(model_type).config_cls()
+    assert set(default.layer_types) == {"linear_attention"}  # Mamba only, by default
+    config = tiny(model_type)
+    assert set(config.layer_types) == {"linear_attention", "full_attention"}
+    assert config.layer_types[0] == "linear_attention"
+    # the forward reads the sequence length off an attention layer of the cache
+    runs(model_type, config)
+
+
+def test_per_layer_config_is_cut_to_the_tiny_stack_and_shrunk():
+    config = tiny("gemma4_text")
+    full = [i for i, kind in enumerate(config.layer_types) if kind == "full_attention"]
+    assert full == [config.num_hidden_layers - 1]
+    # full-attention layers have twice the head_dim of the others, by default and when tiny
+    assert config.per_layer_config[full[0]].head_dim == 2 * HEAD_DIM
+    assert config.per_layer_config[0].head_dim == HEAD_DIM
+    runs("gemma4_text", config)
+
+
+@pytest.mark.parametrize("model_type", ["gemma4", "gemma4_unified"])
+def test_nested_per_layer_config_builds(model_type):
+    # the nested text config passes back its per_layer_config; its keys must fit the tiny stack
+    runs(model_type, tiny(model_type))
+
+
+def test_heterogeneous_layers_stay_heterogeneous_and_tiny():
+    default = resolve("dots3_note_text").config_cls()
+    config = tiny("dots3_note_text")
+    sliding = config.layer_types.index("sliding_attention")
+    indexed = config.layer_types.index("indexed_attention")
+    layer = config.per_layer_config
+    for attr in ("num_attention_heads", "kv_lora_rank", "qk_nope_head_dim"):
+        wide, narrow = default.per_layer_config[sliding], default.per_layer_config[indexed]
+        assert getattr(wide, attr) != getattr(narrow, attr)  # the default's layers differ
+        assert getattr(layer[sliding], attr) != getattr(layer[indexed], attr)  # so do the tiny's
+    assert layer[sliding].num_attention_heads < 8
+    assert params("dots3_note_text", config) < 2_000_000  # 78 million with the default's entries
+
+
+@pytest.mark.parametrize(
+    "model_type, field",
+    [("blt", "encoder_hash_byte_group_vocab"), ("gemma4_text", "vocab_size_per_layer_input")],
+)
+def test_other_vocabularies_are_tiny(model_type, field):
+    assert getattr(tiny(model_type), field) <= 256
+    assert params(model_type, tiny(model_type)) < 2_000_000  # hundreds of millions before
+
+
+def test_widths_shared_with_another_sub_config_follow_the_tiny_hidden_size():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    with quiet_transformers():
+        config = tiny_config(Qwen3VLConfig)
+        model = build_model(Qwen3VLForConditionalGeneration, config, "meta")
+    # the vision merger's output replaces image tokens in the language model's embeddings
+    assert config.vision_config.out_hidden_size == config.text_config.hidden_size
+    assert model.model.visual.merger.linear_fc2.out_features == config.text_config.hidden_size
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    blt = tiny("blt")
+    assert blt.encoder_config.hidden_size_global == blt.global_config.hidden_size
+    runs("blt", blt)
+
+
+@pytest.mark.parametrize("model_type", ["nemotron_h", "granitemoehybrid", "longcat_flash"])
+def test_expert_widths_are_capped(model_type):
+    assert params(model_type, tiny(model_type)) < 1_000_000
+
+
+def test_capped_widths_stay_off_where_the_default_has_none():
+    default = resolve("granitemoeshared").config_cls()
+    assert tiny("granitemoeshared").shared_intermediate_size == min(
+        default.shared_intermediate_size, 64
+    )
+
+
+@pytest.mark.parametrize("model_type", ["blt", "zamba"])
+def test_tiny_only_fixups_are_needed(model_type, monkeypatch):
+    """A fix-up that changes only the tiny config: without it the tiny model fails."""
+    source = resolve(model_type)
+    monkeypatch.delitem(FIXUPS, model_type)
+    with pytest.raises(Exception):
+        with quiet_transformers():
+            config = tiny_config(source.config_cls)
+        runs(model_type, config)

@@ -324,15 +324,78 @@ def _no_op_model(s: Subject, layer: int, kinds: tuple[str, ...]):
 
 
 def check_no_ops(s: Subject) -> str:
-    """On the first layer of every layer kind (and on layer 1)."""
+    """On the first layer of every layer kind (and on layer 1); then on each layer kind only
+    another config of the type builds (see `other_kind_configs`), in a model of that config."""
     ref = s.reference
     layers = sorted(set(ref.kind_layers) | {1 % s.n})
     for layer in layers:
         _check_no_ops_on(s, layer)
+    others = []
+    for label, config, layer in other_kind_configs(s.config):
+        variant = Subject(s.descriptor, s.config_cls, config, config)
+        names = list(variant.reference.state_shapes)
+        _partition(variant, names, f"{label} ({len(names)} tensors)", variant.n)
+        _check_no_ops_on(variant, layer)
+        others.append(f"{label}: layer {layer}")
     return (
-        f"layers {', '.join(map(str, layers))}: each no-op removes exactly its subblock and "
-        "matches the original"
+        f"layers {', '.join(map(str, layers))}"
+        + (f"; {'; '.join(others)}" if others else "")
+        + ": each no-op removes exactly its subblock and matches the original"
     )
+
+
+def other_kind_configs(config):
+    """(label, config, layer) for each layer kind the reference builds when the last layer of a
+    per-layer type list (`layer_types`, `mlp_layer_types`) takes another value that the model's
+    own source names (LFM2's default config has attention layers only; "conv" builds its short
+    convolution layers), and that no layer of `config` has."""
+    import inspect
+
+    from transformers import configuration_utils as cu
+
+    text = config.get_text_config()
+    vocab = {
+        "layer_types": getattr(cu, "ALLOWED_ATTN_LAYER_TYPES", ()),
+        "mlp_layer_types": getattr(cu, "ALLOWED_MLP_LAYER_TYPES", ()),
+    }
+    base = reference_model(config, device="meta")
+    stack = _stack_of(base, int(text.num_hidden_layers))
+    if stack is None:
+        return
+    known = {_kind_signature(layer) for layer in stack}
+    sources = ""
+    for obj in (type(config), type(text), type(base)):
+        try:
+            sources += inspect.getsource(inspect.getmodule(obj))
+        except (OSError, TypeError):
+            pass
+    for field, values in vocab.items():
+        current = getattr(text, field, None)
+        if not isinstance(current, list) or not all(isinstance(v, str) for v in current):
+            continue
+        for value in values:
+            if value in current or f'"{value}"' not in sources:
+                continue
+            variant = copy.deepcopy(config)
+            setattr(variant.get_text_config(), field, current[:-1] + [value])
+            try:
+                other = _stack_of(reference_model(variant, device="meta"), len(current))
+            except Exception:
+                continue
+            if other is None or _kind_signature(other[-1]) in known:
+                continue
+            known.add(_kind_signature(other[-1]))
+            yield f"{field}[-1] = {value!r}", variant, len(current) - 1
+
+
+def _stack_of(model, n: int):
+    lists = [m for _, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    lists = [m for m in lists if len(m) == n]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
+def _kind_signature(layer) -> tuple:
+    return (type(layer), tuple((n, type(c)) for n, c in layer.named_children()))
 
 
 def _check_no_ops_on(s: Subject, layer: int) -> None:
@@ -348,8 +411,14 @@ def _check_no_ops_on(s: Subject, layer: int) -> None:
             f"{kind} no-op on layer {layer} removes [{_modules(removed, prefix)}]; "
             f"the {kind} subblock is [{_modules(members, prefix) or '-'}]",
         )
-        group = groups.get(f"block_{layer}_{kind}", set()) - ref.layer_tensors(
-            layer, roles.shared | roles.unused
+        # what a no-op keeps in place: shared and unused children, and tensors of the layer
+        # itself (Doge's residual scales), whichever group holds them
+        children = {n for n, _ in ref.layer(layer).named_children()}
+        own = under(ref.state_shapes, prefix) - ref.layer_tensors(layer, children)
+        group = (
+            groups.get(f"block_{layer}_{kind}", set())
+            - ref.layer_tensors(layer, roles.shared | roles.unused)
+            - own
         )
         expect(
             removed == group,

@@ -28,22 +28,22 @@ def expect(condition: Any, message: str) -> None:
 
 def reference_model(config: Any, device: str = "cpu", seed: int = 0) -> nn.Module:
     """transformers' own causal LM for `config`, built without any patching."""
-    from puzzletron_runtime.loading import auto_model_class
+    from puzzletron_runtime.loading import from_config
 
     torch.manual_seed(seed)
     with quiet_transformers(), torch.device(device):
-        model = auto_model_class(config).from_config(config)
+        model = from_config(config)
     return model.eval()
 
 
 def build(descriptor, config, block_configs=None, device: str = "cpu", seed: int = 0) -> nn.Module:
     """The causal LM of `config` built through the descriptor's patcher."""
     from puzzletron_runtime import deci_x_patcher
-    from puzzletron_runtime.loading import auto_model_class
+    from puzzletron_runtime.loading import from_config
 
     torch.manual_seed(seed)
     with quiet_transformers(), torch.device(device), deci_x_patcher(descriptor, block_configs):
-        model = auto_model_class(config).from_config(config)
+        model = from_config(config)
     return model.eval()
 
 

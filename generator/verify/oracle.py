@@ -643,8 +643,11 @@ class Reference:
                 continue  # dense layers and shared experts at once: no one size
             if size not in found and self._per_layer(layer, {name: value // 2}):
                 found[size] = SizeField(size, "ffn", name, value, value // 2, layer)
-        if "ffn.intermediate_size" not in found and not expert_tensors:
-            other = self._other_width_field(base, allowed["ffn"])
+        dense = {t for t in allowed["ffn"] if self._first_layer({t}) not in moe_layers}
+        if "ffn.intermediate_size" not in found and dense:
+            # a dense width under a name the table lacks (CTRL's `dff`; MiniMax-M3's
+            # dense_intermediate_size for its dense layers beside the expert ones)
+            other = self._other_width_field(base, dense)
             if other is not None:
                 found["ffn.intermediate_size"] = other
         return found
