@@ -564,11 +564,15 @@ def _fields(obj):
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-def theirs(model_type):
+def theirs_of(name):
+    """Model Optimizer's hand-written descriptor and converter registered as `name`."""
     return SimpleNamespace(
-        descriptor=ModelDescriptorFactory.get(HAND_WRITTEN[model_type]),
-        converter=ConverterFactory.get(HAND_WRITTEN[model_type]),
+        descriptor=ModelDescriptorFactory.get(name), converter=ConverterFactory.get(name)
     )
+
+
+def theirs(model_type):
+    return theirs_of(HAND_WRITTEN[model_type])
 
 
 @pytest.mark.parametrize("model_type", sorted(HAND_WRITTEN))
@@ -639,3 +643,155 @@ def test_layer_descriptors_equal_model_optimizers(model_type):
                 assert _fields(obj()) == _fields(mine), name
                 compared += 1
     assert compared >= 1  # Model Optimizer's qwen2 has an FFN descriptor only; ours adds KV
+
+
+# -- gpt_oss and nemotron_h: compared with Model Optimizer's hand-written ones, on the same tiny
+# models; where they differ, each difference is checked against transformers' own model
+
+
+def _expert_widths(model, prefix):
+    """{tensor: shape} of one layer's expert tensors."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def test_gpt_oss_equals_model_optimizers_except_where_theirs_misses_the_model():
+    """Equal: names, decoder layer class, the weight partition (tiny and default-size names),
+    KV-heads layer descriptor, router and fused expert tensors. Different, and theirs is what
+    does not fit transformers' GptOss (checked, not assumed):
+    - their converter reads `config.experts_per_token`, which GptOssConfig does not have;
+    - their overrides write the expert width to `moe_intermediate_size`, which GptOss does not
+      read: a block config with another expert width leaves its experts at the config's width,
+      ours builds the requested one (the width of a config with that `intermediate_size`);
+    - their expert-removal hooks look for a GptOssTopKRouter named `...mlp` (the router is
+      `mlp.router`): they hook nothing; ours hooks each layer's router."""
+    model_type = "gpt_oss"
+    if model_type not in MODEL_TYPES:
+        pytest.skip("gpt_oss is not verified in this run's sample")
+    ours, hand = tree(model_type), theirs_of(model_type)
+    for method in ("input_embedding_name", "output_embedding_name", "final_norm_name"):
+        assert getattr(ours.descriptor, method)() == getattr(hand.descriptor, method)(), method
+    assert ours.descriptor.layer_block_name(7) == hand.descriptor.layer_block_name(7)
+    assert ours.descriptor.decoder_layer_cls() is hand.descriptor.decoder_layer_cls()
+    with quiet_transformers():
+        default = default_config(resolve(model_type).config_cls)
+    config = tiny(model_type)
+    for cfg, device in ((config, "cpu"), (default, "meta")):
+        n = cfg.num_hidden_layers
+        names = _names(model_type, cfg, device)
+        mine = {k: sorted(v) for k, v in ours.descriptor.get_weight_groups(names, n).items()}
+        their = {k: sorted(v) for k, v in hand.descriptor.get_weight_groups(names, n).items()}
+        assert mine == their
+    # their converter
+    assert not hasattr(config, "experts_per_token")
+    with pytest.raises(AttributeError, match="experts_per_token"):
+        hand.converter.create_block_configs_from_main_config(config)
+    # the expert width through each descriptor's overrides, against transformers' model
+    blocks = ours.converter.create_block_configs_from_main_config(config)
+    width = blocks[0]["ffn"]["moe"]["expert_intermediate_dim"]
+    assert width == config.intermediate_size
+    wider = json.loads(json.dumps(blocks))
+    for b in wider:
+        b["ffn"]["moe"]["expert_intermediate_dim"] = 2 * width
+    wider = [BlockConfig(**b) for b in wider]
+    prefix = f"{ours.descriptor.layer_block_name(0)}.mlp.experts."
+    reference = _expert_widths(
+        tiny_model(model_type, tiny(model_type, intermediate_size=2 * width)), prefix
+    )
+    original = _expert_widths(tiny_model(model_type, config), prefix)
+    assert reference != original
+    built = {}
+    for who, descriptor in (("ours", ours.descriptor), ("theirs", hand.descriptor)):
+        with deci_x_patcher(descriptor, wider):
+            built[who] = _expert_widths(tiny_model(model_type, config), prefix)
+    assert built["ours"] == reference
+    assert built["theirs"] == original  # `moe_intermediate_size` is read by nothing
+    assert "moe_intermediate_size" in hand.descriptor.block_config_to_layer_overrides(wider[0])
+    # layer descriptors
+    mine, their = ours.descriptor.pruning_mixins(), hand.descriptor.pruning_mixins()
+    assert _fields(mine["kv_heads"].layer_descriptor) == _fields(their["kv_heads"].layer_descriptor)
+    a, b = mine["experts_removal"].layer_descriptor, their["experts_removal"].layer_descriptor
+    for f in ("moe_prefix_name", "router_weights", "router_biases", "is_fused_experts"):
+        assert getattr(a, f) == getattr(b, f), f
+    assert sorted(a.fused_expert_weights) == sorted(b.fused_expert_weights)
+    model = tiny_model(model_type, config)
+    n = config.num_hidden_layers
+    assert their["experts_removal"].get_module_names_to_hook(model) == []
+    assert mine["experts_removal"].get_module_names_to_hook(model) == [
+        (i, f"{ours.descriptor.layer_block_name(i)}.mlp.router") for i in range(n)
+    ]
+    assert all(
+        type(model.get_submodule(name)).__name__ == "GptOssTopKRouter"
+        for _, name in mine["experts_removal"].get_module_names_to_hook(model)
+    )
+
+
+def _mixer_kind(mixer) -> str:
+    """What a NemotronH layer's mixer computes, from its tensors (not its class name)."""
+    names = {n for n, _ in mixer.named_parameters()}
+    if "A_log" in names:
+        return "mamba"
+    if any(n.startswith("experts.") for n in names):
+        return "moe"
+    if any(n.startswith("q_proj") for n in names):
+        return "attention"
+    return "mlp"
+
+
+def test_nemotron_h_differs_from_model_optimizers_and_why(tmp_path):
+    """Model Optimizer's nemotron_h is written for the checkpoint's own code (trust_remote_code,
+    layers under `backbone`); under this environment's transformers, with its built-in NemotronH
+    (layers under `model`, checkpoints saved under the legacy `backbone` names):
+    - the built-in model's own forward fails on a config with MLP layers (its cache has no layer
+      type for them), so puzzle-gen, which traces a forward, generates nothing here and says so;
+    - their decoder_layer_cls searches only the remote-code modules, so it raises;
+    - their layer_block_name names `backbone.layers.N`, not a module of the built-in model;
+    - their converter's kinds follow the pattern and agree with the built layers (checked);
+    - their weight predicates do not cover an MLP layer's tensors (`mixer.up_proj`,
+      `mixer.down_proj`): get_weight_groups raises on the checkpoint's names, and partitions
+      the other layers' tensors."""
+    model_type = "nemotron_h"
+    if model_type not in KNOWN:
+        pytest.skip("nemotron_h is not in this transformers")
+    hand = theirs_of(model_type)
+    config = tiny(model_type)
+    if own_forward_fails(model_type) is None:
+        pytest.fail("NemotronH's own forward works in this transformers: compare it like gpt_oss")
+    assert main(["generate", model_type, "--target", "modelopt", "--out", str(tmp_path)]) != 0
+    with pytest.raises(Exception):
+        hand.descriptor.decoder_layer_cls()
+    model = tiny_model(model_type, config)
+    with pytest.raises(AttributeError):
+        model.get_submodule(hand.descriptor.layer_block_name(0))
+    stack = model.model.layers
+    n = config.num_hidden_layers
+    assert len(stack) == n
+    kinds = [_mixer_kind(layer.mixer) for layer in stack]
+    blocks = hand.converter.create_block_configs_from_main_config(config)
+    assert len(blocks) == n
+    for block, kind in zip(blocks, kinds):
+        b = block if isinstance(block, dict) else block.to_dict()
+        got = (
+            "mamba" if b["attention"].get("mamba") else
+            "attention" if not b["attention"]["no_op"] else
+            "moe" if b["ffn"].get("moe") else "mlp"
+        )  # fmt: skip
+        assert got == kind
+    assert "mlp" in kinds
+    model.save_pretrained(tmp_path / "hf")
+    index = tmp_path / "hf" / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(index), "pt") as f:
+        names = list(f.keys())
+    mlp_layers = [i for i, k in enumerate(kinds) if k == "mlp"]
+    mlp_tensors = [
+        k for k in names for i in mlp_layers if k.startswith(f"backbone.layers.{i}.mixer.")
+    ]
+    assert mlp_tensors
+    with pytest.raises(ValueError, match=re.escape(sorted(mlp_tensors)[0].rsplit(".", 2)[0])):
+        hand.descriptor.get_weight_groups(sorted(names), n)
+    # without the MLP layers (their norm too: alone in a group, their rule drops it), every
+    # tensor is in exactly one group
+    rest = [k for k in names if not any(k.startswith(f"backbone.layers.{i}.") for i in mlp_layers)]
+    groups = hand.descriptor.get_weight_groups(rest, n)
+    assert sorted(k for v in groups.values() for k in v) == sorted(rest)
