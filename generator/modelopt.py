@@ -1159,6 +1159,14 @@ def _kv_layer(spec, kind, model, text, vocab, index):
     if len(follows) != 2:
         return None, f"config.{kv_field} resizes {follows}, not exactly two of {readers}"
     (q,) = [n for n in readers if n not in follows]
+    q_out = core.get_submodule(q).weight.shape[0]
+    o_in = core.get_submodule(o).weight.shape[1]
+    if q_out != o_in:  # Qwen3-Next: q_proj also computes the output gate
+        return None, (
+            f"{core_attr}.{q} outputs {q_out} values, {o} reads {o_in}: the query projection "
+            "holds more than the queries (an output gate), and Model Optimizer's KV-heads mixin "
+            "would slice its rows as query heads"
+        )
     base = flow.inputs[o]
     linear_in_v = []
     for n in follows:
@@ -1235,16 +1243,12 @@ def _experts_layer(spec, kind, model, config, index):
     def hook_for(name):
         def hook(_m, args, kwargs, output):
             seen[name].setdefault("in", args[0] if args else next(iter(kwargs.values()), None))
-            seen[name].setdefault(
-                "out", output[0] if isinstance(output, (tuple, list)) else output
-            )
+            seen[name].setdefault("out", output[0] if isinstance(output, (tuple, list)) else output)
 
         return hook
 
     def core_hook(_m, args, kwargs, output):
-        seen.setdefault("", {}).setdefault(
-            "in", args[0] if args else kwargs.get("hidden_states")
-        )
+        seen.setdefault("", {}).setdefault("in", args[0] if args else kwargs.get("hidden_states"))
 
     hooks = [core.register_forward_hook(core_hook, with_kwargs=True)]
     for o in owners:
@@ -1317,9 +1321,14 @@ def _experts_layer(spec, kind, model, config, index):
         (experts_path,) = holders
         fused = [k for k in before if k.rpartition(".")[0] == experts_path]
         for k in fused:
-            if k not in after or before[k][:1] != (experts,) or after[k] != (
-                experts + 2,
-                *before[k][1:],
+            if (
+                k not in after
+                or before[k][:1] != (experts,)
+                or after[k]
+                != (
+                    experts + 2,
+                    *before[k][1:],
+                )
             ):
                 return None, (
                     f"{core_attr}: {k} does not hold the experts along its first dimension"
@@ -1444,9 +1453,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         pruning_notes=tuple(notes),
         ffn_evidence=_docline("; ".join(pruning.ffn.evidence)) if pruning.ffn else "",
         kv_evidence=_docline("; ".join(pruning.kv_heads.evidence)) if pruning.kv_heads else "",
-        experts_evidence=(
-            _docline("; ".join(pruning.experts.evidence)) if pruning.experts else ""
-        ),
+        experts_evidence=(_docline("; ".join(pruning.experts.evidence)) if pruning.experts else ""),
         dummy_returns_tuple=returns_tuple,
         dummy_attributes=attributes,
         rebuild_buffers=has_rebuild,

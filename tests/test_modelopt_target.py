@@ -740,6 +740,19 @@ def test_fused_projections_get_no_pruning_descriptor_and_say_why():
     assert "KVHeadsLayerDescriptor" not in text
 
 
+def test_a_query_projection_holding_a_gate_gets_no_kv_descriptor():
+    """Qwen3-Next's q_proj outputs the queries and an output gate (twice what o_proj reads):
+    Model Optimizer's KV-heads mixin would slice its rows as query heads. The widths come from
+    the built model here, not from the generator."""
+    spec = spec_of("qwen3_next")
+    model, _ = modelopt._tiny(spec)
+    attn = next(m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj"))
+    assert attn.q_proj.weight.shape[0] == 2 * attn.o_proj.weight.shape[1]
+    p = modelopt.infer_pruning(spec)
+    assert p.kv_heads is None
+    assert "output gate" in p.kv_reason and "q_proj" in p.kv_reason
+
+
 def test_conv1d_projections_get_no_pruning_descriptor():
     p = modelopt.infer_pruning(spec_of("gpt2"))  # Conv1D: weights stored transposed
     assert p.ffn is None and p.kv_heads is None
