@@ -1,6 +1,7 @@
 """The `puzzle-gen` command line.
 
     puzzle-gen generate MODEL_TYPE|PATH... | --all [--out DIR] [--diff] [--jobs N] [--trust-remote-code]
+                        [--target puzzletron|modelopt] [--layout package|modelopt-tree]
     puzzle-gen check [--out DIR] [--jobs N]
     puzzle-gen inspect MODEL_TYPE|PATH [--json] [--trust-remote-code]
     puzzle-gen verify MODEL_TYPE... [--out DIR]
@@ -43,6 +44,8 @@ def plan(
     keep_existing: bool = True,
     keep_going: bool = False,
     jobs: int | None = 1,
+    target: str = "puzzletron",
+    layout: str = "package",
 ) -> dict[Path, str]:
     """Every file `generate` would write for `model_types` (names, or checkpoint targets from
     `source.resolve_target`) under `out`, rendered in memory.
@@ -50,7 +53,9 @@ def plan(
     With `keep_going`, a model type that cannot be generated is recorded in coverage.json (the
     fact that could not be inferred, or why it is out of scope) instead of stopping the rest.
     With `jobs` other than 1 (None: every available core) model types are inferred in worker
-    processes; files, their order and the progress printed are the same as with jobs=1."""
+    processes; files, their order and the progress printed are the same as with jobs=1.
+    Another `target` / `layout` than the default (Model Optimizer's files) is planned by
+    generator/modelopt.py and never touches the descriptor table or coverage."""
     import transformers
 
     from . import coverage, render
@@ -58,6 +63,10 @@ def plan(
 
     out_dir = Path(out)
     out_flag = _out_arg(out)
+    if (target, layout) != ("puzzletron", "package"):
+        from .modelopt import plan_target
+
+        return plan_target(model_types, out, out_flag, target, layout, _progress)
     files: dict[Path, str] = {}
     entries = (
         {e.model_type: e for e in render.read_manifest(out_dir / "__init__.py")}
@@ -74,6 +83,8 @@ def plan(
         module = pkg / planned.module_file
         files[module] = planned.descriptor
         files[pkg / "__init__.py"] = planned.package_init
+        for name, text in planned.extra_files:
+            files[pkg / name] = text
         entries[model_type] = render.ManifestEntry(model_type, planned.package, planned.class_name)
         previous = rows.get(model_type)
         if _read(module) != files[module] or previous is None or not previous.verified_or_failing:
@@ -104,6 +115,7 @@ class _Planned:
     descriptor: str
     package_init: str
     family: str
+    extra_files: tuple[tuple[str, str], ...] = ()  # (file name, text): the converter
 
 
 def _plan_one(target, out_flag: str | None, keep_going: bool = False):
@@ -137,6 +149,8 @@ def _plan_one(target, out_flag: str | None, keep_going: bool = False):
             return coverage.Row(target, coverage.OUT_OF_SCOPE, scope, fam)
         _progress(f"    not generated: {reason}")
         return coverage.Row(target, coverage.NOT_GENERATED, coverage.first_line(reason), fam)
+    from .modelopt import package_extras
+
     return _Planned(
         spec.model_type,
         spec.package,
@@ -145,6 +159,7 @@ def _plan_one(target, out_flag: str | None, keep_going: bool = False):
         render.render_descriptor(spec, out_flag),
         render.render_package_init(spec, out_flag),
         fam,
+        package_extras(spec, out_flag, _progress),
     )
 
 
@@ -247,12 +262,21 @@ def cmd_generate(args) -> int:
 
     if args.all == bool(args.model_types):
         raise UsageError("generate: give model types, or --all (not both)")
+    target, layout = args.target, args.layout
+    if args.all and (target, layout) != ("puzzletron", "package"):
+        raise UsageError("generate: --all writes the default target only; name the model types")
     if not args.diff:
         check_output_dir(Path(args.out))
     if args.all:
         files = plan(known_model_types(), args.out, keep_going=True, jobs=args.jobs)
     else:
-        files = plan(_targets(args.model_types, args.trust_remote_code), args.out, jobs=args.jobs)
+        files = plan(
+            _targets(args.model_types, args.trust_remote_code),
+            args.out,
+            jobs=args.jobs,
+            target=target,
+            layout=layout,
+        )
     changed = {p: t for p, t in files.items() if _read(p) != t}
     if args.diff:
         for path, text in changed.items():
@@ -589,6 +613,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diff", action="store_true", help="print a unified diff instead of writing")
     g.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
     _jobs_arg(g)
+    g.add_argument(
+        "--target",
+        choices=["puzzletron", "modelopt"],
+        default="puzzletron",
+        help="the API the descriptor imports: this project's puzzletron_runtime (default) or "
+        "NVIDIA Model Optimizer's modelopt.torch.puzzletron (adds a registered Converter, "
+        "pruning layer descriptors and pruning_mixins())",
+    )
+    g.add_argument(
+        "--layout",
+        choices=["package", "modelopt-tree"],
+        default="package",
+        help="package: <out>/<type>/ with absolute imports (default); modelopt-tree: "
+        "<out>/models/<name>/ as a Model Optimizer pull request adds it, relative imports "
+        "(needs --target modelopt)",
+    )
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("check", help="fail (exit 1) when a generated file is out of date")
     c.add_argument(

@@ -7,7 +7,8 @@ reference, or a literal rendered through repr.
 from __future__ import annotations
 
 import builtins
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .errors import PuzzleGenError
 from .spec import ClassRef, ConfigOverride, DescriptorSpec, KindTest, LayerKind, is_dotted_path
@@ -21,6 +22,9 @@ TEMPLATE_NAMES = {
     "ModelDescriptor", "ModelDescriptorFactory", "BlockConfig", "Same", "MatchingZeros",
     "PassResidual", "return_tuple_of_size", "DummyBlock", "rebuild_buffers",
     "move_to_sole_subblock",
+    # the Model Optimizer target's (templates/modelopt_descriptor.py.j2)
+    "PreTrainedModel", "dataclass", "field", "_rebuild_buffers", "_TupleDummyBlock",
+    "_move_to_sole_subblock",
 }  # fmt: skip
 TITLES = {"attention": "Attention", "ffn": "FFN"}
 METHODS = {"attention": "attn_no_op_post_init", "ffn": "mlp_no_op_post_init"}
@@ -175,6 +179,27 @@ def override_groups(spec: DescriptorSpec) -> list[OverrideGroup]:
 
 
 # -- imports --------------------------------------------------------------------------------------
+def _runtime_module(submodule: str) -> str:
+    return f"{RUNTIME}.{submodule}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What differs between the APIs a descriptor is rendered for. The default is this project's
+    runtime; generator/modelopt.py builds Model Optimizer's (its module names, its imports, the
+    command that regenerates the file and the template variables of its additions)."""
+
+    module_for: Callable[[str], str] = _runtime_module  # our runtime's submodule -> module
+    third_party: dict[str, frozenset[str]] = field(default_factory=dict)  # more `from m import`s
+    first_party: dict[str, frozenset[str]] = field(default_factory=dict)  # submodule -> names
+    stdlib: tuple[str, ...] = ()  # more import lines before `from typing import Any`
+    command: str | None = None
+    # runtime names the module defines itself instead of importing them ("rebuild_buffers",
+    # "move_to_sole_subblock", no-op stand-ins such as "PassResidual")
+    inline: frozenset[str] = frozenset()
+    template_vars: dict[str, Any] = field(default_factory=dict)
+
+
 def _sort_names(names) -> list[str]:
     def key(n: str):
         rank = 0 if n.isupper() else 1 if n[:1].isupper() else 2
@@ -183,7 +208,8 @@ def _sort_names(names) -> list[str]:
     return sorted(set(names), key=key)
 
 
-def import_lines(spec: DescriptorSpec) -> list[str]:
+def import_lines(spec: DescriptorSpec, target: Target = Target()) -> list[str]:
+    module_for = target.module_for
     third: dict[str, set[str]] = {"torch": {"nn"}}
     refs = referenced_classes(spec)
     for ref in refs:
@@ -199,26 +225,30 @@ def import_lines(spec: DescriptorSpec) -> list[str]:
             f"refusing to import {', '.join(clashes) or spec.class_name}: the name would shadow "
             "one the descriptor uses"
         )
-    no_op = no_op_names(spec)
+    for module, names in target.third_party.items():
+        third.setdefault(module, set()).update(names)
+    no_op = no_op_names(spec) - target.inline
     first: dict[str, set[str]] = {
-        f"{RUNTIME}.block_config": {"BlockConfig"},
-        f"{RUNTIME}.model_descriptor": {"ModelDescriptor", "ModelDescriptorFactory"},
+        module_for("block_config"): {"BlockConfig"},
+        module_for("model_descriptor"): {"ModelDescriptor", "ModelDescriptorFactory"},
     }
     if no_op:
-        first[f"{RUNTIME}.puzzformer.no_op"] = no_op
+        first[module_for("puzzformer.no_op")] = no_op
     if spec.dummy_block.returns_tuple or spec.dummy_block.attributes:
-        first[f"{RUNTIME}.utils.dummy_modules"] = {"DummyBlock"}
-    if spec.rebuilt_buffers:
-        first[f"{RUNTIME}.buffers"] = {"rebuild_buffers"}
-    if spec.predicates.followers:
-        first[f"{RUNTIME}.model_descriptor.weight_groups"] = {"move_to_sole_subblock"}
+        first[module_for("utils.dummy_modules")] = {"DummyBlock"}
+    if spec.rebuilt_buffers and "rebuild_buffers" not in target.inline:
+        first[module_for("buffers")] = {"rebuild_buffers"}
+    if spec.predicates.followers and "move_to_sole_subblock" not in target.inline:
+        first[module_for("model_descriptor.weight_groups")] = {"move_to_sole_subblock"}
+    for submodule, names in target.first_party.items():
+        first.setdefault(module_for(submodule), set()).update(names)
     for module, names in list(third.items()) + list(first.items()):
-        if not is_dotted_path(module) or not all(is_identifier(n) for n in names):
+        if not is_dotted_path(module.lstrip(".")) or not all(is_identifier(n) for n in names):
             raise PuzzleGenError(f"refusing to import {sorted(names)} from {module!r}")
     lines = ["import re"]
     if any(is_remote(c) for c in refs):
         lines.append("import sys")
-    lines += ["from typing import Any", ""]
+    lines += [*target.stdlib, "from typing import Any", ""]
     for group in (third, first):
         for module in sorted(group):
             lines.append(f"from {module} import {', '.join(_sort_names(group[module]))}")

@@ -151,6 +151,13 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     _check_overrides(overrides.values())
     order = list(BLOCK_CONFIG_ATTRS)
     overrides = dict(sorted(overrides.items(), key=lambda kv: order.index(kv[0][0])))
+    layer_kinds = [  # each kind's overrides as the spec lists them (the first kind's evidence)
+        dataclasses.replace(
+            k,
+            overrides=tuple(overrides[(o.block_config_attr, o.config_field)] for o in k.overrides),
+        )
+        for k in layer_kinds
+    ]
     if len(groups) > 1:
         ctx.fact(
             "layer kinds",
@@ -511,6 +518,12 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
             ),
         ),
         built_by=group.built_by,
+        overrides=tuple(
+            sorted(
+                {(o.block_config_attr, o.config_field): o for o in found}.values(),
+                key=lambda o: BLOCK_CONFIG_ATTRS.index(o.block_config_attr),
+            )
+        ),
     )
     return kind, found, variants
 

@@ -44,13 +44,20 @@ EXPERT_WIDTH_FIELDS = (
     "shared_expert_intermediate_size",
     "moe_shared_expert_intermediate_size",
 )
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "moe_topk", "top_k", "num_selected_experts")
+# A Mamba mixer's sizes, and those of a gated delta-rule linear attention (Qwen3-Next, Qwen 3.5),
+# which Model Optimizer also describes in the Mamba form: the key head width is the state size,
+# the value heads and their width the heads, the key heads the groups.
 MAMBA_FIELDS = {
-    "attention.mamba.state_dim": ("ssm_state_size", "state_size", "mamba_d_state", "d_state"),
-    "attention.mamba.num_heads": ("mamba_num_heads", "mamba_n_heads"),
-    "attention.mamba.head_dim": ("mamba_head_dim", "mamba_headdim"),
-    "attention.mamba.num_groups": ("n_groups", "mamba_n_groups", "mamba_ngroups"),
-}
+    "attention.mamba.state_dim": (
+        "ssm_state_size", "state_size", "mamba_d_state", "d_state", "linear_key_head_dim",
+    ),
+    "attention.mamba.num_heads": ("mamba_num_heads", "mamba_n_heads", "linear_num_value_heads"),
+    "attention.mamba.head_dim": ("mamba_head_dim", "mamba_headdim", "linear_value_head_dim"),
+    "attention.mamba.num_groups": (
+        "n_groups", "mamba_n_groups", "mamba_ngroups", "linear_num_key_heads",
+    ),
+}  # fmt: skip
 EXPERT_WIDTH, SHARED_WIDTH = (
     "ffn.moe.expert_intermediate_dim",
     "ffn.moe.shared_expert_intermediate_dim",

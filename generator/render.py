@@ -39,6 +39,7 @@ _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 from .descriptor_view import (  # noqa: E402  (the descriptor's views live beside the spec)
+    Target,
     class_expr as _class_expr,
     import_lines as _import_lines,
     is_remote,
@@ -171,7 +172,10 @@ def _check(spec: DescriptorSpec) -> None:
         raise PuzzleGenError(str(exc)) from None
 
 
-def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
+def render_descriptor(
+    spec: DescriptorSpec, out: str | None = None, target: Target = Target()
+) -> str:
+    """The descriptor module, for this project's runtime unless `target` says otherwise."""
     _check(spec)
     for alt in (
         *spec.predicates.embeddings,
@@ -204,9 +208,14 @@ def render_descriptor(spec: DescriptorSpec, out: str | None = None) -> str:
         _env()
         .get_template("descriptor.py.j2")
         .render(
-            **_header(spec_command(spec, out), spec.modeling_module, spec.transformers_version),
+            **_header(
+                target.command or spec_command(spec, out),
+                spec.modeling_module,
+                spec.transformers_version,
+            ),
             spec=spec,
-            imports=_import_lines(spec),
+            imports=_import_lines(spec, target),
+            **{"registration_name": spec.model_type, "modelopt": None, **target.template_vars},
             no_ops=no_op_views(spec),
             override_groups=override_groups(spec),
             several_kinds=len(spec.kinds) > 1,

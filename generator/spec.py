@@ -107,6 +107,9 @@ class LayerKind:
     evidence: tuple[str, ...] = ()
     # a kind no layer of the probed config has, that other configs build: how (`layers` empty)
     built_by: str = ""
+    # the overrides proven on this kind's layer (all of them are in DescriptorSpec.overrides):
+    # which block-config sizes this kind's layers read, and from which config fields
+    overrides: tuple[ConfigOverride, ...] = ()
     # parameters held by the layer itself (Doge's residual scales): kept on a no-op, grouped
     # with the attention subblock
     own_tensors: tuple[str, ...] = ()
@@ -383,6 +386,8 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                 "a kind test's value",
                 t.value,
             )
+        for o in k.overrides:
+            need(o in spec.overrides, "a layer kind's override", o)
         for sb in (k.attention, k.ffn):
             if sb is None:
                 continue

@@ -15,6 +15,8 @@ Evidence (line numbers in transformers 5.23.0):
   modeling_hunyuan_v1_moe.py:160; a probe build confirmed it changes only attention weight shapes.
 - config.num_local_experts <- block_config.ffn.moe.num_local_experts: read at
   modeling_hunyuan_v1_moe.py:249; a probe build confirmed it changes only ffn weight shapes.
+- config.moe_topk <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_hunyuan_v1_moe.py:229; a probe build confirmed it changes only ffn weights (it is kept by a module).
 - config.intermediate_size <- block_config.ffn.moe.expert_intermediate_dim: read at
   modeling_hunyuan_v1_moe.py:251; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_hunyuan_v1_moe.py:513).
@@ -56,6 +58,7 @@ class HunYuanMoEV1ModelDescriptor(ModelDescriptor):
             overrides.update(
                 {
                     "num_local_experts": block_config.ffn.moe.num_local_experts,
+                    "moe_topk": block_config.ffn.moe.num_experts_per_tok,
                     "intermediate_size": block_config.ffn.moe.expert_intermediate_dim,
                 }
             )

@@ -23,6 +23,14 @@ Evidence (line numbers in transformers 5.23.0):
     mlp returns a tuple of 2, so its no-op stand-in does too.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_qwen3_5_moe.py:746; a probe build confirmed it changes only attention weight shapes.
+- config.linear_key_head_dim <- block_config.attention.mamba.state_dim: read at
+  modeling_qwen3_5_moe.py:501; a probe build confirmed it changes only attention weight shapes.
+- config.linear_num_value_heads <- block_config.attention.mamba.num_heads: read at
+  modeling_qwen3_5_moe.py:499; a probe build confirmed it changes only attention weight shapes.
+- config.linear_value_head_dim <- block_config.attention.mamba.head_dim: read at
+  modeling_qwen3_5_moe.py:502; a probe build confirmed it changes only attention weight shapes.
+- config.linear_num_key_heads <- block_config.attention.mamba.num_groups: read at
+  modeling_qwen3_5_moe.py:500; a probe build confirmed it changes only attention weight shapes.
 - config.num_experts <- block_config.ffn.moe.num_local_experts: read at
   modeling_qwen3_5_moe.py:876; a probe build confirmed it changes only ffn weight shapes.
 - config.num_experts_per_tok <- block_config.ffn.moe.num_experts_per_tok: read at
@@ -66,6 +74,15 @@ class Qwen3_5MoeModelDescriptor(ModelDescriptor):
         overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
         }
+        if block_config.attention.mamba is not None:
+            overrides.update(
+                {
+                    "linear_key_head_dim": block_config.attention.mamba.state_dim,
+                    "linear_num_value_heads": block_config.attention.mamba.num_heads,
+                    "linear_value_head_dim": block_config.attention.mamba.head_dim,
+                    "linear_num_key_heads": block_config.attention.mamba.num_groups,
+                }
+            )
         if block_config.ffn.moe is not None:
             overrides.update(
                 {

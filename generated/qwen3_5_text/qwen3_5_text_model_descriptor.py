@@ -21,6 +21,14 @@ Evidence (line numbers in transformers 5.23.0):
     residual join at modeling_qwen3_5.py:905.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_qwen3_5.py:750; a probe build confirmed it changes only attention weight shapes.
+- config.linear_key_head_dim <- block_config.attention.mamba.state_dim: read at
+  modeling_qwen3_5.py:505; a probe build confirmed it changes only attention weight shapes.
+- config.linear_num_value_heads <- block_config.attention.mamba.num_heads: read at
+  modeling_qwen3_5.py:503; a probe build confirmed it changes only attention weight shapes.
+- config.linear_value_head_dim <- block_config.attention.mamba.head_dim: read at
+  modeling_qwen3_5.py:506; a probe build confirmed it changes only attention weight shapes.
+- config.linear_num_key_heads <- block_config.attention.mamba.num_groups: read at
+  modeling_qwen3_5.py:504; a probe build confirmed it changes only attention weight shapes.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_qwen3_5.py:863; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_qwen3_5.py:1283).
@@ -55,10 +63,20 @@ class Qwen3_5ModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {
+        overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
             "intermediate_size": block_config.ffn.intermediate_size,
         }
+        if block_config.attention.mamba is not None:
+            overrides.update(
+                {
+                    "linear_key_head_dim": block_config.attention.mamba.state_dim,
+                    "linear_num_value_heads": block_config.attention.mamba.num_heads,
+                    "linear_value_head_dim": block_config.attention.mamba.head_dim,
+                    "linear_num_key_heads": block_config.attention.mamba.num_groups,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: Qwen3_5DecoderLayer) -> None:

@@ -58,11 +58,17 @@ SIZE_FIELDS: dict[str, tuple[str, ...]] = {
         "n_head_kv",
         "num_key_value_groups",
     ),
-    # a Mamba mixer in the attention's place: state size, heads, head width, groups
-    "attention.mamba.state_dim": ("ssm_state_size", "state_size", "mamba_d_state", "d_state"),
-    "attention.mamba.num_heads": ("mamba_num_heads", "mamba_n_heads"),
-    "attention.mamba.head_dim": ("mamba_head_dim", "mamba_headdim"),
-    "attention.mamba.num_groups": ("n_groups", "mamba_n_groups", "mamba_ngroups"),
+    # a Mamba mixer in the attention's place: state size, heads, head width, groups; a gated
+    # delta-rule linear attention in the same form (key head width, value heads and their
+    # width, key heads), as Model Optimizer describes Qwen 3.5's
+    "attention.mamba.state_dim": (
+        "ssm_state_size", "state_size", "mamba_d_state", "d_state", "linear_key_head_dim",
+    ),
+    "attention.mamba.num_heads": ("mamba_num_heads", "mamba_n_heads", "linear_num_value_heads"),
+    "attention.mamba.head_dim": ("mamba_head_dim", "mamba_headdim", "linear_value_head_dim"),
+    "attention.mamba.num_groups": (
+        "n_groups", "mamba_n_groups", "mamba_ngroups", "linear_num_key_heads",
+    ),
     # experts: how many
     "ffn.moe.num_local_experts": (
         "num_local_experts",
@@ -99,7 +105,7 @@ WIDTH_SIZES = (
 
 # The experts a token is routed to: not a size that changes shapes, but a block config with
 # experts must carry it, so the oracle reads it from the config.
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_top_k", "moe_topk", "top_k", "num_selected_experts")
 
 
 def set_size(block: dict, size: str, value: int) -> None:
