@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/puzzle-gen verify $(MODEL)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=15
 
 check: $(STAMP)
 	$(VENV)/bin/puzzle-gen check
