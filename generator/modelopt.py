@@ -110,11 +110,6 @@ def spec_kinds(spec: DescriptorSpec) -> tuple:
     return spec.kinds
 
 
-def spec_overrides(spec: DescriptorSpec) -> tuple:
-    """Every ConfigOverride of the descriptor (config_field, block_config_attr, read_at)."""
-    return spec.overrides
-
-
 def kind_overrides(kind, which: str | None = None) -> tuple:
     """The overrides proven on a layer of `kind`, those of subblock `which` when given."""
     return tuple(
@@ -122,15 +117,10 @@ def kind_overrides(kind, which: str | None = None) -> tuple:
     )
 
 
-def kind_subblock(kind, which: str):
-    """The Subblock `which` ("attention" | "ffn") of a layer kind, None when it has none."""
-    return kind.subblock(which)
-
-
 def kind_cores(kind, which: str) -> list[str]:
     """The layer children that compute subblock `which` (what a no-op replaces by zeros, or by
     the residual they add themselves), in data-flow order."""
-    sb = kind_subblock(kind, which)
+    sb = kind.subblock(which)
     if sb is None:
         return []
     return [r.attr for r in sb.replacements if r.replacement in ("MatchingZeros", "PassResidual")]
@@ -138,12 +128,8 @@ def kind_cores(kind, which: str) -> list[str]:
 
 def kind_weight_modules(kind, which: str) -> tuple[str, ...]:
     """The layer children whose tensors belong to subblock `which` of a layer kind."""
-    sb = kind_subblock(kind, which)
+    sb = kind.subblock(which)
     return () if sb is None else sb.weight_modules
-
-
-def kind_label(kind) -> str:
-    return kind.label
 
 
 def kind_where(kind) -> str:
@@ -189,11 +175,6 @@ def spec_kind_classes(spec: DescriptorSpec) -> list:
     return refs
 
 
-def spec_causal_lm(spec: DescriptorSpec):
-    """The causal-LM class (ClassRef) the converter builds to tell the layer kinds apart."""
-    return spec.causal_lm_class
-
-
 def spec_layers(spec: DescriptorSpec) -> tuple[str, str, str | None]:
     """(layer stack path, the config field of the layer count, the nested text config's
     attribute or None)."""
@@ -212,7 +193,7 @@ def spec_no_op_stand_ins(spec: DescriptorSpec) -> set[str]:
         r.replacement
         for kind in spec_kinds(spec)
         for which in SUBBLOCK_KINDS
-        if (sb := kind_subblock(kind, which)) is not None
+        if (sb := kind.subblock(which)) is not None
         for r in sb.replacements
     }
 
@@ -405,14 +386,14 @@ def kind_blocks(spec: DescriptorSpec, target: str = PUZZLETRON) -> tuple[KindBlo
             if derived is None:
                 raise PuzzleGenError(
                     f"{spec_names(spec)[0]}: no converter: no config field sets {size} of "
-                    f"{kind_label(kind)} and no rule for it could be confirmed on tiny and "
+                    f"{kind.label} and no rule for it could be confirmed on tiny and "
                     "default-size models"
                 )
             return ConverterField(tuple(size.split(".")), *derived)
 
         sizes = set(fields_of)
         notes: list[str] = []
-        if kind_subblock(kind, "attention") is None:
+        if kind.subblock("attention") is None:
             attention = NO_OP
         elif any(s.startswith("attention.mamba.") for s in sizes):
             mamba, missing = [], []
@@ -431,7 +412,7 @@ def kind_blocks(spec: DescriptorSpec, target: str = PUZZLETRON) -> tuple[KindBlo
                 )
         else:
             attention = (required("attention.num_key_value_heads"),)
-        if kind_subblock(kind, "ffn") is None:
+        if kind.subblock("ffn") is None:
             ffn = NO_OP
         elif any(s.startswith("ffn.moe.") for s in sizes):
             moe = [required(f"ffn.moe.{s}") for s in MOE_REQUIRED]
@@ -442,7 +423,7 @@ def kind_blocks(spec: DescriptorSpec, target: str = PUZZLETRON) -> tuple[KindBlo
             ffn = (required("ffn.intermediate_size"),)
         blocks.append(
             KindBlock(
-                label=kind_label(kind),
+                label=kind.label,
                 condition=kind_condition(spec, kind) if several else None,
                 where=kind_where(kind),
                 attention=attention,
@@ -548,7 +529,7 @@ class _SizeProbe:
         for i, layer in enumerate(stack):
             if kind_holds(self.spec, kind, layer):
                 return i
-        raise PuzzleGenError(f"{kind_label(kind)}: no layer of this kind in the probed model")
+        raise PuzzleGenError(f"{kind.label}: no layer of this kind in the probed model")
 
     def subblock_dims(self, kind, which: str, config) -> set[int]:
         """Every dimension of the `which` tensors of the first layer of `kind`, except the
@@ -792,7 +773,7 @@ def render_converter(
     lines = ["import copy"] if several else []
     lines += ["from typing import Any", ""]
     third: dict[str, set[str]] = {"transformers": {"PretrainedConfig"}}
-    lm = spec_causal_lm(spec)
+    lm = spec.causal_lm_class
     if several:
         refs = [lm, *spec_kind_classes(spec)]
         if any(is_remote(r) for r in refs):
@@ -1009,13 +990,13 @@ def infer_pruning(spec: DescriptorSpec) -> Pruning:
     dense = [
         k
         for k in spec_kinds(spec)
-        if kind_subblock(k, "ffn") is not None and not kind_overrides(k, "ffn.moe")
+        if k.subblock("ffn") is not None and not kind_overrides(k, "ffn.moe")
     ]
     moe = [k for k in spec_kinds(spec) if kind_overrides(k, "ffn.moe")]
     kv = [
         k
         for k in spec_kinds(spec)
-        if kind_subblock(k, "attention") is not None and not kind_overrides(k, "attention.mamba")
+        if k.subblock("attention") is not None and not kind_overrides(k, "attention.mamba")
     ]
     ffn, ffn_reason = _per_kinds(
         spec, dense, layers, "no layer kind has a dense FFN subblock",
@@ -1042,7 +1023,7 @@ def _per_kinds(spec, kinds, layers, none_reason, infer_one):
             continue  # a kind the tiny default config does not build: other configs' layers
         layer, reason = infer_one(kind, layers[kind.label])
         if layer is None:
-            prefix = f"{kind_label(kind)}: " if len(spec_kinds(spec)) > 1 else ""
+            prefix = f"{kind.label}: " if len(spec_kinds(spec)) > 1 else ""
             return None, prefix + reason
         found.append(layer)
     if not found:
