@@ -457,6 +457,8 @@ def cmd_verify(args) -> int:
         raise UsageError("verify: give model types, or --all (not both)")
     if args.all:
         return _verify_all(Path(args.out), args.jobs)
+    if args.record:
+        return _verify_all(Path(args.out), args.jobs, only=_dedupe(args.model_types))
     failed = 0
     for target in _targets(args.model_types, args.trust_remote_code):
         if not isinstance(target, str):
@@ -495,9 +497,10 @@ def _verify_checkpoint(target, out: Path) -> int:
     return sum(not ok for _, ok, _ in checks)
 
 
-def _verify_all(out_dir: Path, jobs: int | None) -> int:
-    """Verify every generated type (in worker processes), print a table, record the results in
-    coverage.json and COVERAGE.md."""
+def _verify_all(out_dir: Path, jobs: int | None, only: list[str] | None = None) -> int:
+    """Verify every generated type, or with `only` those generated types (in worker processes),
+    print a table, record the results in coverage.json and COVERAGE.md; the rows of the other
+    types stay as they were recorded."""
     import transformers
 
     from . import coverage, render
@@ -508,6 +511,14 @@ def _verify_all(out_dir: Path, jobs: int | None) -> int:
     if not manifest:
         raise PuzzleGenError(f"{out_dir}/__init__.py lists no generated descriptors")
     types = sorted(e.model_type for e in manifest)
+    if only is not None:
+        unknown = sorted(set(only) - set(types))
+        if unknown:
+            raise UsageError(
+                f"verify --record: not generated in {out_dir}: {', '.join(unknown)} "
+                "(generate them first)"
+            )
+        types = sorted(only)
     results = verify_many(types, out_dir, jobs, progress=_progress)
     rows = coverage.load(out_dir)
     width = max(map(len, types))
@@ -655,6 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--all",
         action="store_true",
         help="verify every generated type and record the results in coverage.json / COVERAGE.md",
+    )
+    v.add_argument(
+        "--record",
+        action="store_true",
+        help="record the results of the given (generated) model types in coverage.json / "
+        "COVERAGE.md, leaving the other types' rows as they were",
     )
     _jobs_arg(v)
     v.add_argument(

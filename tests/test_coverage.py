@@ -63,6 +63,29 @@ def test_verify_all_records_results_and_fails_on_a_broken_descriptor(tmp_path, f
     assert "| `qwen3` | dense | failing |" in table
 
 
+def test_verify_record_updates_only_the_named_types(tmp_path, few_types, capsys):
+    few_types.append("qwen3")
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "llama", "qwen3", "--out", str(out)]) == 0
+    module = out / "qwen3" / "qwen3_model_descriptor.py"
+    module.write_text(module.read_text().replace('return "model.norm"', "return None"))
+    # only llama is verified and recorded: qwen3's broken descriptor stays "unverified"
+    assert cli.main(["verify", "--record", "llama", "--jobs", "1", "--out", str(out)]) == 0
+    rows = read_rows(out)
+    assert rows["llama"]["status"] == coverage.VERIFIED
+    assert rows["qwen3"]["status"] == coverage.UNVERIFIED
+    assert cli.main(["verify", "--record", "qwen3", "--jobs", "1", "--out", str(out)]) == 1
+    rows = read_rows(out)
+    assert rows["llama"]["status"] == coverage.VERIFIED
+    assert rows["qwen3"]["status"] == coverage.FAILING
+    assert "| `qwen3` | dense | failing |" in (out / "COVERAGE.md").read_text()
+    # a type that was never generated is a usage error, and nothing is recorded
+    before = (out / "coverage.json").read_text()
+    assert cli.main(["verify", "--record", "mistral", "--out", str(out)]) == 2
+    assert "not generated" in capsys.readouterr().err
+    assert (out / "coverage.json").read_text() == before
+
+
 def test_check_fails_when_coverage_is_stale(tmp_path, few_types, capsys):
     out = tmp_path / "gen"
     assert cli.main(["generate", "llama", "--out", str(out)]) == 0
