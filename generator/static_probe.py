@@ -45,7 +45,8 @@ from .errors import InferenceError
 from .parsed_source import ParsedClass, ParsedCode, StaticSourceIndex, gap
 from .probe import CallTrace, Probe, build_model, layer_children, quiet_transformers
 from .spec import RebuiltBuffers
-from .static_build import StandIn, StaticBuilder, is_pretrained, require_known
+from .static_build import StaticBuilder
+from .static_standins import StandIn, is_pretrained, require_known
 
 _SAFE_MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _DTYPES = {
@@ -172,12 +173,12 @@ def _config_class(code: ParsedCode, builder: StaticBuilder, node: ParsedClass) -
 def _interpreted(builder: StaticBuilder, klass: ParsedClass, func, getter: bool):
     """A property getter or setter of a parsed config class, interpreted (never run)."""
     from .analysis.evaluate import UNKNOWN
-    from .static_build import _parsed_scope
+    from .static_standins import parsed_scope
 
     def call(config, *value):
         try:
             result = builder.run_function(
-                func, _parsed_scope(builder, klass.module), klass.module.parsed, klass, config,
+                func, parsed_scope(builder, klass.module), klass.module.parsed, klass, config,
                 list(value), {},
             )  # fmt: skip
         except Exception:
@@ -196,7 +197,7 @@ def _config(ckpt: Checkpoint, code, builder, node: ParsedClass, config_cls: type
     parsed `__init__` and `__post_init__` are interpreted on the result, so that what they derive
     (`self.head_dim = hidden_size // num_attention_heads`) is set too. Values the interpretation
     cannot compute are left as config.json has them."""
-    from .static_build import InterpretedRaise, _parsed_scope
+    from .static_standins import InterpretedRaise, parsed_scope
 
     data = {k: v for k, v in ckpt.config_dict.items() if k != "auto_map"}
     mro = [k for k in code.mro(node) if isinstance(k, ParsedClass)]
@@ -241,7 +242,7 @@ def _config(ckpt: Checkpoint, code, builder, node: ParsedClass, config_cls: type
             continue
         kwargs = dict(data) if method == "__init__" else {}
         try:
-            builder.run_function(owner.methods[method], _parsed_scope(builder, owner.module),
+            builder.run_function(owner.methods[method], parsed_scope(builder, owner.module),
                                  owner.module.parsed, owner, config, [], kwargs)  # fmt: skip
         except InterpretedRaise as exc:
             raise CheckpointInputError(
@@ -446,7 +447,7 @@ class StaticProbe(Probe):
         class the build holds, as their MROs define it (transformers' own base one excluded)."""
         from transformers import PreTrainedModel
 
-        from .static_build import method_owner
+        from .static_standins import method_owner
 
         seen, out = set(), []
         for module in self.model.modules():
@@ -623,7 +624,7 @@ class _Returns(FlowInterpreter):
         state = _State(env, known, returns, [])
         try:
             self._block(func.body.body, state)
-        except Exception:  # noqa: BLE001 - a _Return of the interpreter, or a body it stops on
+        except Exception:  # noqa: BLE001 - a ReturnSignal of the interpreter, or a body it stops on
             pass
         self.raw_returns = list(returns)
         return (returns[0] if returns else None), False

@@ -10,7 +10,8 @@ from transformers import PretrainedConfig
 
 from generator.errors import StaticGap
 from generator.parsed_source import ParsedCode, StaticSourceIndex
-from generator.static_build import InterpretedRaise, StandIn, StaticBuilder
+from generator.static_build import StaticBuilder
+from generator.static_standins import InterpretedRaise, StandIn
 
 HEADER = """
 import math
