@@ -39,13 +39,14 @@ from torch import nn
 
 from .analysis import layer_flow
 from .analysis.source_index import dotted
-from .analysis.dataflow import Call, FlowInterpreter, Input, Op, Pack, Phi, _State
 from .checkpoint import CONFIG, Checkpoint, CheckpointInputError, show
 from .errors import InferenceError
-from .parsed_source import ParsedClass, ParsedCode, StaticSourceIndex, gap
-from .probe import CallTrace, Probe, build_model, layer_children, quiet_transformers
+from .parsed_source import ParsedCode, StaticSourceIndex, gap
+from .probe import CallTrace, Probe, build_model, layer_children
 from .spec import RebuiltBuffers
 from .static_build import StaticBuilder
+from .static_config import checkpoint_config, config_class
+from .static_returns import UNSET, returned_size
 from .static_standins import StandIn, is_pretrained, require_known
 
 _SAFE_MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -98,8 +99,8 @@ def static_source(ckpt: Checkpoint, custom, arg: str):
     model_file, model_name = custom.classes["AutoModelForCausalLM"]
     config_node = code.class_named(Path(config_file).stem, config_name)
     model_node = code.class_named(Path(model_file).stem, model_name)
-    config_cls = _config_class(code, builder, config_node)
-    config = _config(ckpt, code, builder, config_node, config_cls)
+    config_cls = config_class(code, builder, config_node)
+    config = checkpoint_config(ckpt, code, builder, config_node, config_cls)
     causal_lm_cls = builder.type_for(model_node)
     if not is_pretrained(causal_lm_cls):
         raise gap(
@@ -121,136 +122,6 @@ def static_source(ckpt: Checkpoint, custom, arg: str):
         argument=arg,
         static=StaticCode(code, index, builder),
     )
-
-
-def _config_class(code: ParsedCode, builder: StaticBuilder, node: ParsedClass) -> type:
-    """A subclass of the nearest transformers config class the parsed config class derives from,
-    named like it, carrying its literal class attributes (model_type, attribute_map): never the
-    parsed class itself."""
-    from transformers import PretrainedConfig
-
-    mro = code.mro(node)
-    base = next((k for k in mro if isinstance(k, type) and issubclass(k, PretrainedConfig)), None)
-    if base is None:
-        raise gap(
-            f"the config class {node.name}",
-            "it does not derive from a transformers config class",
-            node.where(),
-        )
-    ns: dict[str, Any] = {"__module__": node.module.remote_name, "__qualname__": node.name}
-    for klass in reversed(mro):
-        if not isinstance(klass, ParsedClass):
-            continue
-        fields = klass.field_defaults()
-        for attr, expr in klass.class_attrs().items():
-            # plain class attributes (model_type, attribute_map, LFM3's _rope_type_labels), not
-            # dataclass-style fields (those are config values: see _config)
-            if attr in fields or attr.startswith("__"):
-                continue
-            value = builder.module_value(expr, klass.module)
-            if isinstance(value, (str, int, float, bool, dict, list, tuple, type(None))):
-                ns[attr] = value
-        # properties the model reads (Jamba's layers_block_type, Nemotron-H's
-        # num_hidden_layers): their parsed bodies are interpreted on the config when used
-        getters, setters = {}, {}
-        for func in klass.node.body.body:
-            if not isinstance(func, cst.FunctionDef):
-                continue
-            decorators = [dotted(d.decorator) for d in func.decorators]
-            if "property" in decorators:
-                getters[func.name.value] = func
-            elif f"{func.name.value}.setter" in decorators:
-                setters[func.name.value] = func
-        for name, func in getters.items():
-            setter = setters.get(name)
-            ns[name] = property(
-                _interpreted(builder, klass, func, getter=True),
-                _interpreted(builder, klass, setter, getter=False) if setter else None,
-            )
-    return type(node.name, (base,), ns)
-
-
-def _interpreted(builder: StaticBuilder, klass: ParsedClass, func, getter: bool):
-    """A property getter or setter of a parsed config class, interpreted (never run)."""
-    from .analysis.evaluate import UNKNOWN
-    from .static_standins import parsed_scope
-
-    def call(config, *value):
-        try:
-            result = builder.run_function(
-                func, parsed_scope(builder, klass.module), klass.module.parsed, klass, config,
-                list(value), {},
-            )  # fmt: skip
-        except Exception:
-            result = UNKNOWN
-        if getter and result is UNKNOWN:
-            raise AttributeError(func.name.value)
-        return result
-
-    return call
-
-
-def _config(ckpt: Checkpoint, code, builder, node: ParsedClass, config_cls: type):
-    """The config, as loading config.json through the parsed class would make it, without running
-    that class: config.json's values and the defaults the parsed class declares (dataclass-style
-    fields, `__init__` parameters) are given to the transformers class it derives from; then the
-    parsed `__init__` and `__post_init__` are interpreted on the result, so that what they derive
-    (`self.head_dim = hidden_size // num_attention_heads`) is set too. Values the interpretation
-    cannot compute are left as config.json has them."""
-    from .static_standins import InterpretedRaise, parsed_scope
-
-    data = {k: v for k, v in ckpt.config_dict.items() if k != "auto_map"}
-    mro = [k for k in code.mro(node) if isinstance(k, ParsedClass)]
-    aliases = getattr(config_cls, "attribute_map", {}) or {}
-
-    def given(name: str) -> bool:  # in config.json, under its name or its attribute_map alias
-        return (
-            name in data
-            or aliases.get(name) in data
-            or any(target == name and alias in data for alias, target in aliases.items())
-        )
-
-    for klass in mro:  # most derived first: its defaults win
-        for name, expr in klass.field_defaults().items():
-            if not given(name):
-                value = builder.module_value(expr, klass.module)
-                if isinstance(value, (int, float, str, bool, list, dict, type(None))):
-                    data[name] = value
-        init = klass.methods.get("__init__")
-        if init is None:
-            continue
-        for param in (*init.params.params, *init.params.kwonly_params):
-            name = param.name.value
-            if given(name) or name == "self" or param.default is None:
-                continue
-            value = builder.module_value(param.default, klass.module)
-            if isinstance(value, (int, float, str, bool, list, dict, type(None))):
-                data[name] = value
-    where = ckpt.directory / CONFIG
-    try:
-        with quiet_transformers():
-            config = config_cls.from_dict(data)
-    except Exception as exc:
-        raise CheckpointInputError(
-            f"{where}: does not make a {config_cls.__name__} (built by "
-            f"{config_cls.__mro__[1].__name__}, the transformers class it derives from): "
-            f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        ) from None
-    for method in ("__init__", "__post_init__"):
-        owner = next((k for k in mro if method in k.methods), None)
-        if owner is None:
-            continue
-        kwargs = dict(data) if method == "__init__" else {}
-        try:
-            builder.run_function(owner.methods[method], parsed_scope(builder, owner.module),
-                                 owner.module.parsed, owner, config, [], kwargs)  # fmt: skip
-        except InterpretedRaise as exc:
-            raise CheckpointInputError(
-                f"{where}: does not make a {config_cls.__name__}: its {method} rejects it ({exc})"
-            ) from None
-        except InferenceError:
-            pass  # what it derives past a statement the parse cannot decide stays unset
-    return config
 
 
 # -- the probe ------------------------------------------------------------------------------------
@@ -479,8 +350,8 @@ class StaticProbe(Probe):
         out = {}
         for name in flow.called:
             child = getattr(layer, name, None)
-            size = returned_size(child, self.index) if isinstance(child, nn.Module) else _UNSET
-            if size is _UNSET:
+            size = returned_size(child, self.index) if isinstance(child, nn.Module) else UNSET
+            if size is UNSET:
                 if flow.indexed.get(name) and flow.arity.get(name) is None:
                     raise gap(
                         f"what {name} returns",
@@ -602,85 +473,6 @@ def _walk_cst(node):
 def _what_changes(changes: dict[str, Any], layer_path: str) -> str:
     fields = ", ".join(f"config.{k}={v!r}" for k, v in changes.items())
     return f"what setting {fields} changes in {layer_path}"
-
-
-_UNSET = object()
-_TENSOR_OPS = {
-    "Add", "Subtract", "Multiply", "Divide", "FloorDivide", "Power", "MatrixMultiply", "unary",
-    "view", "reshape", "to", "transpose", "contiguous", "permute", "type_as", "float", "half",
-    "squeeze", "unsqueeze", "flatten", "mul", "add", "sub", "div", "matmul", "clamp", "expand",
-    "repeat", "masked_fill", "dropout", "softmax", "silu", "gelu", "relu", "tanh", "sigmoid",
-    "narrow", "chunk_item", "rsqrt", "mean", "pow", "sum",
-}  # fmt: skip
-_TORCH_TUPLES = {"MultiheadAttention": 2, "LSTM": 2, "GRU": 2, "RNN": 2}
-
-
-class _Returns(FlowInterpreter):
-    """A FlowInterpreter that keeps every value a forward returns."""
-
-    def _run_body(self, func, env, known):
-        self.raw_returns: list = []
-        returns: list = []
-        state = _State(env, known, returns, [])
-        try:
-            self._block(func.body.body, state)
-        except Exception:  # noqa: BLE001 - a ReturnSignal of the interpreter, or a body it stops on
-            pass
-        self.raw_returns = list(returns)
-        return (returns[0] if returns else None), False
-
-
-def returned_size(module: nn.Module, index, depth: int = 0):
-    """What `module`'s forward returns, from its source: a tuple size, None for a tensor, or
-    _UNSET when the returns do not say."""
-    cls = type(module)
-    if cls.__module__.startswith("torch."):
-        return _TORCH_TUPLES.get(cls.__name__)
-    if depth > 3:
-        return _UNSET
-    try:
-        parsed, _, func = index.find_method(cls, "forward")
-    except InferenceError:
-        return _UNSET
-    children = {n for n, _ in module.named_children()}
-    interp = _Returns(
-        parsed,
-        module,
-        lambda path: path.split(".")[0] in children,
-        lambda name: None,
-    )
-    try:
-        interp.run(func)
-    except InferenceError:
-        return _UNSET
-    sizes = {_size(r, module, index, depth) for r in interp.raw_returns}
-    if len(sizes) != 1:
-        return _UNSET
-    return sizes.pop()
-
-
-def _size(node, module, index, depth):
-    if isinstance(node, Pack):
-        return len(node.inputs)
-    if isinstance(node, Phi):
-        sizes = {_size(x, module, index, depth) for x in node.inputs}
-        return sizes.pop() if len(sizes) == 1 else _UNSET
-    if isinstance(node, Input):
-        return None
-    if isinstance(node, Call):
-        child = module
-        for part in node.target.split("."):
-            child = getattr(child, part, None)
-        if isinstance(child, nn.Module):
-            return returned_size(child, index, depth + 1)
-        return _UNSET
-    if isinstance(node, Op) and not node.additive and node.kind in _TENSOR_OPS:
-        return None
-    if isinstance(node, Op) and node.additive and node.kind == "Add":
-        sizes = [_size(x, module, index, depth) for x in node.inputs]
-        if all(s is None for s in sizes):
-            return None
-    return _UNSET
 
 
 def _meta(info) -> torch.Tensor:

@@ -242,7 +242,7 @@ def test_the_config_is_config_json_read_through_the_parsed_class(tmp_path):
     import json
 
     from generator.checkpoint import Checkpoint
-    from generator.static_probe import _config, _config_class
+    from generator.static_config import checkpoint_config, config_class
 
     (tmp_path / "configuration_t.py").write_text(CONFIG_SOURCE)
     data = {"model_type": "t", "hidden": 48, "num_local_experts": 4, "layers": 3}
@@ -250,8 +250,8 @@ def test_the_config_is_config_json_read_through_the_parsed_class(tmp_path):
     index = StaticSourceIndex()
     builder = StaticBuilder(ParsedCode([tmp_path / "configuration_t.py"], tmp_path, index), index)
     node = builder.code.class_named("configuration_t", "TConfig")
-    cls = _config_class(builder.code, builder, node)
-    config = _config(Checkpoint(tmp_path), builder.code, builder, node, cls)
+    cls = config_class(builder.code, builder, node)
+    config = checkpoint_config(Checkpoint(tmp_path), builder.code, builder, node, cls)
     assert type(config).__name__ == "TConfig" and type(config).__mro__[1] is PretrainedConfig
     assert cls._labels == ("a", "b")  # a plain class attribute the model may read
     assert config.num_experts == 4  # config.json's, under its attribute_map name, not the default
