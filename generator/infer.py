@@ -724,11 +724,15 @@ def _dummy_block(ctx, loop, layers: list[nn.Module]) -> DummyBlock:
     evidence = list(loop.evidence[:2])
     ctx.fact(
         "model loop expects",
-        ("a tuple" if loop.returns_tuple else "a tensor")
+        (
+            (f"a tuple of {loop.tuple_size}" if loop.tuple_size > 1 else "a tuple")
+            if loop.returns_tuple
+            else "a tensor"
+        )
         + (f"; reads {', '.join(attrs)}" if attrs else ""),
         evidence,
     )
-    return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence))
+    return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence), loop.tuple_size)
 
 
 # -- buffers ------------------------------------------------------------------------------------
