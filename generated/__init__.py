@@ -36,6 +36,8 @@ _DESCRIPTORS = {
     "diffllama": ("diffllama", "DiffLlamaModelDescriptor"),
     "doge": ("doge", "DogeModelDescriptor"),
     "dots1": ("dots1", "Dots1ModelDescriptor"),
+    "dots3_note": ("dots3_note", "Dots3NoteModelDescriptor"),
+    "dots3_note_text": ("dots3_note_text", "Dots3NoteModelDescriptor"),
     "emu3": ("emu3", "Emu3ModelDescriptor"),
     "ernie4_5": ("ernie4_5", "Ernie4_5ModelDescriptor"),
     "ernie4_5_moe": ("ernie4_5_moe", "Ernie4_5_MoeModelDescriptor"),

@@ -303,6 +303,28 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
 
 
 # -- layer stack ------------------------------------------------------------------------------
+def _other_layer_unit(probe, static, n: int) -> None:
+    """A stack the modeling code sizes by another config field than num_hidden_layers, which
+    is a multiple of its length (LongCat-Flash: `range(config.num_layers)`, num_hidden_layers =
+    2 x num_layers, two attention sublayers per layer): the config counts sublayers, and a
+    descriptor's blocks (one per num_hidden_layers) cannot be the stack's layers."""
+    for path, finding in static:
+        try:
+            stack = probe.module(path)
+        except AttributeError:
+            continue
+        size = len(stack) if isinstance(stack, nn.ModuleList) else 0
+        if 0 < size < n and n % size == 0 and "num_hidden_layers" not in finding.count:
+            raise InferenceError(
+                "the layer stack",
+                f"{path} holds {size} layers, counted by `{finding.count}`, but "
+                f"num_hidden_layers is {n} = {n // size} x {size}: the config counts another "
+                "unit (sublayers, repeated runs), so a block per num_hidden_layers is not a "
+                "layer of the stack",
+                [finding.where],
+            )
+
+
 def _layer_stack(ctx: _Context) -> tuple[str, list[type]]:
     probe = ctx.probe
     static = []
@@ -333,6 +355,7 @@ def _layer_stack(ctx: _Context) -> tuple[str, list[type]]:
         if isinstance(ml, nn.ModuleList) and len(ml) == n:
             matching.append((path, finding))
     if not matching:
+        _other_layer_unit(probe, static, n)
         statics = ", ".join(f"{p} ({f.where})" for p, f in static) or "no ModuleList"
         raise ProbeMismatch(
             "the layer stack",
@@ -724,11 +747,15 @@ def _dummy_block(ctx, loop, layers: list[nn.Module]) -> DummyBlock:
     evidence = list(loop.evidence[:2])
     ctx.fact(
         "model loop expects",
-        ("a tuple" if loop.returns_tuple else "a tensor")
+        (
+            (f"a tuple of {loop.tuple_size}" if loop.tuple_size > 1 else "a tuple")
+            if loop.returns_tuple
+            else "a tensor"
+        )
         + (f"; reads {', '.join(attrs)}" if attrs else ""),
         evidence,
     )
-    return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence))
+    return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence), loop.tuple_size)
 
 
 # -- buffers ------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import nn
 
 from .analysis import model_structure
 from .analysis.layer_flow import ATTENTION, FFN
+from .heterogeneous import config_value
 from .spec import ConfigOverride, is_identifier
 
 # Config fields that may carry each block-config size, in order of preference; the model's own
@@ -160,7 +161,7 @@ class _Run:
         for field in fields:
             if field not in self.reads:
                 continue
-            value = new_value(getattr(self.tiny_text, field, None), self.tiny_text)
+            value = new_value(config_value(self.tiny_text, field, None), self.tiny_text)
             if value is None:
                 continue
             diff, changed = self._diff({field: value})
@@ -184,7 +185,7 @@ class _Run:
         """Map the expert count; returns the expert tensors (those the count resizes)."""
         tried = []
         for field in EXPERT_COUNT_FIELDS:
-            current = getattr(self.tiny_text, field, None)
+            current = config_value(self.tiny_text, field, None)
             if field not in self.reads or not _number(current) or current < 1:
                 continue
             value = current + 2
@@ -217,7 +218,7 @@ class _Run:
         """The experts a token is routed to change no shape: the field counts when a module of
         the subblock keeps the changed value (a router's `top_k`)."""
         for field in TOP_K_FIELDS:
-            current = getattr(self.tiny_text, field, None)
+            current = config_value(self.tiny_text, field, None)
             if field not in self.reads or not _number(current):
                 continue
             value = current - 1 if current > 1 else current + 1
@@ -251,8 +252,8 @@ class _Run:
             f
             for f in self.reads
             if f not in named
-            and isinstance(getattr(self.tiny_text, f, None), (int, float))
-            and not isinstance(getattr(self.tiny_text, f, None), bool)
+            and isinstance(config_value(self.tiny_text, f, None), (int, float))
+            and not isinstance(config_value(self.tiny_text, f, None), bool)
             and is_identifier(f)
         )
         tried: list[str] = []
@@ -261,7 +262,7 @@ class _Run:
                 break
             if field not in self.reads:
                 continue
-            current = getattr(self.tiny_text, field, None)
+            current = config_value(self.tiny_text, field, None)
             # a width left None (GPT-2's n_inner: 4 x hidden) can still be set
             value = _other_size(current, self.tiny_text) if current is not None else 104
             if value is None:
@@ -277,7 +278,7 @@ class _Run:
             if not any(value in shape for shape in diff.values()):
                 # the model transforms the field before use (rounds it, scales it): find a flag
                 # read beside it that makes the model use it verbatim, else refuse
-                hidden = getattr(self.tiny_text, "hidden_size", None)
+                hidden = config_value(self.tiny_text, "hidden_size", None)
                 widths = sorted({d for shape in diff.values() for d in shape} - {hidden})
                 flag = self._verbatim_flag(field, value)
                 if flag is None:
@@ -334,7 +335,7 @@ class _Run:
         """(flag, value) of a boolean config field read by the subblock whose flip makes `field`
         the real width, or None."""
         for flag in self.reads:
-            current = getattr(self.tiny_text, flag, None)
+            current = config_value(self.tiny_text, flag, None)
             if not isinstance(current, bool) or flag == field or not is_identifier(flag):
                 continue
             diff, changed = self._diff({field: value, flag: not current})
@@ -348,7 +349,7 @@ class _Run:
 
 
 def _fewer_heads(current, config):
-    heads = getattr(config, "num_attention_heads", None)
+    heads = config_value(config, "num_attention_heads")
     if not _number(current) or not _number(heads):
         return None
     options = [d for d in range(1, heads + 1) if heads % d == 0 and d != current]

@@ -14,7 +14,8 @@ serves every config class, by generic rules applied to the default config's own 
   attention only by default (Bamba) gets a full-attention last layer, as its checkpoints have;
 - other head counts (a linear-attention mixer's heads, an indexer's) scaled like the attention's
   heads;
-- experts: 4 routed experts in one group, a routing top-k of at most 2 (and at most the expert
+- experts: 4 routed experts (also where the default has fewer: one expert routes nothing and
+  has no smaller count) in one group, a routing top-k of at most 2 (and at most the expert
   count: a top-k left None beside routed experts gets one), expert widths 64;
 - state-space mixers: heads of at most head_dim 16 that still span `hidden_size * expand`;
 - RoPE parameters: per-frequency lists (longrope's `short_factor` / `long_factor`) cut to the
@@ -488,7 +489,9 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
             overrides[key] = max(1, round(value * HEADS / heads)) if _is_int(heads) else HEADS
         elif key.endswith(_RANK_LIKE) and value > 0 and isinstance(hidden, int):
             overrides[key] = _scaled(value, HIDDEN / hidden, minimum=8, multiple=8)
-        elif key in _EXPERT_COUNTS and value > TINY_EXPERTS:
+        elif key in _EXPERT_COUNTS and value > 0 and value != TINY_EXPERTS:
+            # fewer too: one expert (HunYuan-MoE's default) routes nothing and has no smaller
+            # count, so neither the routing nor an expert-count override could be checked
             overrides[key] = TINY_EXPERTS
         elif key in _EXPERT_GROUPS + _EXPERT_GROUP_TOPK and value > 1:
             overrides[key] = 1

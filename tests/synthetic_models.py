@@ -416,6 +416,30 @@ class TupleLoopModel(nn.Module):
         return self.proj(torch.tanh(hidden_states))
 
 
+class CarryingLayer(TripleArityLayer):
+    """Returns its hidden states and a value for the next layer."""
+
+    def forward(self, hidden_states, attention_mask=None):
+        (hidden_states,) = super().forward(hidden_states, attention_mask)
+        return hidden_states, attention_mask
+
+
+class UnpackingLoopModel(nn.Module):
+    """GLM-MoE-DSA style loop: each layer returns its hidden states and a value the next layer
+    takes (`hidden_states, carried = layer(...)`); a starred target takes any rest."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList([CarryingLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = Norm(config.hidden_size)
+
+    def forward(self, hidden_states):
+        carried = None
+        for layer in self.layers:
+            hidden_states, carried, *_ = layer(hidden_states, attention_mask=carried)
+        return self.norm(hidden_states)
+
+
 class ZipLoopModel(nn.Module):
     def __init__(self, config):
         super().__init__()

@@ -175,6 +175,15 @@ def test_tuple_loop_without_final_norm():
     assert loop.layer_attributes == []
 
 
+def test_loop_unpacking_several_values_from_a_layer_counts_them():
+    """A dummy block must return as many values as the loop unpacks (GLM-MoE-DSA's layers
+    return the hidden states and the top-k indices the next layer reuses)."""
+    loop = loop_of(sm.UnpackingLoopModel, "layers")
+    assert loop.returns_tuple is True and loop.tuple_size == 2  # the starred rest may be empty
+    assert loop_of(sm.TupleLoopModel, "h").tuple_size == 1  # `outputs[0]`: a 1-tuple will do
+    assert loop_of(sm.ToyModel, "layers").tuple_size == 1
+
+
 def test_zip_loop_with_keyword_hidden_states():
     loop = loop_of(sm.ZipLoopModel, "layers")
     assert loop.loop_var == "layer"

@@ -7,9 +7,10 @@ import pytest
 from torch import nn
 
 from generator.analysis.layer_flow import ATTENTION, FFN, LayerFlow, analyze_layer
+from generator.analysis.model_structure import StackFinding
 from generator.analysis.source_index import SourceIndex
-from generator.errors import ProbeMismatch, UnknownModelType
-from generator.infer import _confirm_calls, infer
+from generator.errors import InferenceError, ProbeMismatch, UnknownModelType
+from generator.infer import _confirm_calls, _other_layer_unit, infer
 from generator.probe import CallTrace, Probe, layer_children
 from generator.source import resolve
 
@@ -143,3 +144,23 @@ def test_trace_decides_the_size_of_an_indexed_tuple(layer):
     )
     flow = _flow(["attn", "mlp"], {"attn": None, "mlp": None}, indexed={"attn": True})
     assert _confirm_calls(ctx, flow, "layers.0") == {"attn": 3, "mlp": None}
+
+
+def _stack_probe(length):
+    model = nn.Module()
+    model.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(length))
+    return SimpleNamespace(module=model.get_submodule)
+
+
+def _finding(count):
+    return StackFinding("layers", ("Layer",), count, "modeling_x.py:10", "self.layers = ...")
+
+
+def test_a_stack_counted_by_another_field_than_num_hidden_layers_is_named():
+    """LongCat-Flash: `range(config.num_layers)` layers, num_hidden_layers = 2 x num_layers."""
+    static = [("layers", _finding("range(config.num_layers)"))]
+    with pytest.raises(InferenceError, match=r"layers holds 28 layers, counted by .*num_layers.*"
+                       r"num_hidden_layers is 56 = 2 x 28"):
+        _other_layer_unit(_stack_probe(28), static, 56)
+    _other_layer_unit(_stack_probe(28), static, 57)  # not a multiple: the generic mismatch
+    _other_layer_unit(_stack_probe(4), [("layers", _finding("config.num_hidden_layers"))], 8)

@@ -97,6 +97,12 @@ NO_CONVERTER = {
     # linear_num_heads, one head width and count for keys and values): not described yet
     "kimi_linear": "attention.num_key_value_heads of KimiLinearDecoderLayer with self_attn: Kimi",
     "bailing_hybrid": "attention.num_key_value_heads of BailingHybridDecoderLayer with self_attn",
+    # KV heads held per layer (per_layer_config: the sliding layers' own heads), which a
+    # block-config override cannot write: no field and no measured rule sets them
+    "dots3_note": "attention.num_key_value_heads of Dots3NoteTextDecoderLayer with mlp: "
+    "Dots3NoteTextMLP",
+    "dots3_note_text": "attention.num_key_value_heads of Dots3NoteTextDecoderLayer with mlp: "
+    "Dots3NoteTextMLP",
 }
 
 

@@ -200,6 +200,11 @@ def test_default_dummy_block_passes_input_through():
     assert list(dummy.parameters()) == []
     tup = DummyBlock(1, returns_tuple=True, attributes={"attention_type": "sliding_attention"})
     assert tup(hidden_states=x) == (x,) and tup.attention_type == "sliding_attention"
+    # a loop that unpacks `hidden_states, topk_indices = layer(...)` gets the Nones it unpacks
+    hidden, rest = DummyBlock(1, returns_tuple=True, tuple_size=2)(x)
+    assert hidden is x and rest is None
+    with pytest.raises(ValueError, match="tuple_size"):
+        DummyBlock(1, tuple_size=2)  # a tensor-returning dummy has no tuple to pad
 
 
 def test_get_weight_groups_partitions_a_tiny_llama():

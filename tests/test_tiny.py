@@ -165,6 +165,14 @@ def test_routing_top_k_fits_the_tiny_expert_count(model_type, field, count):
     runs(model_type, config)  # a top-k over fewer experts: "selected index k out of range"
 
 
+def test_a_single_default_expert_becomes_several():
+    default = resolve("hunyuan_v1_moe").config_cls()
+    assert default.num_experts == 1  # one expert: nothing to route between, no smaller count
+    config = tiny("hunyuan_v1_moe", head_dim=HEAD_DIM)
+    assert config.num_experts == 4 and config.moe_topk == 1
+    runs("hunyuan_v1_moe", config)
+
+
 def test_a_top_k_left_none_beside_routed_experts_gets_a_number():
     default = resolve("deepseek_v2").config_cls()
     assert default.num_experts_per_tok is None and default.n_routed_experts > 0
@@ -189,7 +197,9 @@ def test_top_k_rule_on_a_synthetic_config():
     assert overrides["n_routed_experts"] == 4
     assert overrides["num_experts_per_tok"] == 2
     assert overrides["moe_topk"] == [2, 1, 2]  # one per layer, each capped
-    assert tiny_overrides(Routed(n_routed_experts=1))["num_experts_per_tok"] == 1
+    # a single expert routes nothing and has no smaller count to check: it gets the tiny four
+    single = tiny_overrides(Routed(n_routed_experts=1))
+    assert (single["n_routed_experts"], single["num_experts_per_tok"]) == (4, 2)
     assert tiny_overrides(Routed())["moe_topk"] == 2  # None beside routed experts
     assert "moe_topk" not in tiny_overrides(Routed(n_routed_experts=0))  # no experts: leave it
 

@@ -42,6 +42,9 @@ class LoopFinding:
     before_loop: list[str]  # children of the owner called before the loop
     evidence: list[str] = field(default_factory=list)
     after_loop: list[str] = field(default_factory=list)  # others called after it (project_out)
+    # values the loop unpacks from a layer's output (`hidden_states, topk = layer(...)`: 2);
+    # a dummy block returns that many, the hidden states and Nones
+    tuple_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ def analyze_loop(
         raise InferenceError(fact, "cannot tell the loop variable", [parsed.where(loop)])
 
     returns_tuple = False
+    tuple_size = 1
     hidden_var = None
     attributes: list[str] = []
     call_targets: list[str] = []
@@ -199,6 +203,9 @@ def analyze_loop(
             for t in node.targets:
                 if isinstance(t.target, (cst.Tuple, cst.List)):
                     returns_tuple = True
+                    # a starred target takes what is left, even nothing
+                    plain = [e for e in t.target.elements if not isinstance(e, cst.StarredElement)]
+                    tuple_size = max(tuple_size, len(plain))
                 elif isinstance(t.target, cst.Name):
                     call_targets.append(t.target.value)
             evidence.append(f"{parsed.where(node)} `{parsed.code(node)}`")
@@ -258,6 +265,7 @@ def analyze_loop(
         stack_attr=stack_attr,
         loop_var=loop_var,
         returns_tuple=returns_tuple,
+        tuple_size=tuple_size,
         layer_attributes=sorted(set(a for a in attributes if a not in ("forward", "__call__"))),
         hidden_var=hidden_var,
         final_norm=final_norm,

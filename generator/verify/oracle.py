@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..heterogeneous import config_value
 from .models import (
     call_input,
     replace_call_input,
@@ -566,7 +567,7 @@ class Reference:
     @cached_property
     def top_k(self) -> int | None:
         for name in TOP_K_FIELDS:
-            value = getattr(self.text, name, None)
+            value = config_value(self.text, name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
         return None
@@ -574,7 +575,7 @@ class Reference:
     @cached_property
     def top_k_field(self) -> str | None:
         for name in TOP_K_FIELDS:
-            value = getattr(self.text, name, None)
+            value = config_value(self.text, name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return name
         return None
@@ -604,7 +605,7 @@ class Reference:
         for size, fields in SIZE_FIELDS.items():
             kind = size.split(".")[0]
             for name in fields:
-                value = getattr(self.text, name, None)
+                value = config_value(self.text, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                     continue
                 smaller = self._smaller(size, value)
@@ -621,7 +622,7 @@ class Reference:
                     break
         moe_layers = {self._first_layer({t}) for t in expert_tensors}
         for name in WIDTH_FIELDS:
-            value = getattr(self.text, name, None)
+            value = config_value(self.text, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                 continue
             changed = self._changed(base, {name: value // 2})
@@ -678,7 +679,7 @@ class Reference:
         for name, value in sorted(self.text.to_dict().items()):
             if name in listed or not isinstance(value, int) or isinstance(value, bool):
                 continue
-            if value < 4 or getattr(self.text, name, None) != value:
+            if value < 4 or config_value(self.text, name) != value:
                 continue
             smaller = value // 2
             try:

@@ -16,7 +16,8 @@ class DummyBlock(nn.Module):
     """Stands in for a decoder block owned by another shard: passes the hidden states through.
 
     `returns_tuple` makes it return `(hidden_states,)` for model loops that index a layer's
-    output; `attributes` are copied on as plain attributes for loops that read them (e.g.
+    output; `tuple_size` pads that tuple with Nones for loops that unpack more values from it
+    (GLM-MoE-DSA: `hidden_states, topk_indices = decoder_layer(...)`); `attributes` are copied on as plain attributes for loops that read them (e.g.
     `attention_type` to choose a mask).
     """
 
@@ -25,16 +26,22 @@ class DummyBlock(nn.Module):
         block_index: int,
         returns_tuple: bool = False,
         attributes: Mapping[str, Any] | None = None,
+        tuple_size: int = 1,
     ):
         super().__init__()
+        if tuple_size < 1 or (tuple_size > 1 and not returns_tuple):
+            raise ValueError(f"tuple_size={tuple_size} needs returns_tuple and at least 1")
         self.block_index = block_index
         self.returns_tuple = returns_tuple
+        self.tuple_size = tuple_size
         for name, value in (attributes or {}).items():
             setattr(self, name, value)
 
     def forward(self, *args, **kwargs):
         hidden_states = find_hidden_states(args, kwargs)
-        return (hidden_states,) if self.returns_tuple else hidden_states
+        if not self.returns_tuple:
+            return hidden_states
+        return (hidden_states,) + (None,) * (self.tuple_size - 1)
 
     def extra_repr(self) -> str:
         return f"block_index={self.block_index}, returns_tuple={self.returns_tuple}"
