@@ -348,7 +348,7 @@ def test_converter_follows_the_fields_the_overrides_write(model_type):
     layers = build_model(source.causal_lm_cls, base_config, "meta").get_submodule(spec.layer_stack)
     present = {
         o
-        for kind in modelopt.spec_kinds(spec)
+        for kind in spec.kinds
         if any(modelopt.kind_holds(spec, kind, layer) for layer in layers)
         for o in modelopt.kind_overrides(kind)
     }
@@ -410,11 +410,11 @@ def test_a_derived_width_must_build_the_models_shapes():
     building, so a wrong one is refused."""
     spec = spec_of("gpt2")
     (kind,) = spec.kinds
-    probe = modelopt._SizeProbe(spec)
+    probe = modelopt.SizeProbe(spec)
     expr, _ = probe.ffn_width_rule(kind, "n_inner")
     hidden = probe.default.get_text_config().hidden_size
     assert probe.evaluate(expr, probe.default.get_text_config()) == 4 * hidden
-    original = modelopt._SizeProbe.subblock_dims
+    original = modelopt.SizeProbe.subblock_dims
     probe.subblock_dims = lambda k, w, config: {d + 1 for d in original(probe, k, w, config)}
     with pytest.raises(PuzzleGenError):
         probe.ffn_width_rule(kind, "n_inner")
@@ -427,7 +427,7 @@ def test_a_mamba_size_no_override_sets_is_read_where_the_whole_model_reads_it():
     spec = spec_of("nemotron_h")
     (mamba,) = [k for k in spec.kinds if modelopt.kind_overrides(k, "attention.mamba")]
     assert "attention.mamba.num_heads" not in {o.block_config_attr for o in mamba.overrides}
-    expr, note = modelopt._SizeProbe(spec).mamba_rule(mamba, "attention.mamba.num_heads")
+    expr, note = modelopt.SizeProbe(spec).mamba_rule(mamba, "attention.mamba.num_heads")
     assert expr == "text_config.mamba_num_heads" and "not per layer" in note
     source = resolve("nemotron_h")
     with quiet_transformers():
@@ -745,7 +745,7 @@ def test_a_query_projection_holding_a_gate_gets_no_kv_descriptor():
     Model Optimizer's KV-heads mixin would slice its rows as query heads. The widths come from
     the built model here, not from the generator."""
     spec = spec_of("qwen3_next")
-    model, _ = modelopt._tiny(spec)
+    model, _ = modelopt.tiny_model(spec)
     attn = next(m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj"))
     assert attn.q_proj.weight.shape[0] == 2 * attn.o_proj.weight.shape[1]
     p = modelopt.infer_pruning(spec)
