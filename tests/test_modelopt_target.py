@@ -122,11 +122,6 @@ CONVERTED = [p for p in BY_TYPE if p.values[0] not in NO_CONVERTER]
 # Mamba-1 mixers: no heads, head width or groups; Model Optimizer's MambaConfig (a Mamba-2
 # description) requires them, so only our runtime's converter is written
 MAMBA_1 = {"mamba", "falcon_mamba", "jamba"}
-# A Mamba-2 mixer whose head count and head width are config fields the override inference does
-# not try yet (Mamba2Config's plain `num_heads` / `head_dim`; overrides.MAMBA_FIELDS has the
-# mamba_-prefixed ones): its block configs leave them None, so no Model Optimizer converter (a
-# gap, not a property of the model)
-MAMBA_SIZES_NOT_INFERRED = {"mamba2"}
 
 
 @pytest.mark.parametrize("model_type", sorted(t for t in MAMBA_1 if t in VERIFIED))
@@ -162,9 +157,7 @@ def test_converter_block_configs_rebuild_every_tensor_shape(model_type):
                 mamba = b["attention"]["mamba"]
                 assert isinstance(mamba["state_dim"], int), label
                 assert all(v is None or isinstance(v, int) for v in mamba.values()), label
-                if (
-                    model_type not in MAMBA_1 | MAMBA_SIZES_NOT_INFERRED
-                ):  # Model Optimizer's needs all four
+                if model_type not in MAMBA_1:  # Model Optimizer's needs all four
                     assert all(isinstance(v, int) for v in mamba.values()), label
             if ffn == "dense":
                 assert isinstance(b["ffn"]["intermediate_size"], int), label
@@ -438,6 +431,66 @@ def test_a_mamba_size_no_override_sets_is_read_where_the_whole_model_reads_it():
         if layer_parts(block)[0] == "mamba":
             mixer = model.model.layers[i].mixer
             assert block["attention"]["mamba"]["num_heads"] == mixer.A_log.shape[0]
+
+
+def mamba2_mixer_sizes(num_heads, head_dim):
+    """A tiny Mamba-2 config with these heads and head width (the inner width follows), its
+    block configs from the generated converter, and its first mixer."""
+    source = resolve("mamba2")
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    config.num_heads, config.head_dim = num_heads, head_dim
+    config.expand = num_heads * head_dim // config.hidden_size
+    blocks = converter_of("mamba2").create_block_configs_from_main_config(config)
+    mixer = build_model(source.causal_lm_cls, config, "meta").backbone.layers[0].mixer
+    return blocks, mixer
+
+
+def test_plain_named_mamba_heads_and_head_width_are_read_for_model_optimizer():
+    """Mamba2Config names the mixer's heads and head width `num_heads` / `head_dim`, as attention
+    configs do: the heads are the field that resizes only what the state size resizes (A, D,
+    dt_bias, in_proj), the head width the field whose product with the heads is the width the
+    output projection reads. Before this rule Model Optimizer's MambaConfig could not be filled."""
+    for num_heads, head_dim in ((8, 16), (4, 64)):
+        blocks, mixer = mamba2_mixer_sizes(num_heads, head_dim)
+        for b in blocks:
+            mamba = b["attention"]["mamba"]
+            assert mamba["num_heads"] == mixer.A_log.shape[0] == num_heads
+            assert mamba["head_dim"] * mamba["num_heads"] == mixer.out_proj.in_features
+            assert mamba["head_dim"] == head_dim
+    text = " ".join(modelopt.render_converter(spec_of("mamba2"), target="modelopt").split())
+    assert "num_heads=text_config.num_heads, head_dim=text_config.head_dim," in text
+
+
+def test_a_plain_named_head_width_of_attention_layers_is_not_a_mamba_size():
+    """Nemotron-H's attention layers read config.head_dim, and their module is named `mixer`
+    like the Mamba layers': its change resizes other layers than the state size does, so it is
+    refused as the Mamba head width."""
+    from generator.modelopt import mamba_rules
+
+    spec = spec_of("nemotron_h")
+    (mamba,) = [k for k in spec.kinds if modelopt.kind_overrides(k, "attention.mamba")]
+    probe = modelopt.SizeProbe(spec)
+    state = mamba_rules.state_field(probe, mamba)
+    assert state is not None
+    within = mamba_rules.resized_modules(probe, state)
+    assert within and mamba_rules.resized_modules(probe, "head_dim")  # it resizes something
+    assert mamba_rules.resizing_field(probe, mamba, ("head_dim",), within=within) is None
+
+
+def test_a_head_width_must_make_the_output_projections_width_with_the_heads():
+    """Rule 3 refuses a field the mixer reads whose product with the heads is not the width its
+    output projection reads (Mamba-2's n_groups)."""
+    from generator.modelopt import mamba_rules
+
+    spec = spec_of("mamba2")
+    (kind,) = spec.kinds
+    probe = modelopt.SizeProbe(spec)
+    with pytest.raises(PuzzleGenError, match="no config field holds attention.mamba.head_dim"):
+        mamba_rules.head_width_rule(probe, kind, ("n_groups", "state_size"))
+    assert mamba_rules.head_width_rule(probe, kind, ("n_groups", "head_dim"))[0] == (
+        "text_config.head_dim"
+    )
 
 
 def test_a_missing_size_without_a_rule_means_no_converter():

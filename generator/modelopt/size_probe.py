@@ -192,36 +192,7 @@ class SizeProbe:
         return int(keys.shape[1])
 
     def mamba_rule(self, kind, size: str) -> tuple[str, str]:
-        """A Mamba size no per-layer override sets (transformers reads the whole model's value:
-        a layer alone with another value does not build): the field of the override inference's
-        candidates (overrides.MAMBA_FIELDS) that the config holds as a number and whose change
-        changes the tensor shapes of that layer's mixer and of nothing outside the mixers."""
-        from ..overrides import MAMBA_FIELDS, _other_size
+        """A Mamba size no per-layer override sets: see mamba_rules.mamba_rule."""
+        from .mamba_rules import mamba_rule
 
-        text = self.tiny.get_text_config()
-        index = self.layer_of(kind, self.tiny)
-        base = self.shapes(self.tiny)
-        mixers = kind_weight_modules(kind, "attention")
-        for name in MAMBA_FIELDS[size]:
-            value = getattr(text, name, None)
-            if not isinstance(value, int) or isinstance(value, bool):
-                continue
-            other = _other_size(value, text)
-            try:
-                changed = self.shapes(self.config(**{name: other}))
-            except Exception:
-                continue
-            diff = {k for k in set(base) | set(changed) if base.get(k) != changed.get(k)}
-            in_mixers = {
-                k
-                for k in diff
-                if k.startswith(f"{self.stack}.")
-                and k[len(self.stack) + 1 :].partition(".")[2].split(".")[0] in mixers
-            }
-            mine = {k for k in diff if k.startswith(f"{self.stack}.{index}.")}
-            if diff and diff == in_mixers and mine:
-                return f"text_config.{name}", (
-                    f"config.{name}: it resizes every mixer's tensors; not per layer "
-                    "(transformers reads the whole model's value)"
-                )
-        raise PuzzleGenError(f"no config field holds {size}")
+        return mamba_rule(self, kind, size)
