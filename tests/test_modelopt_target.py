@@ -86,17 +86,32 @@ def render_modelopt(spec, pruning=NO_PRUNING, layout="package"):
 # -- converters --------------------------------------------------------------------------------
 # Types whose layers a block config cannot describe (the reason generate prints, in part).
 NO_CONVERTER = {
-    # token mixers with neither KV heads (no key/value cache) nor Mamba sizes: LFM2 / LFM3
-    # short convolutions, MiniMax's lightning (linear) attention
-    "lfm2": "attention.num_key_value_heads of Lfm2DecoderLayer with conv",
-    "lfm3": "attention.num_key_value_heads of Lfm3DecoderLayer with conv",
-    "minimax": "attention.num_key_value_heads of MiniMaxDecoderLayer with self_attn: MiniMaxLightning",
-    "lfm2_moe": "attention.num_key_value_heads of Lfm2MoeDecoderLayer with conv",
-    # delta-rule linear attentions without a key/value cache whose fields are none of the
-    # Mamba-form candidates (overrides.MAMBA_FIELDS: Kimi's are linear_head_dim /
-    # linear_num_heads, one head width and count for keys and values): not described yet
-    "kimi_linear": "attention.num_key_value_heads of KimiLinearDecoderLayer with self_attn: Kimi",
-    "bailing_hybrid": "attention.num_key_value_heads of BailingHybridDecoderLayer with self_attn",
+    # token mixers that keep no key/value cache (so no KV heads) and have no Mamba-form sizes
+    # (overrides.MAMBA_FIELDS): LFM2 / LFM3 short convolutions, MiniMax's lightning (linear)
+    # attention, Kimi's and Bailing's delta-rule attentions (Kimi's one head width and count
+    # for keys and values, linear_head_dim / linear_num_heads, would fill two Mamba sizes each)
+    "lfm3": "attention.num_key_value_heads of Lfm3DecoderLayer with conv: Lfm3ShortConv and no "
+    "rule for it could be confirmed on tiny and default-size models: its layers keep no "
+    "key/value cache (a tiny forward fills a LinearAttentionLayer with conv_states",
+    "lfm2_moe": "attention.num_key_value_heads of Lfm2MoeDecoderLayer with conv: "
+    "Lfm2MoeShortConv, feed_forward: Lfm2MoeMLP and no rule for it could be confirmed on tiny and "
+    "default-size models: its layers keep no key/value cache",
+    "minimax": "attention.num_key_value_heads of MiniMaxDecoderLayer with self_attn: "
+    "MiniMaxLightningAttention and no rule for it could be confirmed on tiny and default-size "
+    "models: its layers keep no key/value cache (a tiny forward fills a DynamicLayer with no keys)",
+    "kimi_linear": "attention.num_key_value_heads of KimiLinearDecoderLayer with self_attn: "
+    "KimiLinearDeltaAttention, mlp: KimiLinearMLP and no rule for it could be confirmed on tiny "
+    "and default-size models: its layers keep no key/value cache (a tiny forward fills a "
+    "LinearAttentionLayer with conv_states, recurrent_states, no keys)",
+    "bailing_hybrid": "attention.num_key_value_heads of BailingHybridDecoderLayer with self_attn:"
+    " BailingHybridDeltaAttention, mlp: BailingHybridMLP and no rule for it could be confirmed on "
+    "tiny and default-size models: its layers keep no key/value cache (a tiny forward fills a "
+    "LinearAttentionLayer with conv_states, recurrent_states, no keys)",
+    # the same short convolution as lfm2_moe, but LFM2's tiny config builds attention layers
+    # only (layer_types all full_attention), so the conv kind's cache is not measured
+    "lfm2": "attention.num_key_value_heads of Lfm2DecoderLayer with conv: Lfm2ShortConv and no "
+    "rule for it could be confirmed on tiny and default-size models: the tiny config builds no "
+    "layer of this kind (configs with layer_types[i] = 'conv' do): not measured",
 }
 
 
@@ -116,6 +131,28 @@ def test_every_verified_type_has_a_converter_that_check_covers():
 def test_no_converter_says_which_size_of_which_kind(model_type):
     with pytest.raises(PuzzleGenError, match=re.escape(NO_CONVERTER[model_type])):
         modelopt.render_converter(spec_of(model_type))
+
+
+def test_a_token_mixer_without_keys_in_its_cache_is_named_as_such(monkeypatch):
+    """The KV-heads rule measures the key/value cache a tiny forward fills; a layer whose cache
+    holds recurrent states and no keys (a short convolution, a linear attention) has no KV
+    heads, and the converter says so instead of failing on a missing attribute."""
+
+    class StatesOnly:  # a cache layer of a linear-attention layer: states, no keys
+        def __init__(self):
+            self.conv_states = {0: torch.zeros(1)}
+            self.number_of_states = 1
+
+    class Out:
+        past_key_values = type("Cache", (), {"layers": [StatesOnly()] * 8})()
+
+    spec = spec_of("llama")
+    (kind,) = spec.kinds
+    probe = modelopt.SizeProbe(spec)
+    monkeypatch.setattr(probe, "model", lambda config, device="meta": lambda **kw: Out())
+    monkeypatch.setattr(probe, "layer_of", lambda kind, config: 0)
+    with pytest.raises(PuzzleGenError, match="fills a StatesOnly with conv_states, no keys"):
+        probe.kv_heads_rule(kind)
 
 
 CONVERTED = [p for p in BY_TYPE if p.values[0] not in NO_CONVERTER]

@@ -92,10 +92,11 @@ def kind_blocks(spec: DescriptorSpec, target: str = PUZZLETRON) -> tuple[KindBlo
                 return field(size, *fields_of[size])
             derived = _derived(probe, kind, size, None)
             if derived is None:
+                why = probe.why.get((kind.label, size))
                 raise PuzzleGenError(
                     f"{spec.model_type}: no converter: no config field sets {size} of "
                     f"{kind.label} and no rule for it could be confirmed on tiny and "
-                    "default-size models"
+                    "default-size models" + (f": {why}" if why else "")
                 )
             return ConverterField(tuple(size.split(".")), *derived)
 
@@ -147,6 +148,8 @@ class _LazyProbe:
 
     def __init__(self, spec: DescriptorSpec):
         self.spec, self._probe, self.failure = spec, None, None
+        # (kind label, size) -> why no rule holds, where a rule said so (PuzzleGenError)
+        self.why: dict[tuple[str, str], str] = {}
 
     def get(self) -> SizeProbe | None:
         if self._probe is None and self.failure is None:
@@ -187,6 +190,9 @@ def _derived(probe: _LazyProbe, kind, size: str, field: str | None) -> tuple[str
             return sizes.ffn_width_rule(kind, field)
         if size.startswith("attention.mamba."):
             return sizes.mamba_rule(kind, size)
+    except PuzzleGenError as exc:  # a rule that says why it does not hold
+        probe.why[(kind.label, size)] = str(exc)
+        return None
     except Exception:  # no rule: the caller says so, or reads the field as it is
         return None
     return None

@@ -61,7 +61,8 @@ class SizeProbe:
         for i, layer in enumerate(stack):
             if kind_holds(self.spec, kind, layer):
                 return i
-        raise PuzzleGenError(f"{kind.label}: no layer of this kind in the probed model")
+        built = f" (configs with {kind.built_by} do)" if kind.built_by else ""
+        raise PuzzleGenError(f"the tiny config builds no layer of this kind{built}: not measured")
 
     def subblock_dims(self, kind, which: str, config) -> set[int]:
         """Every dimension of the `which` tensors of the first layer of `kind`, except the
@@ -188,7 +189,21 @@ class SizeProbe:
         vocab = config.get_text_config().vocab_size
         with torch.no_grad():
             out = model(input_ids=torch.arange(6).unsqueeze(0) % vocab, use_cache=True)
-        keys = out.past_key_values.layers[index].keys
+        layer = out.past_key_values.layers[index]
+        keys = getattr(layer, "keys", None)
+        if not torch.is_tensor(keys):
+            filled = sorted(
+                n
+                for n, v in vars(layer).items()
+                if n.endswith("_states") and (torch.is_tensor(v) or (isinstance(v, dict) and v))
+            )
+            held = f"{', '.join(filled)}, no keys" if filled else "no keys"
+            raise PuzzleGenError(
+                f"its layers keep no key/value cache (a tiny forward fills a "
+                f"{type(layer).__name__} with {held}), so they have no KV heads, and none of "
+                "the Mamba-form fields (state, heads, head width, groups) sizes their token "
+                "mixer; a block config describes a token mixer by one or the other"
+            )
         return int(keys.shape[1])
 
     def mamba_rule(self, kind, size: str) -> tuple[str, str]:
