@@ -159,8 +159,12 @@ def head_width_rule(probe, kind, names) -> tuple[str, str]:
             for t, w in widths
         ):
             continue
-        try:  # the same weights (no shape changes), another head width: what it computes changes
+        # the same weights (no shape changes), another head width: what it computes changes
+        try:
             other, _ = tiny_model(probe.spec, **{name: getattr(config.get_text_config(), name) * 2})
+        except Exception:  # a config or model that refuses the value: nothing measured
+            continue
+        try:
             with torch.no_grad():
                 read = not torch.equal(other(input_ids=ids).logits, base)
         except Exception:
