@@ -55,7 +55,7 @@ def plan(
     With `jobs` other than 1 (None: every available core) model types are inferred in worker
     processes; files, their order and the progress printed are the same as with jobs=1.
     Another `target` / `layout` than the default (Model Optimizer's files) is planned by
-    generator/modelopt.py and never touches the descriptor table or coverage."""
+    generator/modelopt/ and never touches the descriptor table or coverage."""
     import transformers
 
     from . import coverage, render

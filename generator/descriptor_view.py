@@ -102,7 +102,9 @@ def _kept_by_every_kind(attr: str, spec: DescriptorSpec) -> bool:
     return all(any(t.child == attr and t.value is not None for t in k.selector) for k in spec.kinds)
 
 
-def _condition(kinds: list[LayerKind], spec: DescriptorSpec) -> str:
+def kinds_condition(kinds: list[LayerKind], spec: DescriptorSpec) -> str:
+    """The Python condition on `decoder_layer` that holds for the layers of `kinds` only (what
+    the descriptor's no-ops, and the converter of a stack of several kinds, dispatch on)."""
     tests = [k.selector for k in kinds]
     if (
         len(kinds) > 1
@@ -141,7 +143,7 @@ def no_op_views(spec: DescriptorSpec) -> list[NoOpView]:
             cases = (Case(None, tuple(k.label for k in kinds), plan),)
         else:
             cases = tuple(
-                Case(_condition(kinds, spec), tuple(k.label for k in kinds), plan)
+                Case(kinds_condition(kinds, spec), tuple(k.label for k in kinds), plan)
                 for plan, kinds in plans.items()
             )
         views.append(NoOpView(TITLES[which], METHODS[which], cases, len(cases) > 1))
@@ -186,7 +188,7 @@ def _runtime_module(submodule: str) -> str:
 @dataclass(frozen=True)
 class Target:
     """What differs between the APIs a descriptor is rendered for. The default is this project's
-    runtime; generator/modelopt.py builds Model Optimizer's (its module names, its imports, the
+    runtime; generator/modelopt/ builds Model Optimizer's (its module names, its imports, the
     command that regenerates the file and the template variables of its additions)."""
 
     module_for: Callable[[str], str] = _runtime_module  # our runtime's submodule -> module
@@ -200,7 +202,9 @@ class Target:
     template_vars: dict[str, Any] = field(default_factory=dict)
 
 
-def _sort_names(names) -> list[str]:
+def sort_names(names) -> list[str]:
+    """The names of one `from m import ...` line, in isort's order (constants, classes, rest)."""
+
     def key(n: str):
         rank = 0 if n.isupper() else 1 if n[:1].isupper() else 2
         return rank, n.lower()
@@ -251,7 +255,7 @@ def import_lines(spec: DescriptorSpec, target: Target = Target()) -> list[str]:
     lines += [*target.stdlib, "from typing import Any", ""]
     for group in (third, first):
         for module in sorted(group):
-            lines.append(f"from {module} import {', '.join(_sort_names(group[module]))}")
+            lines.append(f"from {module} import {', '.join(sort_names(group[module]))}")
         lines.append("")
     return lines[:-1]
 

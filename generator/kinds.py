@@ -156,7 +156,9 @@ def label(group: KindGroup, groups: list[KindGroup]) -> str:
 _MISSING = object()
 
 
-def _holds(test: KindTest, layer: nn.Module, classes: dict[ClassRef, type]) -> bool:
+def holds(test: KindTest, layer: nn.Module, classes: dict[ClassRef, type]) -> bool:
+    """Whether a built `layer` passes one selector test (`classes`: the imported classes of the
+    ClassRefs the test names)."""
     if test.value is not None:
         return getattr(layer, test.child, _MISSING) == test.value
     if test.child is None:
@@ -203,13 +205,13 @@ def selectors(groups: list[KindGroup]) -> list[tuple[KindTest, ...]]:
                 continue
             theirs = other.modules
             if chosen and not all(
-                all(_holds(t, layer, classes) for t in chosen) for layer in theirs
+                all(holds(t, layer, classes) for t in chosen) for layer in theirs
             ):
                 continue  # the tests so far already reject this kind
             for test, more in _candidates(group, groups, mine[0]):
                 known = {**classes, **more}
-                if all(_holds(test, layer, known) for layer in mine) and not any(
-                    _holds(test, layer, known) for layer in theirs
+                if all(holds(test, layer, known) for layer in mine) and not any(
+                    holds(test, layer, known) for layer in theirs
                 ):
                     chosen.append(test)
                     classes = known

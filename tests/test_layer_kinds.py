@@ -79,7 +79,7 @@ def test_selectors_prefer_tests_a_no_op_leaves_true():
     ]
     for group, selector in zip(groups, selectors):
         for other in groups:
-            holds = all(kinds._holds(t, other.modules[0], {}) for t in selector)
+            holds = all(kinds.holds(t, other.modules[0], {}) for t in selector)
             assert holds == (other is group)
 
 

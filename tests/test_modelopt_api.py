@@ -112,7 +112,7 @@ def converted(model_type):
 
 def kind_of(model_type, layer):
     spec = spec_of(model_type)
-    (kind,) = [k for k in modelopt.spec_kinds(spec) if modelopt.kind_holds(spec, k, layer)]
+    (kind,) = [k for k in spec.kinds if modelopt.kind_holds(spec, k, layer)]
     return kind
 
 

@@ -86,17 +86,32 @@ def render_modelopt(spec, pruning=NO_PRUNING, layout="package"):
 # -- converters --------------------------------------------------------------------------------
 # Types whose layers a block config cannot describe (the reason generate prints, in part).
 NO_CONVERTER = {
-    # token mixers with neither KV heads (no key/value cache) nor Mamba sizes: LFM2 / LFM3
-    # short convolutions, MiniMax's lightning (linear) attention
-    "lfm2": "attention.num_key_value_heads of Lfm2DecoderLayer with conv",
-    "lfm3": "attention.num_key_value_heads of Lfm3DecoderLayer with conv",
-    "minimax": "attention.num_key_value_heads of MiniMaxDecoderLayer with self_attn: MiniMaxLightning",
-    "lfm2_moe": "attention.num_key_value_heads of Lfm2MoeDecoderLayer with conv",
-    # delta-rule linear attentions without a key/value cache whose fields are none of the
-    # Mamba-form candidates (overrides.MAMBA_FIELDS: Kimi's are linear_head_dim /
-    # linear_num_heads, one head width and count for keys and values): not described yet
-    "kimi_linear": "attention.num_key_value_heads of KimiLinearDecoderLayer with self_attn: Kimi",
-    "bailing_hybrid": "attention.num_key_value_heads of BailingHybridDecoderLayer with self_attn",
+    # token mixers that keep no key/value cache (so no KV heads) and have no Mamba-form sizes
+    # (overrides.MAMBA_FIELDS): LFM2 / LFM3 short convolutions, MiniMax's lightning (linear)
+    # attention, Kimi's and Bailing's delta-rule attentions (Kimi's one head width and count
+    # for keys and values, linear_head_dim / linear_num_heads, would fill two Mamba sizes each)
+    "lfm3": "attention.num_key_value_heads of Lfm3DecoderLayer with conv: Lfm3ShortConv and no "
+    "rule for it could be confirmed on tiny and default-size models: its layers keep no "
+    "key/value cache (a tiny forward fills a LinearAttentionLayer with conv_states",
+    "lfm2_moe": "attention.num_key_value_heads of Lfm2MoeDecoderLayer with conv: "
+    "Lfm2MoeShortConv, feed_forward: Lfm2MoeMLP and no rule for it could be confirmed on tiny and "
+    "default-size models: its layers keep no key/value cache",
+    "minimax": "attention.num_key_value_heads of MiniMaxDecoderLayer with self_attn: "
+    "MiniMaxLightningAttention and no rule for it could be confirmed on tiny and default-size "
+    "models: its layers keep no key/value cache (a tiny forward fills a DynamicLayer with no keys)",
+    "kimi_linear": "attention.num_key_value_heads of KimiLinearDecoderLayer with self_attn: "
+    "KimiLinearDeltaAttention, mlp: KimiLinearMLP and no rule for it could be confirmed on tiny "
+    "and default-size models: its layers keep no key/value cache (a tiny forward fills a "
+    "LinearAttentionLayer with conv_states, recurrent_states, no keys)",
+    "bailing_hybrid": "attention.num_key_value_heads of BailingHybridDecoderLayer with self_attn:"
+    " BailingHybridDeltaAttention, mlp: BailingHybridMLP and no rule for it could be confirmed on "
+    "tiny and default-size models: its layers keep no key/value cache (a tiny forward fills a "
+    "LinearAttentionLayer with conv_states, recurrent_states, no keys)",
+    # the same short convolution as lfm2_moe, but LFM2's tiny config builds attention layers
+    # only (layer_types all full_attention), so the conv kind's cache is not measured
+    "lfm2": "attention.num_key_value_heads of Lfm2DecoderLayer with conv: Lfm2ShortConv and no "
+    "rule for it could be confirmed on tiny and default-size models: the tiny config builds no "
+    "layer of this kind (configs with layer_types[i] = 'conv' do): not measured",
     # KV heads held per layer (per_layer_config: the sliding layers' own heads), which a
     # block-config override cannot write: no field and no measured rule sets them
     "dots3_note": "attention.num_key_value_heads of Dots3NoteTextDecoderLayer with mlp: "
@@ -124,15 +139,32 @@ def test_no_converter_says_which_size_of_which_kind(model_type):
         modelopt.render_converter(spec_of(model_type))
 
 
+def test_a_token_mixer_without_keys_in_its_cache_is_named_as_such(monkeypatch):
+    """The KV-heads rule measures the key/value cache a tiny forward fills; a layer whose cache
+    holds recurrent states and no keys (a short convolution, a linear attention) has no KV
+    heads, and the converter says so instead of failing on a missing attribute."""
+
+    class StatesOnly:  # a cache layer of a linear-attention layer: states, no keys
+        def __init__(self):
+            self.conv_states = {0: torch.zeros(1)}
+            self.number_of_states = 1
+
+    class Out:
+        past_key_values = type("Cache", (), {"layers": [StatesOnly()] * 8})()
+
+    spec = spec_of("llama")
+    (kind,) = spec.kinds
+    probe = modelopt.SizeProbe(spec)
+    monkeypatch.setattr(probe, "model", lambda config, device="meta": lambda **kw: Out())
+    monkeypatch.setattr(probe, "layer_of", lambda kind, config: 0)
+    with pytest.raises(PuzzleGenError, match="fills a StatesOnly with conv_states, no keys"):
+        probe.kv_heads_rule(kind)
+
+
 CONVERTED = [p for p in BY_TYPE if p.values[0] not in NO_CONVERTER]
 # Mamba-1 mixers: no heads, head width or groups; Model Optimizer's MambaConfig (a Mamba-2
 # description) requires them, so only our runtime's converter is written
 MAMBA_1 = {"mamba", "falcon_mamba", "jamba"}
-# A Mamba-2 mixer whose head count and head width are config fields the override inference does
-# not try yet (Mamba2Config's plain `num_heads` / `head_dim`; overrides.MAMBA_FIELDS has the
-# mamba_-prefixed ones): its block configs leave them None, so no Model Optimizer converter (a
-# gap, not a property of the model)
-MAMBA_SIZES_NOT_INFERRED = {"mamba2"}
 
 
 @pytest.mark.parametrize("model_type", sorted(t for t in MAMBA_1 if t in VERIFIED))
@@ -168,9 +200,7 @@ def test_converter_block_configs_rebuild_every_tensor_shape(model_type):
                 mamba = b["attention"]["mamba"]
                 assert isinstance(mamba["state_dim"], int), label
                 assert all(v is None or isinstance(v, int) for v in mamba.values()), label
-                if (
-                    model_type not in MAMBA_1 | MAMBA_SIZES_NOT_INFERRED
-                ):  # Model Optimizer's needs all four
+                if model_type not in MAMBA_1:  # Model Optimizer's needs all four
                     assert all(isinstance(v, int) for v in mamba.values()), label
             if ffn == "dense":
                 assert isinstance(b["ffn"]["intermediate_size"], int), label
@@ -354,7 +384,7 @@ def test_converter_follows_the_fields_the_overrides_write(model_type):
     layers = build_model(source.causal_lm_cls, base_config, "meta").get_submodule(spec.layer_stack)
     present = {
         o
-        for kind in modelopt.spec_kinds(spec)
+        for kind in spec.kinds
         if any(modelopt.kind_holds(spec, kind, layer) for layer in layers)
         for o in modelopt.kind_overrides(kind)
     }
@@ -416,11 +446,11 @@ def test_a_derived_width_must_build_the_models_shapes():
     building, so a wrong one is refused."""
     spec = spec_of("gpt2")
     (kind,) = spec.kinds
-    probe = modelopt._SizeProbe(spec)
+    probe = modelopt.SizeProbe(spec)
     expr, _ = probe.ffn_width_rule(kind, "n_inner")
     hidden = probe.default.get_text_config().hidden_size
     assert probe.evaluate(expr, probe.default.get_text_config()) == 4 * hidden
-    original = modelopt._SizeProbe.subblock_dims
+    original = modelopt.SizeProbe.subblock_dims
     probe.subblock_dims = lambda k, w, config: {d + 1 for d in original(probe, k, w, config)}
     with pytest.raises(PuzzleGenError):
         probe.ffn_width_rule(kind, "n_inner")
@@ -433,7 +463,7 @@ def test_a_mamba_size_no_override_sets_is_read_where_the_whole_model_reads_it():
     spec = spec_of("nemotron_h")
     (mamba,) = [k for k in spec.kinds if modelopt.kind_overrides(k, "attention.mamba")]
     assert "attention.mamba.num_heads" not in {o.block_config_attr for o in mamba.overrides}
-    expr, note = modelopt._SizeProbe(spec).mamba_rule(mamba, "attention.mamba.num_heads")
+    expr, note = modelopt.SizeProbe(spec).mamba_rule(mamba, "attention.mamba.num_heads")
     assert expr == "text_config.mamba_num_heads" and "not per layer" in note
     source = resolve("nemotron_h")
     with quiet_transformers():
@@ -444,6 +474,66 @@ def test_a_mamba_size_no_override_sets_is_read_where_the_whole_model_reads_it():
         if layer_parts(block)[0] == "mamba":
             mixer = model.model.layers[i].mixer
             assert block["attention"]["mamba"]["num_heads"] == mixer.A_log.shape[0]
+
+
+def mamba2_mixer_sizes(num_heads, head_dim):
+    """A tiny Mamba-2 config with these heads and head width (the inner width follows), its
+    block configs from the generated converter, and its first mixer."""
+    source = resolve("mamba2")
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    config.num_heads, config.head_dim = num_heads, head_dim
+    config.expand = num_heads * head_dim // config.hidden_size
+    blocks = converter_of("mamba2").create_block_configs_from_main_config(config)
+    mixer = build_model(source.causal_lm_cls, config, "meta").backbone.layers[0].mixer
+    return blocks, mixer
+
+
+def test_plain_named_mamba_heads_and_head_width_are_read_for_model_optimizer():
+    """Mamba2Config names the mixer's heads and head width `num_heads` / `head_dim`, as attention
+    configs do: the heads are the field that resizes only what the state size resizes (A, D,
+    dt_bias, in_proj), the head width the field whose product with the heads is the width the
+    output projection reads. Before this rule Model Optimizer's MambaConfig could not be filled."""
+    for num_heads, head_dim in ((8, 16), (4, 64)):
+        blocks, mixer = mamba2_mixer_sizes(num_heads, head_dim)
+        for b in blocks:
+            mamba = b["attention"]["mamba"]
+            assert mamba["num_heads"] == mixer.A_log.shape[0] == num_heads
+            assert mamba["head_dim"] * mamba["num_heads"] == mixer.out_proj.in_features
+            assert mamba["head_dim"] == head_dim
+    text = " ".join(modelopt.render_converter(spec_of("mamba2"), target="modelopt").split())
+    assert "num_heads=text_config.num_heads, head_dim=text_config.head_dim," in text
+
+
+def test_a_plain_named_head_width_of_attention_layers_is_not_a_mamba_size():
+    """Nemotron-H's attention layers read config.head_dim, and their module is named `mixer`
+    like the Mamba layers': its change resizes other layers than the state size does, so it is
+    refused as the Mamba head width."""
+    from generator.modelopt import mamba_rules
+
+    spec = spec_of("nemotron_h")
+    (mamba,) = [k for k in spec.kinds if modelopt.kind_overrides(k, "attention.mamba")]
+    probe = modelopt.SizeProbe(spec)
+    state = mamba_rules.state_field(probe, mamba)
+    assert state is not None
+    within = mamba_rules.resized_modules(probe, state)
+    assert within and mamba_rules.resized_modules(probe, "head_dim")  # it resizes something
+    assert mamba_rules.resizing_field(probe, mamba, ("head_dim",), within=within) is None
+
+
+def test_a_head_width_must_make_the_output_projections_width_with_the_heads():
+    """Rule 3 refuses a field the mixer reads whose product with the heads is not the width its
+    output projection reads (Mamba-2's n_groups)."""
+    from generator.modelopt import mamba_rules
+
+    spec = spec_of("mamba2")
+    (kind,) = spec.kinds
+    probe = modelopt.SizeProbe(spec)
+    with pytest.raises(PuzzleGenError, match="no config field holds attention.mamba.head_dim"):
+        mamba_rules.head_width_rule(probe, kind, ("n_groups", "state_size"))
+    assert mamba_rules.head_width_rule(probe, kind, ("n_groups", "head_dim"))[0] == (
+        "text_config.head_dim"
+    )
 
 
 def test_a_missing_size_without_a_rule_means_no_converter():
@@ -751,7 +841,7 @@ def test_a_query_projection_holding_a_gate_gets_no_kv_descriptor():
     Model Optimizer's KV-heads mixin would slice its rows as query heads. The widths come from
     the built model here, not from the generator."""
     spec = spec_of("qwen3_next")
-    model, _ = modelopt._tiny(spec)
+    model, _ = modelopt.tiny_model(spec)
     attn = next(m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "o_proj"))
     assert attn.q_proj.weight.shape[0] == 2 * attn.o_proj.weight.shape[1]
     p = modelopt.infer_pruning(spec)

@@ -11,9 +11,11 @@ a size no config field holds as a number comes from a rule measured on tiny mode
 
 - ffn: no_op (no FFN subblock in these layers)
 - block_config.attention.mamba.state_dim <- config.state_size (read at modeling_mamba2.py:385)
+- block_config.attention.mamba.num_heads <- config.num_heads: it resizes only the layer
+  modules config.state_size (the state size) resizes: the state-space mixer's
+- block_config.attention.mamba.head_dim <- config.head_dim: times the heads (num_heads) it is
+  the width mixer.out_proj reads (tiny and default-size models); no tensor has its size
 - block_config.attention.mamba.num_groups <- config.n_groups (read at modeling_mamba2.py:396)
-- block_config.attention.mamba.num_heads, head_dim: None, the model's own (no config field
-  holds them: this mixer has none)
 - num_hidden_layers layers, every one of the same kind.
 """
 
@@ -37,7 +39,10 @@ class Mamba2Converter:
                 attention=AttentionConfig(
                     no_op=False,
                     mamba=MambaConfig(
-                        state_dim=text_config.state_size, num_groups=text_config.n_groups
+                        state_dim=text_config.state_size,
+                        num_heads=text_config.num_heads,
+                        head_dim=text_config.head_dim,
+                        num_groups=text_config.n_groups,
                     ),
                 ),
                 ffn=FFNConfig(no_op=True),
