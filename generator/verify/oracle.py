@@ -475,12 +475,24 @@ class Reference:
             layer = self.layer(i)
             context: dict[str, bool] = {}
             handles = []
-            cores = [(n, c) for n, c in layer.named_children() if _params(c) and _is_core(c)]
+            chain = [(n, c) for n, c in layer.named_children() if _params(c) and _is_core(c)]
             # a child with matrices whose output another one reads (AXK2's gated input norm,
             # feeding the attention) is part of a chain, not a core: the chain's last one is
-            feeds = self._feeding(cores)
-            cores = [(n, c) for n, c in cores if n not in feeds]
+            feeds = self._feeding(chain)
+            cores = [(n, c) for n, c in chain if n not in feeds]
+            # the kind of a chain is that of its last module, unless that module only refines
+            # what it is fed (it is the identity with its weights zeroed: Inkling's short
+            # convolution after the attention and after the MLP): then it is that of the module
+            # feeding it
+            judge = {}
             for name, child in cores:
+                judge[name] = name
+                while judge[name] in feeds.values() and self._refines(
+                    layer.get_submodule(judge[name])
+                ):
+                    judge[name] = next(a for a, b in feeds.items() if b == judge[name])
+            judged = [(n, layer.get_submodule(n)) for n in dict.fromkeys(judge.values())]
+            for name, child in judged:
 
                 def pre(_m, args, kwargs, name=name):
                     context[name] = context.get(name, False) or _has_context(args, kwargs)
@@ -488,20 +500,45 @@ class Reference:
                 handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
             with hooks(*handles):
                 logits(self.model, self.input_ids)
-            out = {}
-            for name, child in cores:
+            kinds = {}
+            for name, child in judged:
                 if name not in context:
                     continue
                 mixes = self._mixes_tokens(child)
-                out[name] = "attention" if (context[name] if mixes is None else mixes) else "ffn"
+                kinds[name] = "attention" if (context[name] if mixes is None else mixes) else "ffn"
+            out = {n: kinds[judge[n]] for n, _ in cores if judge[n] in kinds}
             self._cores[i] = out
         return self._cores[i]
 
-    def _feeding(self, children: list[tuple[str, nn.Module]]) -> set[str]:
+    def _refines(self, module: nn.Module) -> bool:
+        """Does `module` return its input unchanged once its parameters are zero (`x + f(x)`)?"""
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(_m, args, kwargs, output):
+            x, y = call_input(args, kwargs), first_tensor(output)
+            if x is not None and y is not None and "in" not in seen:
+                seen["in"], seen["out"] = x.detach().clone(), y.detach().clone()
+
+        saved = [p.detach().clone() for p in module.parameters()]
+        try:
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.zero_()
+            with hooks(module.register_forward_hook(keep, with_kwargs=True)):
+                logits(self.model, self.input_ids)
+        finally:
+            with torch.no_grad():
+                for p, v in zip(module.parameters(), saved):
+                    p.copy_(v)
+        x, y = seen.get("in"), seen.get("out")
+        return x is not None and x.shape == y.shape and torch.equal(x.to(y.dtype), y)
+
+    def _feeding(self, children: list[tuple[str, nn.Module]]) -> dict[str, str]:
         """The children among `children` whose output another one is called on as it is (a
-        chain of modules with matrices: AXK2's gated input norm, then the attention)."""
+        chain of modules with matrices: AXK2's gated input norm, then the attention), each with
+        the child it feeds."""
         if len(children) < 2:
-            return set()
+            return {}
         ins: dict[str, torch.Tensor] = {}
         outs: dict[str, torch.Tensor] = {}
         handles = []
@@ -522,9 +559,10 @@ class Reference:
         with hooks(*handles):
             logits(self.model, self.input_ids)
         return {
-            a
+            a: b
             for a, out in outs.items()
-            if any(b != a and x.shape == out.shape and torch.equal(x, out) for b, x in ins.items())
+            for b, x in ins.items()
+            if b != a and x.shape == out.shape and torch.equal(x, out)
         }
 
     def _mixes_tokens(self, core: nn.Module) -> bool | None:
