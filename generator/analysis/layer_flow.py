@@ -322,17 +322,18 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
     def judge_of(c: Call) -> Call:
         """The core whose inputs decide the kind of core `c`: `c` itself, or, for a core that
         adds its input to its output (Inkling's short convolution after the attention and after
-        the MLP), the nearest core feeding it. Such a core refines what the core before it
-        computed: the segment is what that core is, whatever context the refinement reads (its
-        convolution cache)."""
+        the MLP), the nearest core of its segment feeding it, unless that one adds its input too
+        (a chain of blocks that each hold their own residual, CPM-Ant's). Such a core refines
+        what the core before it computed: the segment is what that core is, whatever context the
+        refinement reads (its convolution cache)."""
         if wraps_its_input(c):
+            segment = next((s for s in seg_calls if c in s), [])
             feeders = [
                 d
                 for d in graph.calls
-                if d is not c and is_core(d) and id(d) in graph.ancestors(c)
-                and not wraps_its_input(d)
+                if d is not c and d in segment and is_core(d) and id(d) in graph.ancestors(c)
             ]
-            if feeders:
+            if feeders and not wraps_its_input(feeders[-1]):
                 return feeders[-1]
         return c
 

@@ -483,14 +483,18 @@ class Reference:
             # the kind of a chain is that of its last module, unless that module only refines
             # what it is fed (it is the identity with its weights zeroed: Inkling's short
             # convolution after the attention and after the MLP): then it is that of the module
-            # feeding it
+            # feeding it, unless that one is the identity with zero weights too (blocks that
+            # each hold their own residual, CPM-Ant's)
             judge = {}
             for name, child in cores:
                 judge[name] = name
-                while judge[name] in feeds.values() and self._refines(
-                    layer.get_submodule(judge[name])
+                feeder = next((a for a, b in feeds.items() if b == name), None)
+                if (
+                    feeder is not None
+                    and self._refines(child)
+                    and not self._refines(layer.get_submodule(feeder))
                 ):
-                    judge[name] = next(a for a, b in feeds.items() if b == judge[name])
+                    judge[name] = feeder
             judged = [(n, layer.get_submodule(n)) for n in dict.fromkeys(judge.values())]
             for name, child in judged:
 
