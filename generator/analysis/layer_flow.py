@@ -11,6 +11,12 @@ the hidden states (mask, position embeddings, cache: any other forward argument)
 the FFN subblock. A segment with two cores is a parallel layout: attention and MLP read the same
 input and join the residual once; modules feeding only one core belong to it, modules feeding
 both are shared and stay in place on a no-op.
+
+A core that adds its input to its output (`x + conv(x)`: Inkling's short convolution after the
+attention and after the MLP) refines what the core before it in the segment computed: the
+segment's kind is that core's, whatever context the refinement reads (a convolution cache). The
+refining core is still the one whose output the no-op replaces with zeros (the last of the
+chain); the override inference accepts a size that changes the core it refines.
 """
 
 from __future__ import annotations
@@ -373,8 +379,9 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
         for name, kind in assignments.items():
             first = core_calls[name][0]
             why = (
-                f"adds its input to its output: it refines the {kind} core before it"
-                if wraps_its_input(first)
+                f"adds its input to its output: it refines {_top(judge_of(first))}, fed only "
+                "that core's output, so that core decides the subblock"
+                if judge_of(first) is not first
                 else (
                     "receives context besides the hidden states"
                     if kind == ATTENTION
