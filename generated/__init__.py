@@ -77,6 +77,7 @@ _DESCRIPTORS = {
     "hunyuan_v1_moe": ("hunyuan_v1_moe", "HunYuanMoEV1ModelDescriptor"),
     "hy_v3": ("hy_v3", "HYV3ModelDescriptor"),
     "hyperclovax": ("hyperclovax", "HyperCLOVAXModelDescriptor"),
+    "inkling_text": ("inkling_text", "InklingModelDescriptor"),
     "internlm3": ("internlm3", "LlamaModelDescriptor"),
     "iquestcoder": ("iquestcoder", "LlamaModelDescriptor"),
     "jais2": ("jais2", "Jais2ModelDescriptor"),

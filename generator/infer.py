@@ -698,8 +698,20 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) ->
             if core
             else ("passes its input through")
         )
+        judge = sb.judges[sb.cores.index(name)] if core and sb.judges else name
+        if judge != name:
+            why = (
+                f"core that adds its input to its output: it refines {judge}, whose inputs make "
+                f"this the {kind} subblock; zeros make the subblock a no-op"
+            )
         replacements.append(
-            ModuleReplacement(name, "MatchingZeros" if core else "Same", size, (why,))
+            ModuleReplacement(
+                name,
+                "MatchingZeros" if core else "Same",
+                size,
+                (why,),
+                refines=judge if judge != name else None,
+            )
         )
     # a child may hold weights in some layers only (ModernBERT-decoder's attn_norm is an
     # Identity in layer 0): weights in any layer of the kind count

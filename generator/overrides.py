@@ -121,7 +121,10 @@ class _Run:
         return diff, {k.split(".")[0] for k in diff}
 
     def _inside(self, changed) -> bool:
-        return bool(changed) and changed <= self.members and bool(changed & set(self.sb.cores))
+        # a core, or the core a refining core refines (Inkling's attention before its
+        # convolution): the size is the subblock's either way
+        cores = set(self.sb.cores) | set(self.sb.judges)
+        return bool(changed) and changed <= self.members and bool(changed & cores)
 
     def _accept(self, size, field, value, evidence, flag=None) -> bool:
         """Record the override, unless a model with this layer alone changed does not build."""

@@ -49,6 +49,9 @@ class ModuleReplacement:
     evidence: tuple[str, ...] = ()
     residual_position: int | None = None  # PassResidual: where the residual is passed
     residual_keyword: str | None = None  # PassResidual: the parameter's name
+    # a core that adds its input to its output: the core before it, whose inputs decided which
+    # subblock this is (Inkling's attn_sconv refines self_attn)
+    refines: str | None = None
 
 
 @dataclass(frozen=True)
@@ -402,6 +405,8 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                 )
                 if r.residual_keyword is not None:
                     ident(r.residual_keyword, "the residual argument")
+                if r.refines is not None:
+                    ident(r.refines, "the core a refining core refines")
                 need(
                     r.residual_position is None
                     or (type(r.residual_position) is int and 0 <= r.residual_position < 100),

@@ -575,3 +575,64 @@ class TwoMixerLayer(nn.Module):
         hidden_states = self.pre_ff_layernorm(hidden_states)
         hidden_states = self.feed_forward(hidden_states)
         return residual + hidden_states
+
+
+class RefiningConvolution(nn.Module):
+    """Inkling's short convolution: a causal depthwise convolution (fed a cache and a mask) that
+    adds its input to its output, in float32 and cast back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.conv1d = nn.Conv1d(config.hidden_size, config.hidden_size, 3, groups=config.hidden_size)
+
+    def forward(self, hidden_states, cache_params=None, conv_mask=None):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        residual = hidden_states
+        hidden_states = self.conv1d(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states = (hidden_states + residual).to(dtype=input_dtype)
+        return hidden_states
+
+
+class RefinedSegmentsLayer(nn.Module):
+    """Inkling: each segment's core is followed by a refining convolution that reads the cache;
+    the segment is what the core before the convolution is."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.input_layernorm = Norm(config.hidden_size)
+        self.self_attn = Attention(config)
+        self.attn_conv = RefiningConvolution(config)
+        self.post_attention_layernorm = Norm(config.hidden_size)
+        self.mlp = MLP(config)
+        self.mlp_conv = RefiningConvolution(config)
+
+    def forward(self, hidden_states, attention_mask=None, cache_params=None, conv_mask=None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask)
+        hidden_states = self.attn_conv(hidden_states, cache_params=cache_params, conv_mask=conv_mask)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.mlp_conv(hidden_states, cache_params=cache_params, conv_mask=conv_mask)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
+class ContextFedConvolution(RefiningConvolution):
+    """The same convolution without the added input: a token mixer of its own."""
+
+    def forward(self, hidden_states, cache_params=None, conv_mask=None):
+        return self.conv1d(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+
+class UnrefinedSegmentsLayer(RefinedSegmentsLayer):
+    """Both convolutions mix tokens on their own: the MLP segment ends in a mixer fed context."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__(config, layer_idx)
+        self.attn_conv = ContextFedConvolution(config)
+        self.mlp_conv = ContextFedConvolution(config)

@@ -147,6 +147,26 @@ def test_child_adding_its_own_input_is_a_join_inside_it():
     assert ffn.residual_args == {"ffn": (0, "hidden_states")}
 
 
+def test_core_adding_its_input_to_its_output_takes_the_kind_of_the_core_it_refines():
+    """Inkling: a short convolution fed the cache follows the attention and the MLP; it adds its
+    input to its output, so each segment is what the core before it is. Without the rule both
+    segments end in a core fed context: two attention segments."""
+    flow = flow_of(sm.RefinedSegmentsLayer)
+    attn, ffn = flow.subblocks[ATTENTION], flow.subblocks[FFN]
+    assert attn.members == ["input_layernorm", "self_attn", "attn_conv"]
+    assert ffn.members == ["post_attention_layernorm", "mlp", "mlp_conv"]
+    # the last core becomes zeros; the core before it decided the kind
+    assert (attn.cores, attn.judges) == (["attn_conv"], ["self_attn"])
+    assert (ffn.cores, ffn.judges) == (["mlp_conv"], ["mlp"])
+
+
+def test_context_fed_core_after_the_mlp_that_does_not_refine_it_is_refused():
+    """The same layer whose convolutions do not add their input: the MLP segment ends in a
+    token mixer fed context, and the layer has two attention segments."""
+    with pytest.raises(InferenceError, match="two attention segments"):
+        flow_of(sm.UnrefinedSegmentsLayer)
+
+
 def test_layer_without_residual_is_an_inference_error():
     with pytest.raises(InferenceError, match="residual"):
         flow_of(sm.NoResidualLayer)

@@ -221,3 +221,29 @@ def test_the_token_mixer_is_found_by_what_it_mixes_not_by_the_context_it_is_give
     assert ref._mixes_tokens(layer.attn) is True
     assert ref._mixes_tokens(layer.mlp) is False
     assert ref.roles_cores(0) == {"attn": "attention", "mlp": "ffn"}
+
+
+def test_a_core_that_refines_its_input_takes_the_kind_of_the_core_feeding_it():
+    """Inkling follows its attention and its MLP with a short causal convolution that adds its
+    input to its output. The convolution mixes tokens, so by itself every segment would be the
+    attention; with its weights zeroed it is the identity, so the MLP before it decides."""
+    from generator.source import resolve
+
+    ref = Reference(verification_config(resolve("inkling_text").config_cls))
+    layer = ref.layer(0)
+    assert ref._refines(layer.mlp_sconv) and ref._refines(layer.attn_sconv)
+    assert not ref._refines(layer.mlp) and not ref._refines(layer.self_attn)
+    assert ref.roles_cores(0) == {"attn_sconv": "attention", "mlp_sconv": "ffn"}
+    assert ref.roles(0).members["ffn"] == {"mlp", "mlp_sconv", "post_attention_layernorm"}
+
+
+def test_a_block_holding_its_own_residual_is_not_judged_by_the_block_before_it():
+    """CPM-Ant's layer chains two blocks that each add their input to their output: the FFN
+    block is fed the attention block's output, but that one refines its input too, so the FFN
+    block is judged by what it mixes itself (nothing: position-wise)."""
+    from transformers import CpmAntConfig
+
+    ref = Reference(verification_config(CpmAntConfig))
+    layer = ref.layer(0)
+    assert ref._refines(layer.ffn) and ref._refines(layer.self_att)
+    assert ref.roles_cores(0)["ffn"] == "ffn"

@@ -11,6 +11,12 @@ the hidden states (mask, position embeddings, cache: any other forward argument)
 the FFN subblock. A segment with two cores is a parallel layout: attention and MLP read the same
 input and join the residual once; modules feeding only one core belong to it, modules feeding
 both are shared and stay in place on a no-op.
+
+A core that adds its input to its output (`x + conv(x)`: Inkling's short convolution after the
+attention and after the MLP) refines what the core before it in the segment computed: the
+segment's kind is that core's, whatever context the refinement reads (a convolution cache). The
+refining core is still the one whose output the no-op replaces with zeros (the last of the
+chain); the override inference accepts a size that changes the core it refines.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class Subblock:
     # cores that add the residual they are passed to their own output: core -> (position or
     # None when passed by keyword, parameter name); their no-op returns that argument
     residual_args: dict[str, tuple[int | None, str]] = field(default_factory=dict)
+    # per core, the child whose inputs decided its kind: the core itself, or the core it refines
+    judges: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -122,11 +130,14 @@ def _adds_argument(instance: object, target: str, slot: int | str, index: Source
         graph = _interpreter(module, grand, index, parsed).run(func, input_param=name)
     except InferenceError:
         return None
-    out = graph.returned
-    if isinstance(out, Op) and out.additive:
-        terms = _flatten_sum(graph, out) if out.kind in ("Add", "+=") else list(out.inputs)
-        if any(t is graph.input for t in terms):
-            return name
+    # the sum may be cast on its way out (`(out + residual).to(input_dtype)`), and the residual
+    # may be a cast of the argument (`residual = hidden_states.float()`: Inkling's convolutions)
+    for out in _call_free_chain(graph, graph.returned):
+        if isinstance(out, Op) and out.additive:
+            terms = _flatten_sum(graph, out) if out.kind in ("Add", "+=") else list(out.inputs)
+            if any(graph.input in _call_free_chain(graph, t) for t in terms):
+                return name
+            return None
     return None
 
 
@@ -306,8 +317,34 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
     def context_fed(c: Call) -> bool:
         return any(not graph.derived(x) and graph.depends_on_context(x) for x in c.inputs)
 
+    def wraps_its_input(c: Call) -> bool:
+        """`c`'s forward adds its only stream input to its output (`x + conv(x)`)."""
+        derived = _unique([x for x in c.inputs if graph.derived(x)])
+        if adds_argument is None or len(derived) != 1:
+            return False
+        slot = c.slot_of(derived[0])
+        return slot is not None and adds_argument(c, slot) is not None
+
+    def judge_of(c: Call) -> Call:
+        """The core whose inputs decide the kind of core `c`: `c` itself, or, for a core that
+        adds its input to its output (Inkling's short convolution after the attention and after
+        the MLP), the nearest core of its segment feeding it, unless that one adds its input too
+        (a chain of blocks that each hold their own residual, CPM-Ant's). Such a core refines
+        what the core before it computed: the segment is what that core is, whatever context the
+        refinement reads (its convolution cache)."""
+        if wraps_its_input(c):
+            segment = next((s for s in seg_calls if c in s), [])
+            feeders = [
+                d
+                for d in graph.calls
+                if d is not c and d in segment and is_core(d) and id(d) in graph.ancestors(c)
+            ]
+            if feeders and not wraps_its_input(feeders[-1]):
+                return feeders[-1]
+        return c
+
     def kind_of(c: Call) -> str:
-        return ATTENTION if context_fed(c) else FFN
+        return ATTENTION if context_fed(judge_of(c)) else FFN
 
     def name_hint(c: Call) -> str | None:
         info = children.get(_top(c))
@@ -340,12 +377,17 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
             # attention beside its Mamba mixer) are one subblock with several cores
             parallel = parallel or len(set(assignments.values())) > 1
         for name, kind in assignments.items():
-            why = (
-                "receives context besides the hidden states"
-                if kind == ATTENTION
-                else ("receives only the hidden states")
-            )
             first = core_calls[name][0]
+            why = (
+                f"adds its input to its output: it refines {_top(judge_of(first))}, fed only "
+                "that core's output, so that core decides the subblock"
+                if judge_of(first) is not first
+                else (
+                    "receives context besides the hidden states"
+                    if kind == ATTENTION
+                    else "receives only the hidden states"
+                )
+            )
             if kind in subblocks and name not in subblocks[kind].cores:
                 if subblocks[kind].joins != list(join_sites):
                     raise InferenceError(
@@ -355,6 +397,7 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
                         evidence,
                     )
                 subblocks[kind].cores.append(name)
+                subblocks[kind].judges.append(_top(judge_of(first)))
                 subblocks[kind].evidence.append(f"{first.where} `{first.code}` {why}")
                 continue
             subblocks[kind] = Subblock(
@@ -363,6 +406,7 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
                 [],
                 list(join_sites),
                 [f"{first.where} `{first.code}` {why}"] + evidence,
+                judges=[_top(judge_of(first))],
             )
         # every call of the segment joins the subblock of the cores it feeds or follows
         for c in calls:

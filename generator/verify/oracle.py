@@ -8,7 +8,9 @@ the reference model (the causal LM of the same config, built without the patcher
   layer 0 starts; after the last layer, those that run after it ends (final norm, head);
 - inside a layer, the *cores* are the children holding matrices; an attention core is one called
   with context besides the hidden states (a cache, position embeddings, a mask), an FFN core one
-  called on hidden states alone;
+  called on hidden states alone; a chain of such children (one called on another's output) is
+  one core, its last child, judged by that child, or, where that child is the identity with its
+  weights zeroed (it refines its input: Inkling's short convolutions), by the child feeding it;
 - every other child with weights (a norm) belongs to the subblock whose cores make it matter:
   scaling its output changes the layer's output when the FFN cores are zeroed but not when the
   attention cores are (attention), the reverse (FFN), or in both cases (shared: a parallel layout's
@@ -476,12 +478,28 @@ class Reference:
             layer = self.layer(i)
             context: dict[str, bool] = {}
             handles = []
-            cores = [(n, c) for n, c in layer.named_children() if _params(c) and _is_core(c)]
+            chain = [(n, c) for n, c in layer.named_children() if _params(c) and _is_core(c)]
             # a child with matrices whose output another one reads (AXK2's gated input norm,
             # feeding the attention) is part of a chain, not a core: the chain's last one is
-            feeds = self._feeding(cores)
-            cores = [(n, c) for n, c in cores if n not in feeds]
+            feeds = self._feeding(chain)
+            cores = [(n, c) for n, c in chain if n not in feeds]
+            # the kind of a chain is that of its last module, unless that module only refines
+            # what it is fed (it is the identity with its weights zeroed: Inkling's short
+            # convolution after the attention and after the MLP): then it is that of the module
+            # feeding it, unless that one is the identity with zero weights too (blocks that
+            # each hold their own residual, CPM-Ant's)
+            judge = {}
             for name, child in cores:
+                judge[name] = name
+                feeder = next((a for a, b in feeds.items() if b == name), None)
+                if (
+                    feeder is not None
+                    and self._refines(child)
+                    and not self._refines(layer.get_submodule(feeder))
+                ):
+                    judge[name] = feeder
+            judged = [(n, layer.get_submodule(n)) for n in dict.fromkeys(judge.values())]
+            for name, child in judged:
 
                 def pre(_m, args, kwargs, name=name):
                     context[name] = context.get(name, False) or _has_context(args, kwargs)
@@ -489,20 +507,45 @@ class Reference:
                 handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
             with hooks(*handles):
                 logits(self.model, self.input_ids)
-            out = {}
-            for name, child in cores:
+            kinds = {}
+            for name, child in judged:
                 if name not in context:
                     continue
                 mixes = self._mixes_tokens(child)
-                out[name] = "attention" if (context[name] if mixes is None else mixes) else "ffn"
+                kinds[name] = "attention" if (context[name] if mixes is None else mixes) else "ffn"
+            out = {n: kinds[judge[n]] for n, _ in cores if judge[n] in kinds}
             self._cores[i] = out
         return self._cores[i]
 
-    def _feeding(self, children: list[tuple[str, nn.Module]]) -> set[str]:
+    def _refines(self, module: nn.Module) -> bool:
+        """Does `module` return its input unchanged once its parameters are zero (`x + f(x)`)?"""
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(_m, args, kwargs, output):
+            x, y = call_input(args, kwargs), first_tensor(output)
+            if x is not None and y is not None and "in" not in seen:
+                seen["in"], seen["out"] = x.detach().clone(), y.detach().clone()
+
+        saved = [p.detach().clone() for p in module.parameters()]
+        try:
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.zero_()
+            with hooks(module.register_forward_hook(keep, with_kwargs=True)):
+                logits(self.model, self.input_ids)
+        finally:
+            with torch.no_grad():
+                for p, v in zip(module.parameters(), saved):
+                    p.copy_(v)
+        x, y = seen.get("in"), seen.get("out")
+        return x is not None and x.shape == y.shape and torch.equal(x.to(y.dtype), y)
+
+    def _feeding(self, children: list[tuple[str, nn.Module]]) -> dict[str, str]:
         """The children among `children` whose output another one is called on as it is (a
-        chain of modules with matrices: AXK2's gated input norm, then the attention)."""
+        chain of modules with matrices: AXK2's gated input norm, then the attention), each with
+        the child it feeds."""
         if len(children) < 2:
-            return set()
+            return {}
         ins: dict[str, torch.Tensor] = {}
         outs: dict[str, torch.Tensor] = {}
         handles = []
@@ -523,9 +566,10 @@ class Reference:
         with hooks(*handles):
             logits(self.model, self.input_ids)
         return {
-            a
+            a: b
             for a, out in outs.items()
-            if any(b != a and x.shape == out.shape and torch.equal(x, out) for b, x in ins.items())
+            for b, x in ins.items()
+            if b != a and x.shape == out.shape and torch.equal(x, out)
         }
 
     def _mixes_tokens(self, core: nn.Module) -> bool | None:
