@@ -69,6 +69,7 @@ _DESCRIPTORS = {
     "granite_swa": ("granite_swa", "GraniteSWAModelDescriptor"),
     "granitemoe": ("granitemoe", "GraniteMoeModelDescriptor"),
     "granitemoe_swa": ("granitemoe_swa", "GraniteMoeSWAModelDescriptor"),
+    "granitemoehybrid": ("granitemoehybrid", "GraniteMoeHybridModelDescriptor"),
     "granitemoeshared": ("granitemoeshared", "GraniteMoeSharedModelDescriptor"),
     "helium": ("helium", "HeliumModelDescriptor"),
     "hunyuan_v1_dense": ("hunyuan_v1_dense", "HunYuanDenseV1ModelDescriptor"),

@@ -85,7 +85,7 @@ def _layer_type_vocabularies() -> dict[str, tuple[str, ...]]:
 
 def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -> list[KindGroup]:
     """Layer kinds that configs of the same type build from another per-layer type value: each
-    allowed value is set on the last layer of the tiny config; a new kind it builds is also
+    allowed value the probed config lacks is set on the last layer of the tiny config; a new kind it builds is also
     built at the probed config's size (its last layer changed the same way), where it is
     analysed. `build(config)` builds a model on the meta device."""
     known = {(g.layer_class, g.children) for g in groups}
@@ -98,7 +98,10 @@ def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -
         if not (_strings(tiny_values) and _strings(full_values)):
             continue
         for value in vocabulary:
-            if value in tiny_values:
+            # a value the probed config has builds a kind already grouped; one only the tiny
+            # config has (GraniteMoE-Hybrid's default stack is all Mamba; its tiny config, like
+            # its checkpoints, has an attention layer) is a kind other configs build
+            if value in full_values:
                 continue
             changes = {name: list(tiny_values[:-1]) + [value]}
             try:

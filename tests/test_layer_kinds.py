@@ -262,3 +262,45 @@ def test_parameters_of_the_layer_itself_stay_on_a_no_op_and_are_grouped():
     groups = predicates.compile_groups(spec.predicates, 2)
     hits = [g for g, p in groups.items() if p.match("model.layers.1.post_attention_residual")]
     assert hits == ["block_1_attention"]
+
+
+class _TypedConfig:
+    """A config with a per-layer type list, shaped like transformers' (get_text_config)."""
+
+    def __init__(self, layer_types):
+        self.hidden_size, self.intermediate_size, self.num_key_value_heads = 8, 16, 2
+        self.layer_types = list(layer_types)
+        self.num_hidden_layers = len(self.layer_types)
+
+    def get_text_config(self):
+        return self
+
+
+class _TypedModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [sm.TypedBlock(config, i) for i in range(config.num_hidden_layers)]
+        )
+
+
+def test_a_kind_only_the_tiny_config_builds_is_a_kind_other_configs_build(monkeypatch):
+    """GraniteMoE-Hybrid's default stack is Mamba only; its tiny config ends in an attention
+    layer (as its checkpoints have): that kind is not in the probed stack, so it is described
+    as one other configs build, not skipped because the tiny config already has it."""
+    monkeypatch.setattr(
+        kinds, "_layer_type_vocabularies", lambda: {"layer_types": ("mamba", "attention")}
+    )
+
+    class Probe:
+        config = _TypedConfig(["mamba"] * 6)
+
+        @staticmethod
+        def tiny_config(**changes):
+            return _TypedConfig(changes.get("layer_types", ["mamba", "mamba", "attention"]))
+
+    groups = kinds.group_layers(_TypedModel(Probe.config).layers)
+    found = kinds.other_config_kinds(Probe, "layers", groups, _TypedModel)
+    assert [g.built_by for g in found] == ["layer_types[i] = 'attention'"]
+    (layer,) = found[0].modules
+    assert isinstance(layer.mixer, sm.Attention) and found[0].layers == []
