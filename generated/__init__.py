@@ -19,6 +19,7 @@ _DESCRIPTORS = {
     "axk1": ("axk1", "AXK1ModelDescriptor"),
     "axk2": ("axk2", "AXK2ModelDescriptor"),
     "bailing_hybrid": ("bailing_hybrid", "BailingHybridModelDescriptor"),
+    "bamba": ("bamba", "BambaModelDescriptor"),
     "beam": ("beam", "BeamModelDescriptor"),
     "biogpt": ("biogpt", "BioGptModelDescriptor"),
     "bitnet": ("bitnet", "BitNetModelDescriptor"),

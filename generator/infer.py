@@ -722,13 +722,14 @@ def _dummy_block(ctx, loop, layers: list[nn.Module]) -> DummyBlock:
         if all(v is not None and not callable(v) and not isinstance(v, nn.Module) for v in values):
             attrs.append(name)
     evidence = list(loop.evidence[:2])
+    size = loop.tuple_size if loop.returns_tuple else 1
     ctx.fact(
         "model loop expects",
-        ("a tuple" if loop.returns_tuple else "a tensor")
+        (f"a tuple of {size}" if size > 1 else "a tuple" if loop.returns_tuple else "a tensor")
         + (f"; reads {', '.join(attrs)}" if attrs else ""),
         evidence,
     )
-    return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence))
+    return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence), size)
 
 
 # -- buffers ------------------------------------------------------------------------------------

@@ -148,6 +148,7 @@ class DummyBlock:
     returns_tuple: bool
     attributes: tuple[str, ...]  # layer attributes the loop reads, copied onto the dummy
     evidence: tuple[str, ...] = ()
+    tuple_size: int = 1  # the tuple's length where the loop unpacks it (Bamba: hidden, weights)
 
 
 @dataclass(frozen=True)
@@ -435,6 +436,13 @@ def check_renderable(spec: "DescriptorSpec") -> None:
         type(spec.dummy_block.returns_tuple) is bool,
         "the dummy block's tuple flag",
         spec.dummy_block.returns_tuple,
+    )
+    need(
+        type(spec.dummy_block.tuple_size) is int
+        and spec.dummy_block.tuple_size >= 1
+        and (spec.dummy_block.returns_tuple or spec.dummy_block.tuple_size == 1),
+        "the dummy block's tuple size",
+        spec.dummy_block.tuple_size,
     )
     for name in spec.dummy_block.attributes:
         ident(name, "the dummy block attribute")

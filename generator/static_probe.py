@@ -583,7 +583,11 @@ def rendered_facts(spec) -> dict:
         ],  # fmt: skip
         overrides=[(o.config_field, o.block_config_attr, o.with_flag) for o in spec.overrides],
         buffers=[(b.module, b.buffers, b.init_class) for b in spec.rebuilt_buffers],
-        dummy=(spec.dummy_block.returns_tuple, spec.dummy_block.attributes),
+        dummy=(
+            spec.dummy_block.returns_tuple,
+            spec.dummy_block.tuple_size,
+            spec.dummy_block.attributes,
+        ),
         predicates=spec.predicates,
         variants=[(v.module, v.group, v.flag, v.flag_value) for v in spec.config_variants],
     )

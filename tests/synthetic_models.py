@@ -416,6 +416,20 @@ class TupleLoopModel(nn.Module):
         return self.proj(torch.tanh(hidden_states))
 
 
+class UnpackingLoopModel(nn.Module):
+    """Bamba: `hidden_states, attn_weights = decoder_layer(...)`, a layer returns two values."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList([PreNormLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = Norm(config.hidden_size)
+
+    def forward(self, hidden_states):
+        for decoder_layer in self.layers:
+            hidden_states, attn_weights = decoder_layer(hidden_states, attention_mask=None)
+        return self.norm(hidden_states)
+
+
 class ZipLoopModel(nn.Module):
     def __init__(self, config):
         super().__init__()

@@ -175,6 +175,14 @@ def test_tuple_loop_without_final_norm():
     assert loop.layer_attributes == []
 
 
+def test_a_loop_that_unpacks_a_layer_tuple_gives_its_length():
+    """A dummy block in Bamba's loop must return two values, not a 1-tuple."""
+    loop = loop_of(sm.UnpackingLoopModel, "layers")
+    assert loop.returns_tuple is True and loop.tuple_size == 2
+    assert loop.final_norm == "norm"
+    assert loop_of(sm.TupleLoopModel, "h").tuple_size == 1  # `outputs[0]`: any tuple
+
+
 def test_zip_loop_with_keyword_hidden_states():
     loop = loop_of(sm.ZipLoopModel, "layers")
     assert loop.loop_var == "layer"

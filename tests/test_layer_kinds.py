@@ -304,3 +304,39 @@ def test_a_kind_only_the_tiny_config_builds_is_a_kind_other_configs_build(monkey
     assert [g.built_by for g in found] == ["layer_types[i] = 'attention'"]
     (layer,) = found[0].modules
     assert isinstance(layer.mixer, sm.Attention) and found[0].layers == []
+
+
+class _DerivedTypesConfig(_TypedConfig):
+    """Bamba: `layer_types` is a property computed from `attn_layer_indices` (no setter)."""
+
+    def __init__(self, n, attention_at=()):
+        self.hidden_size, self.intermediate_size, self.num_key_value_heads = 8, 16, 2
+        self.num_hidden_layers = n
+        self.attn_layer_indices = list(attention_at)
+
+    @property
+    def layer_types(self):
+        n = self.num_hidden_layers
+        return ["attention" if i in self.attn_layer_indices else "mamba" for i in range(n)]
+
+
+def test_a_kind_whose_type_list_cannot_be_set_is_analysed_on_the_tiny_layer(monkeypatch):
+    """The probed config cannot be given the new type (a derived list): the tiny config's
+    layer, which has the kind, stands for it."""
+    monkeypatch.setattr(
+        kinds, "_layer_type_vocabularies", lambda: {"layer_types": ("mamba", "attention")}
+    )
+
+    class Probe:
+        config = _DerivedTypesConfig(6)
+
+        @staticmethod
+        def tiny_config(**changes):
+            assert not changes  # the tiny config has the kind already; nothing to set
+            return _DerivedTypesConfig(3, attention_at=[2])
+
+    groups = kinds.group_layers(_TypedModel(Probe.config).layers)
+    (found,) = kinds.other_config_kinds(Probe, "layers", groups, _TypedModel)
+    assert found.built_by == "layer_types[i] = 'attention'" and found.tiny_changes == {}
+    (layer,) = found.modules
+    assert isinstance(layer.mixer, sm.Attention) and layer.block_type == "attention"

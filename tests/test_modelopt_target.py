@@ -126,10 +126,11 @@ MAMBA_1 = {"mamba", "falcon_mamba", "jamba"}
 # not try yet (Mamba2Config's plain `num_heads` / `head_dim`; overrides.MAMBA_FIELDS has the
 # mamba_-prefixed ones): its block configs leave them None, so no Model Optimizer converter (a
 # gap, not a property of the model)
-# GraniteMoE-Hybrid's mixer reads `mamba_d_head`, but its width is `mamba_expand * hidden_size`
-# and the config refuses a head width that does not divide it: no tensor resizes with the head
-# width alone, so no override proves it (a derived size, not inferred yet)
-MAMBA_SIZES_NOT_INFERRED = {"mamba2", "granitemoehybrid"}
+# GraniteMoE-Hybrid's and Bamba's mixers read `mamba_d_head`, but their width is
+# `mamba_expand * hidden_size` and the config refuses a head width that does not divide it: no
+# tensor resizes with the head width alone, so no override proves it (a derived size, not
+# inferred yet)
+MAMBA_SIZES_NOT_INFERRED = {"mamba2", "granitemoehybrid", "bamba"}
 
 
 @pytest.mark.parametrize("model_type", sorted(t for t in MAMBA_1 if t in VERIFIED))

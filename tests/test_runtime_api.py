@@ -200,6 +200,9 @@ def test_default_dummy_block_passes_input_through():
     assert list(dummy.parameters()) == []
     tup = DummyBlock(1, returns_tuple=True, attributes={"attention_type": "sliding_attention"})
     assert tup(hidden_states=x) == (x,) and tup.attention_type == "sliding_attention"
+    pair = DummyBlock(1, returns_tuple=True, tuple_size=2)  # `h, weights = layer(...)`
+    hidden, weights = pair(x)
+    assert hidden is x and weights is None
 
 
 def test_get_weight_groups_partitions_a_tiny_llama():

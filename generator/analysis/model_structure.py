@@ -2,7 +2,8 @@
 
 - layer stacks: `self.layers = nn.ModuleList([XDecoderLayer(config, i) for i in range(...)])`;
 - the model loop: which stack `forward` iterates, what the loop does with a layer's output
-  (`hidden_states = layer(...)` a tensor, `outputs = layer(...); outputs[0]` a tuple), which
+  (`hidden_states = layer(...)` a tensor, `outputs = layer(...); outputs[0]` a tuple,
+  `hidden_states, weights = layer(...)` a tuple of two), which
   attributes of the layer it reads (`decoder_layer.attention_type`);
 - the final norm: the child called on the loop's hidden states after the loop;
 - the modules called before the loop (input and position embeddings);
@@ -42,6 +43,7 @@ class LoopFinding:
     before_loop: list[str]  # children of the owner called before the loop
     evidence: list[str] = field(default_factory=list)
     after_loop: list[str] = field(default_factory=list)  # others called after it (project_out)
+    tuple_size: int = 1  # values the loop unpacks from a layer's tuple (Bamba's two)
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ def analyze_loop(
         raise InferenceError(fact, "cannot tell the loop variable", [parsed.where(loop)])
 
     returns_tuple = False
+    tuple_size = 1
     hidden_var = None
     attributes: list[str] = []
     call_targets: list[str] = []
@@ -199,6 +202,9 @@ def analyze_loop(
             for t in node.targets:
                 if isinstance(t.target, (cst.Tuple, cst.List)):
                     returns_tuple = True
+                    elements = t.target.elements
+                    if not any(isinstance(e, cst.StarredElement) for e in elements):
+                        tuple_size = max(tuple_size, len(elements))
                 elif isinstance(t.target, cst.Name):
                     call_targets.append(t.target.value)
             evidence.append(f"{parsed.where(node)} `{parsed.code(node)}`")
@@ -265,6 +271,7 @@ def analyze_loop(
         before_loop=before,
         evidence=evidence,
         after_loop=after,
+        tuple_size=tuple_size,
     )
 
 

@@ -16,7 +16,8 @@ class DummyBlock(nn.Module):
     """Stands in for a decoder block owned by another shard: passes the hidden states through.
 
     `returns_tuple` makes it return `(hidden_states,)` for model loops that index a layer's
-    output; `attributes` are copied on as plain attributes for loops that read them (e.g.
+    output, padded with Nones to `tuple_size` values for loops that unpack it
+    (`hidden_states, attn_weights = decoder_layer(...)`: Bamba); `attributes` are copied on as plain attributes for loops that read them (e.g.
     `attention_type` to choose a mask).
     """
 
@@ -25,16 +26,20 @@ class DummyBlock(nn.Module):
         block_index: int,
         returns_tuple: bool = False,
         attributes: Mapping[str, Any] | None = None,
+        tuple_size: int = 1,
     ):
         super().__init__()
         self.block_index = block_index
         self.returns_tuple = returns_tuple
+        self.tuple_size = tuple_size
         for name, value in (attributes or {}).items():
             setattr(self, name, value)
 
     def forward(self, *args, **kwargs):
         hidden_states = find_hidden_states(args, kwargs)
-        return (hidden_states,) if self.returns_tuple else hidden_states
+        if not self.returns_tuple:
+            return hidden_states
+        return (hidden_states,) + (None,) * (self.tuple_size - 1)
 
     def extra_repr(self) -> str:
         return f"block_index={self.block_index}, returns_tuple={self.returns_tuple}"
