@@ -76,6 +76,7 @@ _DESCRIPTORS = {
     "hunyuan_v1_dense": ("hunyuan_v1_dense", "HunYuanDenseV1ModelDescriptor"),
     "hunyuan_v1_moe": ("hunyuan_v1_moe", "HunYuanMoEV1ModelDescriptor"),
     "hy_v3": ("hy_v3", "HYV3ModelDescriptor"),
+    "hy_v4": ("hy_v4", "HYV4ModelDescriptor"),
     "hyperclovax": ("hyperclovax", "HyperCLOVAXModelDescriptor"),
     "internlm3": ("internlm3", "LlamaModelDescriptor"),
     "iquestcoder": ("iquestcoder", "LlamaModelDescriptor"),

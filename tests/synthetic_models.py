@@ -430,6 +430,23 @@ class UnpackingLoopModel(nn.Module):
         return self.norm(hidden_states)
 
 
+class HeadBeforeNormModel(nn.Module):
+    """HY-V4: `hidden_states = self.norm(self.hc_head(hidden_states))` after the loop: a weighted
+    module collapses the layers' streams, then the final norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList([PreNormLayer(config) for _ in range(config.num_hidden_layers)])
+        self.hc_head = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = Norm(config.hidden_size)
+
+    def forward(self, hidden_states):
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(hidden_states)
+        hidden_states = self.norm(self.hc_head(hidden_states))
+        return hidden_states
+
+
 class ZipLoopModel(nn.Module):
     def __init__(self, config):
         super().__init__()

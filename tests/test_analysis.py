@@ -183,6 +183,12 @@ def test_a_loop_that_unpacks_a_layer_tuple_gives_its_length():
     assert loop_of(sm.TupleLoopModel, "h").tuple_size == 1  # `outputs[0]`: any tuple
 
 
+def test_the_final_norm_is_the_outermost_module_called_on_the_hidden_states():
+    loop = loop_of(sm.HeadBeforeNormModel, "layers")
+    assert loop.final_norm == "norm"
+    assert loop.after_loop == ["hc_head"]  # grouped with the head, like OPT's project_out
+
+
 def test_zip_loop_with_keyword_hidden_states():
     loop = loop_of(sm.ZipLoopModel, "layers")
     assert loop.loop_var == "layer"

@@ -237,7 +237,7 @@ def analyze_loop(
             (
                 (child, node)
                 for child, node in _child_calls(stmt, children)
-                if node.args and m.matches(node.args[0].value, m.Name(hidden_var))
+                if node.args and _feeds(node.args[0].value, hidden_var, children)
             ),
             None,
         )
@@ -273,6 +273,19 @@ def analyze_loop(
         after_loop=after,
         tuple_size=tuple_size,
     )
+
+
+def _feeds(expr: cst.BaseExpression, var: str, children: set[str]) -> bool:
+    """`var` itself, or a call of a child on it (`self.hc_head(hidden_states)`): the final norm
+    is the outermost child called on the hidden states after the loop (HY-V4's
+    `self.norm(self.hc_head(hidden_states))`), the inner ones run before it."""
+    if m.matches(expr, m.Name(var)):
+        return True
+    if isinstance(expr, cst.Call) and expr.args:
+        name = dotted(expr.func)
+        if name and name.startswith("self.") and name[5:] in children:
+            return _feeds(expr.args[0].value, var, children)
+    return False
 
 
 def _child_calls(stmt: cst.CSTNode, children: set[str]):
