@@ -52,6 +52,8 @@ _DESCRIPTORS = {
     "gemma2": ("gemma2", "Gemma2ModelDescriptor"),
     "gemma3": ("gemma3", "Gemma3ModelDescriptor"),
     "gemma3_text": ("gemma3_text", "Gemma3ModelDescriptor"),
+    "gemma4_unified": ("gemma4_unified", "Gemma4UnifiedModelDescriptor"),
+    "gemma4_unified_text": ("gemma4_unified_text", "Gemma4UnifiedModelDescriptor"),
     "glm": ("glm", "GlmModelDescriptor"),
     "glm4": ("glm4", "Glm4ModelDescriptor"),
     "glm4_moe": ("glm4_moe", "Glm4MoeModelDescriptor"),

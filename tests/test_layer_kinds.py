@@ -340,3 +340,18 @@ def test_a_kind_whose_type_list_cannot_be_set_is_analysed_on_the_tiny_layer(monk
     assert found.built_by == "layer_types[i] = 'attention'" and found.tiny_changes == {}
     (layer,) = found.modules
     assert isinstance(layer.mixer, sm.Attention) and layer.block_type == "attention"
+
+
+def test_a_persistent_buffer_of_the_layer_itself_is_one_of_its_tensors():
+    """Gemma 4 (unified) multiplies each layer's output by `layer_scalar`, a buffer the layer
+    holds itself and saves: without it the groups miss one tensor per layer."""
+    from generator.infer import own_tensors
+
+    layer = sm.PreNormLayer(sm.make_config())
+    layer.register_buffer("layer_scalar", torch.ones(1))
+    layer.register_buffer("cache", torch.ones(1), persistent=False)  # not in the state dict
+    layer.scale = nn.Parameter(torch.ones(1))
+    assert own_tensors(layer) == ("scale", "layer_scalar")
+    assert set(own_tensors(layer)) == {
+        k for k in layer.state_dict() if "." not in k
+    }  # exactly the layer's own state-dict entries
