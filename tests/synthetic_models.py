@@ -38,6 +38,16 @@ class Attention(nn.Module):
         return self.o(self.q(hidden_states)), None
 
 
+class PerLayerConfigAttention(nn.Module):
+    """Gemma 4 unified: the KV heads come from transformers' per-layer view of the config."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        layer_config = config.per_layer_config[layer_idx]
+        self.q = nn.Linear(config.hidden_size, config.hidden_size)
+        self.kv = nn.Linear(config.hidden_size, 2 * layer_config.num_key_value_heads)
+
+
 class TripleAttention(Attention):
     def forward(self, hidden_states, attention_mask=None):
         return self.o(hidden_states), None, None

@@ -211,3 +211,8 @@ def test_construction_of_a_child():
     cons = model_structure.find_construction(SourceIndex(), sm.PreNormLayer, "mlp")
     assert cons.callee == "MLP"
     assert [kw for kw, _ in cons.args] == [None]
+
+
+def test_config_reads_follow_a_layer_s_view_of_a_heterogeneous_config():
+    reads = dict(model_structure.config_reads(SourceIndex(), sm.PerLayerConfigAttention))
+    assert "num_key_value_heads" in reads and "hidden_size" in reads

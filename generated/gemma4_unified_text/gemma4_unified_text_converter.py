@@ -9,8 +9,8 @@ descriptor's overrides write back, so these block configs rebuild the model the 
 a size no config field holds as a number comes from a rule measured on tiny models of the type
 (line numbers in transformers 5.23.0).
 
-- block_config.attention.num_key_value_heads <- config.num_key_value_heads, which the layer
-  reads without an override (the key/value cache of tiny forwards, 5 configs)
+- block_config.attention.num_key_value_heads <- config.num_key_value_heads (read at
+  modeling_gemma4_unified.py:344)
 - block_config.ffn.intermediate_size <- config.intermediate_size (read at
   modeling_gemma4_unified.py:450)
 - num_hidden_layers layers, every one of the same kind.

@@ -13,6 +13,8 @@ Evidence (line numbers in transformers 5.23.0):
   residual join at modeling_gemma4_unified.py:506.
 - layer_scalar: tensors of the layer itself (they scale the residual
   stream); no no-op replaces them, and they are grouped with the attention subblock.
+- config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
+  modeling_gemma4_unified.py:344; a probe build confirmed it changes only attention weight shapes.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_gemma4_unified.py:450; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: model.norm, called after the layer loop (modeling_gemma4_unified.py:669).
@@ -49,6 +51,7 @@ class Gemma4UnifiedModelDescriptor(ModelDescriptor):
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
         return {
+            "num_key_value_heads": block_config.attention.num_key_value_heads,
             "intermediate_size": block_config.ffn.intermediate_size,
         }
 

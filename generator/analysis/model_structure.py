@@ -127,12 +127,25 @@ def find_construction(index: SourceIndex, cls: type, attr: str) -> Construction 
 
 def config_reads(index: SourceIndex, cls: type) -> list[tuple[str, str]]:
     """(field, where) for each `config.X`, `self.config.X` or `getattr(config, "X")` read in
-    `cls.__init__`, where `config` is any parameter whose name contains "config"."""
+    `cls.__init__`, where `config` is any parameter whose name contains "config", or a local
+    holding one layer's view of it (`layer_config = config.per_layer_config[layer_idx]`:
+    transformers' heterogeneous configs; Gemma 4 unified reads its KV heads there)."""
     try:
         parsed, _, init = index.find_method(cls, "__init__")
     except InferenceError:
         return []
     config_names = {n for n in param_names(init) if "config" in n}
+    for node in _walk(init.body):
+        if (
+            isinstance(node, cst.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0].target, cst.Name)
+            and isinstance(node.value, cst.Subscript)
+            and isinstance(node.value.value, cst.Attribute)
+            and node.value.value.attr.value == "per_layer_config"
+            and dotted(node.value.value.value) in config_names | {"self.config"}
+        ):
+            config_names.add(node.targets[0].target.value)
     reads: list[tuple[str, str]] = []
     for node in _walk(init.body):
         if isinstance(node, cst.Attribute):
