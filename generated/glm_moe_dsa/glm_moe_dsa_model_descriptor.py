@@ -34,7 +34,7 @@ Evidence (line numbers in transformers 5.23.0):
   model.rotary_emb: inv_freq, original_inv_freq (GlmMoeDsaModel).
 - Weight groups name modules, not single tensors: every tensor below a module (a bias that
   another config of this model type adds, say) lands in the module's group.
-- The model loop indexes a layer's output as a tuple;
+- The model loop unpacks a layer's output as a tuple of 2;
   a dummy block on a shard does the same.
 """
 
@@ -95,6 +95,7 @@ class GlmMoeDsaModelDescriptor(ModelDescriptor):
         return DummyBlock(
             block_index,
             returns_tuple=True,
+            tuple_size=2,
             attributes={},
         )
 
