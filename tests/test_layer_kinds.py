@@ -355,3 +355,17 @@ def test_a_persistent_buffer_of_the_layer_itself_is_one_of_its_tensors():
     assert set(own_tensors(layer)) == {
         k for k in layer.state_dict() if "." not in k
     }  # exactly the layer's own state-dict entries
+
+
+def test_the_oracle_skips_a_type_list_that_cannot_be_set():
+    """Falcon-H1's `layer_types` maps to a derived `layers_block_type` property: the oracle's
+    search for kinds other configs build cannot set it, and must not fail the no-ops check."""
+    from transformers import FalconH1Config
+
+    from generator.tiny import tiny_config
+    from generator.verify.checks import other_kind_configs
+
+    config = tiny_config(FalconH1Config)
+    with pytest.raises(AttributeError):
+        setattr(config, "layer_types", list(config.layer_types))
+    assert list(other_kind_configs(config)) == []
