@@ -494,17 +494,18 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
             weight_modules=sb.weight_modules + (child.name,),
         )
         ctx.fact(f"{child.name} (other configs)", f"in the {child.kind} subblock", child.evidence)
-    own = tuple(n for n, _ in layer.named_parameters(recurse=False))
+    own = own_tensors(layer)
     for name in own:
         if not is_identifier(name):
-            raise InferenceError("a parameter of the layer itself", repr(name))
+            raise InferenceError("a tensor of the layer itself", repr(name))
     if own:
         ctx.fact(
-            "parameters of the layer itself",
+            "tensors of the layer itself",
             ", ".join(own),
             [
                 f"probe: {flow.class_name} holds {', '.join(own)} directly (Doge's learned "
-                "residual scales): no no-op replaces them; grouped with the attention subblock"
+                "residual scales, Gemma 4's layer_scalar buffer): no no-op replaces them; "
+                "grouped with the attention subblock"
             ],
         )
     if flow.shared:
@@ -549,6 +550,15 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
         ),
     )
     return kind, found, variants
+
+
+def own_tensors(layer: nn.Module) -> tuple[str, ...]:
+    """The state-dict tensors the layer holds itself: its parameters (Doge's residual scales)
+    and its persistent buffers (Gemma 4's `layer_scalar`, which multiplies the layer's output)."""
+    params = [n for n, _ in layer.named_parameters(recurse=False)]
+    skip = getattr(layer, "_non_persistent_buffers_set", set())
+    buffers = [n for n, _ in layer.named_buffers(recurse=False) if n not in skip]
+    return tuple(params + buffers)
 
 
 def _check_overrides(overrides) -> None:

@@ -85,9 +85,13 @@ def _layer_type_vocabularies() -> dict[str, tuple[str, ...]]:
 
 def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -> list[KindGroup]:
     """Layer kinds that configs of the same type build from another per-layer type value: each
-    allowed value is set on the last layer of the tiny config; a new kind it builds is also
-    built at the probed config's size (its last layer changed the same way), where it is
-    analysed. `build(config)` builds a model on the meta device."""
+    allowed value the probed config lacks is set on the last layer of the tiny config (or is
+    there already: GraniteMoE-Hybrid's and Bamba's default stacks are all Mamba, their tiny
+    configs end in an attention layer, as their checkpoints have attention layers); a new kind
+    it builds is also built at the probed config's size (its last layer changed the same way),
+    where it is analysed. A type list derived from other fields (Bamba's `layer_types`, from
+    `attn_layer_indices`) cannot be set: the kind is then analysed on the tiny layer (the
+    analysis reads structure only). `build(config)` builds a model on the meta device."""
     known = {(g.layer_class, g.children) for g in groups}
     found: list[KindGroup] = []
     tiny_text = probe.tiny_config().get_text_config()
@@ -98,34 +102,49 @@ def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -
         if not (_strings(tiny_values) and _strings(full_values)):
             continue
         for value in vocabulary:
-            if value in tiny_values:
-                continue
-            changes = {name: list(tiny_values[:-1]) + [value]}
+            if value in full_values:
+                continue  # the probed stack has it: a kind already grouped
+            if value in tiny_values:  # the tiny config builds it already
+                changes, position = {}, list(tiny_values).index(value)
+            else:
+                changes, position = {name: list(tiny_values[:-1]) + [value]}, -1
             try:
                 tiny_stack = build(probe.tiny_config(**changes)).get_submodule(stack_path)
             except StaticGap:
                 raise  # a static build that cannot tell (generator/static_build.py)
             except Exception:
                 continue  # a value this model does not take
-            sig = signature(tiny_stack[len(tiny_stack) - 1])
+            tiny_layer = tiny_stack[position % len(tiny_stack)]
+            sig = signature(tiny_layer)
             if sig in known:
                 continue
-            full = copy.deepcopy(probe.config)
-            setattr(full.get_text_config(), name, list(full_values[:-1]) + [value])
-            try:
-                full_stack = build(full).get_submodule(stack_path)
-            except StaticGap:
-                raise
-            except Exception:
-                continue
-            layer = full_stack[len(full_stack) - 1]
-            if signature(layer) != sig:
+            layer = _full_size_layer(probe, stack_path, name, full_values, value, build)
+            if layer is None:
+                layer = tiny_layer
+            elif signature(layer) != sig:
                 continue
             known.add(sig)
             found.append(
                 KindGroup(sig[0], sig[1], [], [layer], f"{name}[i] = {value!r}", dict(changes))
             )
     return found
+
+
+def _full_size_layer(probe, stack_path, name, values, value, build) -> nn.Module | None:
+    """The last layer of the probed config with its last type in `name` (`values`) set to
+    `value`, or None where the field cannot be set."""
+    full = copy.deepcopy(probe.config)
+    try:
+        setattr(full.get_text_config(), name, list(values[:-1]) + [value])
+    except (AttributeError, TypeError):
+        return None  # a list derived from other fields (a property)
+    try:
+        full_stack = build(full).get_submodule(stack_path)
+    except StaticGap:
+        raise
+    except Exception:
+        return None
+    return full_stack[len(full_stack) - 1]
 
 
 def _strings(values) -> bool:

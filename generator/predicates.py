@@ -152,8 +152,11 @@ def with_checkpoint_names(
                 )
             kind = group.rpartition("_")[2]
             # the layer's child on disk (`block_sparse_moe`), like module names are grouped by
-            # the layer's children: every tensor below it, whatever the expert count
-            alt = module_alternative(match.group(2).split(".")[0])
+            # the layer's children: every tensor below it, whatever the expert count; deeper
+            # where that child holds tensors of both subblocks
+            alt = module_alternative(
+                _layer_part(match.group(2), kind, disk_to_module, groups, prefix)
+            )
             groups = compile_groups(_extended(pred, added), num_layers)
             if any(p.match(disk) for p in groups.values()):
                 continue  # the other name of the stack was all it needed
@@ -165,6 +168,25 @@ def with_checkpoint_names(
             evidence.append(f"checkpoint name {disk} loads into {module_name} ({kind})")
         groups = compile_groups(_extended(pred, added), num_layers)
     return _extended(pred, added), evidence
+
+
+def _layer_part(rel: str, kind: str, disk_to_module: dict[str, str], groups, prefix) -> str:
+    """The shortest leading part of `rel` (a module inside a layer, named as on disk) below
+    which every checkpoint tensor of every layer loads into the `kind` subblock: the layer's
+    child on disk, unless it holds tensors of both subblocks (HY-V4 writes `hc_pre.hc_attn_layer`
+    and `hc_pre.hc_mlp_layer` for `attn_hc` and `ffn_hc`)."""
+    parts = rel.split(".")
+    for depth in range(1, len(parts)):
+        head = ".".join(parts[:depth]) + "."
+        kinds = set()
+        for disk, module_name in disk_to_module.items():
+            match = prefix.match(disk)
+            if match is None or not match.group(2).startswith(head):
+                continue
+            kinds |= {g.rpartition("_")[2] for g, p in groups.items() if p.match(module_name)}
+        if kinds == {kind}:
+            return head[:-1]
+    return rel
 
 
 def _whole_prefix(disk: str, group: str, disk_to_module: dict[str, str], groups) -> str | None:

@@ -211,7 +211,10 @@ def _replace_unowned(
             name = descriptor.layer_block_name(i)
             model.set_submodule(name, descriptor.create_dummy_block(model.get_submodule(name), i))
     if 0 not in owned:
-        model.set_submodule(descriptor.input_embedding_name(), DummyInputEmbedding())
+        name = descriptor.input_embedding_name()
+        weight = getattr(model.get_submodule(name), "weight", None)
+        width = int(weight.shape[-1]) if isinstance(weight, torch.Tensor) and weight.dim() else None
+        model.set_submodule(name, DummyInputEmbedding(width, dtype))
     last = num_layers - 1 in owned
     if not last:
         name = descriptor.output_embedding_name()

@@ -38,6 +38,16 @@ class Attention(nn.Module):
         return self.o(self.q(hidden_states)), None
 
 
+class PerLayerConfigAttention(nn.Module):
+    """Gemma 4 unified: the KV heads come from transformers' per-layer view of the config."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        layer_config = config.per_layer_config[layer_idx]
+        self.q = nn.Linear(config.hidden_size, config.hidden_size)
+        self.kv = nn.Linear(config.hidden_size, 2 * layer_config.num_key_value_heads)
+
+
 class TripleAttention(Attention):
     def forward(self, hidden_states, attention_mask=None):
         return self.o(hidden_states), None, None
@@ -430,7 +440,9 @@ class UnpackingLoopModel(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.layers = nn.ModuleList([CarryingLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [CarryingLayer(config) for _ in range(config.num_hidden_layers)]
+        )
         self.norm = Norm(config.hidden_size)
 
     def forward(self, hidden_states):
@@ -438,6 +450,23 @@ class UnpackingLoopModel(nn.Module):
         for layer in self.layers:
             hidden_states, carried, *_ = layer(hidden_states, attention_mask=carried)
         return self.norm(hidden_states)
+
+
+class HeadBeforeNormModel(nn.Module):
+    """HY-V4: `hidden_states = self.norm(self.hc_head(hidden_states))` after the loop: a weighted
+    module collapses the layers' streams, then the final norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList([PreNormLayer(config) for _ in range(config.num_hidden_layers)])
+        self.hc_head = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = Norm(config.hidden_size)
+
+    def forward(self, hidden_states):
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(hidden_states)
+        hidden_states = self.norm(self.hc_head(hidden_states))
+        return hidden_states
 
 
 class ZipLoopModel(nn.Module):
@@ -583,7 +612,9 @@ class RefiningConvolution(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.conv1d = nn.Conv1d(config.hidden_size, config.hidden_size, 3, groups=config.hidden_size)
+        self.conv1d = nn.Conv1d(
+            config.hidden_size, config.hidden_size, 3, groups=config.hidden_size
+        )
 
     def forward(self, hidden_states, cache_params=None, conv_mask=None):
         input_dtype = hidden_states.dtype
@@ -611,7 +642,9 @@ class RefinedSegmentsLayer(nn.Module):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask)
-        hidden_states = self.attn_conv(hidden_states, cache_params=cache_params, conv_mask=conv_mask)
+        hidden_states = self.attn_conv(
+            hidden_states, cache_params=cache_params, conv_mask=conv_mask
+        )
         hidden_states = residual + hidden_states
 
         residual = hidden_states

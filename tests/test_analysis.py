@@ -204,6 +204,12 @@ def test_loop_unpacking_several_values_from_a_layer_counts_them():
     assert loop_of(sm.ToyModel, "layers").tuple_size == 1
 
 
+def test_the_final_norm_is_the_outermost_module_called_on_the_hidden_states():
+    loop = loop_of(sm.HeadBeforeNormModel, "layers")
+    assert loop.final_norm == "norm"
+    assert loop.after_loop == ["hc_head"]  # grouped with the head, like OPT's project_out
+
+
 def test_zip_loop_with_keyword_hidden_states():
     loop = loop_of(sm.ZipLoopModel, "layers")
     assert loop.loop_var == "layer"
@@ -226,3 +232,8 @@ def test_construction_of_a_child():
     cons = model_structure.find_construction(SourceIndex(), sm.PreNormLayer, "mlp")
     assert cons.callee == "MLP"
     assert [kw for kw, _ in cons.args] == [None]
+
+
+def test_config_reads_follow_a_layer_s_view_of_a_heterogeneous_config():
+    reads = dict(model_structure.config_reads(SourceIndex(), sm.PerLayerConfigAttention))
+    assert "num_key_value_heads" in reads and "hidden_size" in reads

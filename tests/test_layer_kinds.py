@@ -262,3 +262,110 @@ def test_parameters_of_the_layer_itself_stay_on_a_no_op_and_are_grouped():
     groups = predicates.compile_groups(spec.predicates, 2)
     hits = [g for g, p in groups.items() if p.match("model.layers.1.post_attention_residual")]
     assert hits == ["block_1_attention"]
+
+
+class _TypedConfig:
+    """A config with a per-layer type list, shaped like transformers' (get_text_config)."""
+
+    def __init__(self, layer_types):
+        self.hidden_size, self.intermediate_size, self.num_key_value_heads = 8, 16, 2
+        self.layer_types = list(layer_types)
+        self.num_hidden_layers = len(self.layer_types)
+
+    def get_text_config(self):
+        return self
+
+
+class _TypedModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [sm.TypedBlock(config, i) for i in range(config.num_hidden_layers)]
+        )
+
+
+def test_a_kind_only_the_tiny_config_builds_is_a_kind_other_configs_build(monkeypatch):
+    """GraniteMoE-Hybrid's default stack is Mamba only; its tiny config ends in an attention
+    layer (as its checkpoints have): that kind is not in the probed stack, so it is described
+    as one other configs build, not skipped because the tiny config already has it."""
+    monkeypatch.setattr(
+        kinds, "_layer_type_vocabularies", lambda: {"layer_types": ("mamba", "attention")}
+    )
+
+    class Probe:
+        config = _TypedConfig(["mamba"] * 6)
+
+        @staticmethod
+        def tiny_config(**changes):
+            return _TypedConfig(changes.get("layer_types", ["mamba", "mamba", "attention"]))
+
+    groups = kinds.group_layers(_TypedModel(Probe.config).layers)
+    found = kinds.other_config_kinds(Probe, "layers", groups, _TypedModel)
+    assert [g.built_by for g in found] == ["layer_types[i] = 'attention'"]
+    (layer,) = found[0].modules
+    assert isinstance(layer.mixer, sm.Attention) and found[0].layers == []
+
+
+class _DerivedTypesConfig(_TypedConfig):
+    """Bamba: `layer_types` is a property computed from `attn_layer_indices` (no setter)."""
+
+    def __init__(self, n, attention_at=()):
+        self.hidden_size, self.intermediate_size, self.num_key_value_heads = 8, 16, 2
+        self.num_hidden_layers = n
+        self.attn_layer_indices = list(attention_at)
+
+    @property
+    def layer_types(self):
+        n = self.num_hidden_layers
+        return ["attention" if i in self.attn_layer_indices else "mamba" for i in range(n)]
+
+
+def test_a_kind_whose_type_list_cannot_be_set_is_analysed_on_the_tiny_layer(monkeypatch):
+    """The probed config cannot be given the new type (a derived list): the tiny config's
+    layer, which has the kind, stands for it."""
+    monkeypatch.setattr(
+        kinds, "_layer_type_vocabularies", lambda: {"layer_types": ("mamba", "attention")}
+    )
+
+    class Probe:
+        config = _DerivedTypesConfig(6)
+
+        @staticmethod
+        def tiny_config(**changes):
+            assert not changes  # the tiny config has the kind already; nothing to set
+            return _DerivedTypesConfig(3, attention_at=[2])
+
+    groups = kinds.group_layers(_TypedModel(Probe.config).layers)
+    (found,) = kinds.other_config_kinds(Probe, "layers", groups, _TypedModel)
+    assert found.built_by == "layer_types[i] = 'attention'" and found.tiny_changes == {}
+    (layer,) = found.modules
+    assert isinstance(layer.mixer, sm.Attention) and layer.block_type == "attention"
+
+
+def test_a_persistent_buffer_of_the_layer_itself_is_one_of_its_tensors():
+    """Gemma 4 (unified) multiplies each layer's output by `layer_scalar`, a buffer the layer
+    holds itself and saves: without it the groups miss one tensor per layer."""
+    from generator.infer import own_tensors
+
+    layer = sm.PreNormLayer(sm.make_config())
+    layer.register_buffer("layer_scalar", torch.ones(1))
+    layer.register_buffer("cache", torch.ones(1), persistent=False)  # not in the state dict
+    layer.scale = nn.Parameter(torch.ones(1))
+    assert own_tensors(layer) == ("scale", "layer_scalar")
+    assert set(own_tensors(layer)) == {
+        k for k in layer.state_dict() if "." not in k
+    }  # exactly the layer's own state-dict entries
+
+
+def test_the_oracle_skips_a_type_list_that_cannot_be_set():
+    """Falcon-H1's `layer_types` maps to a derived `layers_block_type` property: the oracle's
+    search for kinds other configs build cannot set it, and must not fail the no-ops check."""
+    from transformers import FalconH1Config
+
+    from generator.tiny import tiny_config
+    from generator.verify.checks import other_kind_configs
+
+    config = tiny_config(FalconH1Config)
+    with pytest.raises(AttributeError):
+        setattr(config, "layer_types", list(config.layer_types))
+    assert list(other_kind_configs(config)) == []

@@ -207,6 +207,22 @@ def test_default_dummy_block_passes_input_through():
         DummyBlock(1, tuple_size=2)  # a tensor-returning dummy has no tuple to pad
 
 
+def test_a_stage_without_the_embedding_answers_a_special_token_lookup_with_nans():
+    """Gemma 4 unified, given inputs_embeds, embeds its image / audio token ids (0-d tensors)
+    to find placeholders by equality: NaNs match no position; token ids still raise."""
+    from puzzletron_runtime.utils.dummy_modules import DummyInputEmbedding
+
+    stand_in = DummyInputEmbedding(4, torch.bfloat16)
+    looked_up = stand_in(torch.tensor(7))
+    assert looked_up.shape == (4,) and looked_up.dtype == torch.bfloat16
+    embeds = torch.zeros(1, 3, 4, dtype=torch.bfloat16)
+    assert not (embeds == looked_up).all(-1).any()
+    with pytest.raises(RuntimeError, match="does not own the input embedding"):
+        stand_in(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(RuntimeError, match="does not own the input embedding"):
+        DummyInputEmbedding()(torch.tensor(7))  # no width known: no lookup either
+
+
 def test_get_weight_groups_partitions_a_tiny_llama():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(tiny_llama_config())

@@ -136,6 +136,29 @@ def test_checkpoint_names_join_the_group_of_the_module_they_load_into():
         predicates.with_checkpoint_names(pred, {"x.weight": "nowhere.weight"}, 2)
 
 
+def test_a_child_on_disk_holding_tensors_of_both_subblocks_is_split_deeper():
+    """HY-V4 writes `hc_pre.hc_attn_layer.*` for `attn_hc.*` (attention) and
+    `hc_pre.hc_mlp_layer.*` for `ffn_hc.*` (FFN): `hc_pre` as a whole belongs to neither."""
+    pred = predicates.build(
+        ["model.embed_tokens"], ["lm_head"], "model.layers", ["attn_hc", "attn"], ["ffn_hc", "mlp"]
+    )
+    disk = {}
+    for i in range(2):
+        disk[f"model.layers.{i}.hc_pre.hc_attn_layer.hc_fn"] = f"model.layers.{i}.attn_hc.fn"
+        disk[f"model.layers.{i}.hc_pre.hc_mlp_layer.hc_fn"] = f"model.layers.{i}.ffn_hc.fn"
+    extended, _ = predicates.with_checkpoint_names(pred, disk, 2)
+    groups = predicates.compile_groups(extended, 2)
+    for i in range(2):
+        (hit,) = [
+            g for g, p in groups.items() if p.match(f"model.layers.{i}.hc_pre.hc_mlp_layer.hc_fn")
+        ]
+        assert hit == f"block_{i}_ffn"
+        (hit,) = [
+            g for g, p in groups.items() if p.match(f"model.layers.{i}.hc_pre.hc_attn_layer.hc_fn")
+        ]
+        assert hit == f"block_{i}_attention"
+
+
 def test_gpt_neox_groups_its_head_by_its_name_on_disk():
     spec = infer("gpt_neox")
     groups = predicates.compile_groups(spec.predicates, 2)

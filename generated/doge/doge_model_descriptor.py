@@ -11,7 +11,7 @@ Evidence (line numbers in transformers 5.23.0):
   self_attn returns a tuple of 2, so its no-op stand-in does too.
 - FFN subblock, in data-flow order: post_attention_layernorm -> mlp;
   residual join at modeling_doge.py:484.
-- input_residual, post_attention_residual: parameters of the layer itself (they scale the residual
+- input_residual, post_attention_residual: tensors of the layer itself (they scale the residual
   stream); no no-op replaces them, and they are grouped with the attention subblock.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_doge.py:247; a probe build confirmed it changes only attention weight shapes.

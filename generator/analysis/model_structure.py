@@ -2,7 +2,8 @@
 
 - layer stacks: `self.layers = nn.ModuleList([XDecoderLayer(config, i) for i in range(...)])`;
 - the model loop: which stack `forward` iterates, what the loop does with a layer's output
-  (`hidden_states = layer(...)` a tensor, `outputs = layer(...); outputs[0]` a tuple), which
+  (`hidden_states = layer(...)` a tensor, `outputs = layer(...); outputs[0]` a tuple,
+  `hidden_states, weights = layer(...)` a tuple of two), which
   attributes of the layer it reads (`decoder_layer.attention_type`);
 - the final norm: the child called on the loop's hidden states after the loop;
 - the modules called before the loop (input and position embeddings);
@@ -128,12 +129,25 @@ def find_construction(index: SourceIndex, cls: type, attr: str) -> Construction 
 
 def config_reads(index: SourceIndex, cls: type) -> list[tuple[str, str]]:
     """(field, where) for each `config.X`, `self.config.X` or `getattr(config, "X")` read in
-    `cls.__init__`, where `config` is any parameter whose name contains "config"."""
+    `cls.__init__`, where `config` is any parameter whose name contains "config", or a local
+    holding one layer's view of it (`layer_config = config.per_layer_config[layer_idx]`:
+    transformers' heterogeneous configs; Gemma 4 unified reads its KV heads there)."""
     try:
         parsed, _, init = index.find_method(cls, "__init__")
     except InferenceError:
         return []
     config_names = {n for n in param_names(init) if "config" in n}
+    for node in _walk(init.body):
+        if (
+            isinstance(node, cst.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0].target, cst.Name)
+            and isinstance(node.value, cst.Subscript)
+            and isinstance(node.value.value, cst.Attribute)
+            and node.value.value.attr.value == "per_layer_config"
+            and dotted(node.value.value.value) in config_names | {"self.config"}
+        ):
+            config_names.add(node.targets[0].target.value)
     reads: list[tuple[str, str]] = []
     for node in _walk(init.body):
         if isinstance(node, cst.Attribute):
@@ -238,7 +252,7 @@ def analyze_loop(
             (
                 (child, node)
                 for child, node in _child_calls(stmt, children)
-                if node.args and m.matches(node.args[0].value, m.Name(hidden_var))
+                if node.args and _feeds(node.args[0].value, hidden_var, children)
             ),
             None,
         )
@@ -273,7 +287,21 @@ def analyze_loop(
         before_loop=before,
         evidence=evidence,
         after_loop=after,
+        tuple_size=tuple_size,
     )
+
+
+def _feeds(expr: cst.BaseExpression, var: str, children: set[str]) -> bool:
+    """`var` itself, or a call of a child on it (`self.hc_head(hidden_states)`): the final norm
+    is the outermost child called on the hidden states after the loop (HY-V4's
+    `self.norm(self.hc_head(hidden_states))`), the inner ones run before it."""
+    if m.matches(expr, m.Name(var)):
+        return True
+    if isinstance(expr, cst.Call) and expr.args:
+        name = dotted(expr.func)
+        if name and name.startswith("self.") and name[5:] in children:
+            return _feeds(expr.args[0].value, var, children)
+    return False
 
 
 def _child_calls(stmt: cst.CSTNode, children: set[str]):

@@ -377,7 +377,10 @@ def other_kind_configs(config):
             if value in current or f'"{value}"' not in sources:
                 continue
             variant = copy.deepcopy(config)
-            setattr(variant.get_text_config(), field, current[:-1] + [value])
+            try:  # a list derived from other fields (Falcon-H1's, Bamba's) cannot be set
+                setattr(variant.get_text_config(), field, current[:-1] + [value])
+            except AttributeError:
+                break
             try:
                 other = _stack_of(reference_model(variant, device="meta"), len(current))
             except Exception:

@@ -48,9 +48,25 @@ class DummyBlock(nn.Module):
 
 
 class DummyInputEmbedding(nn.Module):
-    """Stands in for the input embedding on a shard without block 0."""
+    """Stands in for the input embedding on a shard without block 0.
+
+    Token ids fed to such a shard are an error. One lookup is not: a multimodal model given
+    `inputs_embeds` embeds a single special token id (a 0-d tensor) to find image / audio
+    placeholders by equality (Gemma 4 unified's `get_placeholder_mask`); with the embedding's
+    width, that lookup returns NaNs, which equal no hidden state, so no position is taken for a
+    placeholder."""
+
+    def __init__(self, embedding_dim: int | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.dtype = dtype
 
     def forward(self, *args, **kwargs):
+        ids = args[0] if args else next(iter(kwargs.values()), None)
+        if self.embedding_dim is not None and isinstance(ids, torch.Tensor) and ids.dim() == 0:
+            return torch.full(
+                (self.embedding_dim,), float("nan"), dtype=self.dtype, device=ids.device
+            )
         raise RuntimeError(
             "this shard does not own the input embedding (block 0 lives on another shard): "
             "feed it hidden states, not token ids"
