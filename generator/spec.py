@@ -49,6 +49,7 @@ class ModuleReplacement:
     evidence: tuple[str, ...] = ()
     residual_position: int | None = None  # PassResidual: where the residual is passed
     residual_keyword: str | None = None  # PassResidual: the parameter's name
+    returns_list: bool = False  # the sequence of tuple_size is a list (return_list_of_size)
 
 
 @dataclass(frozen=True)
@@ -399,6 +400,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                     "the tuple size",
                     r.tuple_size,
                 )
+                need(type(r.returns_list) is bool, "whether a no-op returns a list", r.returns_list)
                 if r.residual_keyword is not None:
                     ident(r.residual_keyword, "the residual argument")
                 need(

@@ -10,6 +10,8 @@ from generator.analysis.layer_flow import ATTENTION, FFN, LayerFlow, analyze_lay
 from generator.analysis.source_index import SourceIndex
 from generator.errors import ProbeMismatch, UnknownModelType
 from generator.infer import _confirm_calls, infer
+import torch
+
 from generator.probe import CallTrace, Probe, layer_children
 from generator.source import resolve
 
@@ -142,4 +144,56 @@ def test_trace_decides_the_size_of_an_indexed_tuple(layer):
         probe=_StubProbe(layer, {"attn": CallTrace(1, 3), "mlp": CallTrace(1, None)})
     )
     flow = _flow(["attn", "mlp"], {"attn": None, "mlp": None}, indexed={"attn": True})
-    assert _confirm_calls(ctx, flow, "layers.0") == {"attn": 3, "mlp": None}
+    assert _confirm_calls(ctx, flow, "layers.0") == ({"attn": 3, "mlp": None}, frozenset())
+
+
+def test_a_child_traced_returning_a_list_is_reported(layer):
+    ctx = SimpleNamespace(
+        probe=_StubProbe(layer, {"attn": CallTrace(1, 1, True), "mlp": CallTrace(1, None)})
+    )
+    flow = _flow(["attn", "mlp"], {"attn": None, "mlp": None}, indexed={"attn": True})
+    assert _confirm_calls(ctx, flow, "layers.0") == ({"attn": 1, "mlp": None}, {"attn"})
+
+
+class _ListAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return [self.proj(x)]
+
+
+class _ListBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _ListAttention()
+        self.mlp = nn.Linear(4, 4)
+
+    def forward(self, x):
+        outputs = self.attn(x)
+        h = x + outputs[0]
+        return [h + self.mlp(h)] + outputs[1:]
+
+
+class _ListModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        text = SimpleNamespace(vocab_size=8)
+        self.config = SimpleNamespace(get_text_config=lambda: text)
+        self.embed = nn.Embedding(8, 4)
+        self.h = nn.ModuleList([_ListBlock()])
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block in self.h:
+            x = block(x)[0]
+        return x
+
+
+def test_trace_records_which_children_return_a_list(monkeypatch):
+    probe = object.__new__(Probe)
+    monkeypatch.setattr(probe, "tiny_model", lambda: _ListModel(), raising=False)
+    trace = probe.trace_layer("h.0")
+    assert trace["attn"] == CallTrace(1, 1, True)
+    assert trace["mlp"] == CallTrace(1, None, False)

@@ -97,6 +97,9 @@ NO_CONVERTER = {
     # linear_num_heads, one head width and count for keys and values): not described yet
     "kimi_linear": "attention.num_key_value_heads of KimiLinearDecoderLayer with self_attn: Kimi",
     "bailing_hybrid": "attention.num_key_value_heads of BailingHybridDecoderLayer with self_attn",
+    # OpenAI-GPT's attention reads no KV-head field (multi-head only) and no rule for its heads
+    # could be confirmed on tiny and default-size models
+    "openai-gpt": "no config field sets attention.num_key_value_heads of Block",
 }
 
 

@@ -23,6 +23,7 @@ from puzzletron_runtime import (
     maybe_cast_block_configs,
     return_tuple_of_size,
 )
+from puzzletron_runtime.puzzformer import return_list_of_size
 
 
 def block(kv=2, width=128, attn_no_op=False, ffn_no_op=False):
@@ -150,6 +151,19 @@ def test_return_tuple_of_size():
     assert isinstance(out, tuple) and len(out) == 3
     assert torch.equal(out[0], torch.zeros_like(x)) and out[1] is None and out[2] is None
     assert issubclass(cls, MatchingZeros) and "3" in repr(cls())
+
+
+def test_return_list_of_size_can_be_extended_like_the_list_it_replaces():
+    # OpenAI-GPT's block does `[h] + attn_outputs[1:]`: a tuple there raises TypeError
+    cls = return_list_of_size(MatchingZeros, 2)
+    assert return_list_of_size(MatchingZeros, 2) is cls  # cached
+    assert cls is not return_tuple_of_size(MatchingZeros, 2)
+    x = torch.randn(2, 4)
+    out = cls()(x)
+    assert isinstance(out, list) and len(out) == 2
+    assert torch.equal(out[0], torch.zeros_like(x)) and out[1] is None
+    assert len([x] + out[1:]) == 2
+    assert issubclass(cls, MatchingZeros) and "list of 2" in repr(cls())
 
 
 # -- factory ------------------------------------------------------------------------------------------
