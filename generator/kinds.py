@@ -111,7 +111,8 @@ def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -
             if sig in known:
                 continue
             full = copy.deepcopy(probe.config)
-            setattr(full.get_text_config(), name, list(full_values[:-1]) + [value])
+            if not settable(full.get_text_config(), name, list(full_values[:-1]) + [value]):
+                break  # derived from other fields (a read-only property): not a per-layer choice
             try:
                 full_stack = build(full).get_submodule(stack_path)
             except StaticGap:
@@ -126,6 +127,17 @@ def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -
                 KindGroup(sig[0], sig[1], [], [layer], f"{name}[i] = {value!r}", dict(changes))
             )
     return found
+
+
+def settable(config, name: str, value) -> bool:
+    """Set config.<name> = value; False where the config refuses it (FalconH1Config maps
+    `layer_types` onto a read-only property computed from other fields: such a field describes
+    the stack but is not a choice one layer can make)."""
+    try:
+        setattr(config, name, value)
+    except AttributeError:
+        return False
+    return True
 
 
 def _strings(values) -> bool:
