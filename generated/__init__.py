@@ -141,6 +141,7 @@ _DESCRIPTORS = {
     "xglm": ("xglm", "XGLMModelDescriptor"),
     "youtu": ("youtu", "YoutuModelDescriptor"),
     "zamba": ("zamba", "ZambaModelDescriptor"),
+    "zamba2": ("zamba2", "Zamba2ModelDescriptor"),
 }
 
 

@@ -545,3 +545,23 @@ def test_openai_gpt_blocks_take_their_block_configs_in_order():
         model = AutoModelForCausalLM.from_config(config)
     assert [layer.attn.n_head for layer in model.transformer.h] == heads
     built.check_positions(model, lambda i: f"transformer.h.{i}")
+
+
+def test_a_no_op_stand_in_keeps_the_shape_of_what_it_replaced_without_weights():
+    """RWKV's `_rescale_layers` divides `block.attention.output.weight` of every block in
+    place: the stand-in of a removed attention must still have an `o_proj.weight` to read
+    (an empty tensor, outside the state dict), its plain attributes and its children's names."""
+    config = tiny_llama_config()
+    blocks = [block() for _ in range(4)]
+    blocks[1] = block(attn_no_op=True)
+    model = build(config, blocks, device="cpu").eval()
+    stand_in = model.model.layers[1].self_attn
+    assert isinstance(stand_in, MatchingZeros) and list(stand_in.parameters()) == []
+    assert not any(k.startswith("model.layers.1.self_attn.") for k in model.state_dict())
+    assert stand_in.layer_idx == 1  # a plain attribute of the replaced attention
+    weight = stand_in.o_proj.weight
+    assert weight.numel() == 0 and weight.dtype == torch.float32
+    weight.div_(2)  # what in-place rescaling does: nothing, without error
+    assert not hasattr(stand_in.o_proj, "bias")  # Llama's o_proj has none
+    with pytest.raises(RuntimeError, match="cannot run"):
+        stand_in.o_proj(torch.zeros(1, 64))

@@ -19,7 +19,10 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from torch import nn
+
 from ..block_config import BlockConfig, maybe_cast_block_configs
+from ..utils.hollow import carry_structure
 
 __all__ = ["LAYER_INDEX_ARGUMENTS", "BuiltLayers", "deci_x_patcher"]
 
@@ -158,6 +161,7 @@ def _patched_init(
             original(*bound.args, **bound.kwargs)
         finally:
             _in_progress().discard(id(self))
+        children = dict(self.named_children())
         for subblock, kind, prefix in (
             (block.attention, "attention", "attn"),
             (block.ffn, "FFN", "mlp"),
@@ -170,8 +174,19 @@ def _patched_init(
                     f"(it does not override {prefix}_no_op_post_init)"
                 )
             getattr(descriptor, f"{prefix}_no_op_post_init")(decoder_layer=self)
+        _hollow_out(self, children)
 
     return __init__
+
+
+def _hollow_out(layer: nn.Module, before: dict[str, nn.Module]) -> None:
+    """Each weightless stand-in a no-op put in place of a child carries that child's shape
+    without its weights (`carry_structure`): model code outside the layer may read into it
+    (RWKV's `_rescale_layers` divides `block.attention.output.weight` in place)."""
+    for name, old in before.items():
+        new = getattr(layer, name, None)
+        if isinstance(new, nn.Module) and new is not old and not any(True for _ in new.parameters()):
+            carry_structure(new, old)
 
 
 def _check_all_built(built: BuiltLayers) -> None:
