@@ -2,6 +2,7 @@
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -565,3 +566,30 @@ def test_a_no_op_stand_in_keeps_the_shape_of_what_it_replaced_without_weights():
     assert not hasattr(stand_in.o_proj, "bias")  # Llama's o_proj has none
     with pytest.raises(RuntimeError, match="cannot run"):
         stand_in.o_proj(torch.zeros(1, 64))
+
+
+class _Inner(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+
+class _Wrapper(nn.Module):
+    """Zamba's hybrid layer: built from a decoder layer built before it."""
+
+    def __init__(self, inner, linear):
+        super().__init__()
+        self.inner, self.linear = inner, linear
+
+
+class _WrappingDescriptor(HandLlamaDescriptor):
+    @staticmethod
+    def decoder_layer_cls():
+        return [_Inner, _Wrapper]
+
+
+def test_a_layer_built_from_another_decoder_layer_is_refused_naming_both():
+    config = SimpleNamespace(hidden_size=4)
+    with pytest.raises(ValueError, match="_Wrapper is built from _Inner layer 0 .*'inner'"):
+        with deci_x_patcher(_WrappingDescriptor, [block(), block()]):
+            _Wrapper(_Inner(config, layer_idx=0), nn.Linear(4, 4))

@@ -134,6 +134,7 @@ def _patched_init(
         if id(self) in _in_progress():  # a patched base class inside a patched subclass
             return original(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
+        _refuse_wrapping(cls, bound, built)
         config_name = _config_argument(signature, bound)
         config = bound.arguments[config_name]
         block_configs = explicit
@@ -177,6 +178,21 @@ def _patched_init(
         _hollow_out(self, children)
 
     return __init__
+
+
+def _refuse_wrapping(cls: type, bound: inspect.BoundArguments, built: BuiltLayers) -> None:
+    """A decoder layer made of another one built before it with a block config (Zamba's hybrid
+    layer wraps a Mamba layer, a linear and an attention block that several hybrid layers share)
+    has no block config of its own to take: refused, naming both."""
+    layers = {id(layer): index for index, layer in built.layers.items()}
+    for name, value in bound.arguments.items():
+        if id(value) in layers:
+            raise ValueError(
+                f"{cls.__name__} is built from {type(value).__name__} layer {layers[id(value)]} "
+                f"(its argument {name!r}), which was built before it with that layer's block "
+                "config: a decoder layer made of other decoder layers cannot take block configs "
+                "per layer"
+            )
 
 
 def _hollow_out(layer: nn.Module, before: dict[str, nn.Module]) -> None:
