@@ -149,6 +149,7 @@ _DESCRIPTORS = {
     "xglm": ("xglm", "XGLMModelDescriptor"),
     "youtu": ("youtu", "YoutuModelDescriptor"),
     "zamba": ("zamba", "ZambaModelDescriptor"),
+    "zamba2": ("zamba2", "Zamba2ModelDescriptor"),
 }
 
 

@@ -447,7 +447,7 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
     layer = group.modules[0]
     flow = layer_flow.analyze_layer(type(layer), layer, layer_children(layer), ctx.index)
     tiny_path = f"{stack_path}.{tiny_index}"
-    arity = _confirm_calls(ctx, flow, tiny_path)
+    arity, lists = _confirm_calls(ctx, flow, tiny_path)
     subblocks: dict[str, Subblock] = {}
     found: list[ConfigOverride] = []
     for kind in (ATTENTION, FFN):
@@ -459,7 +459,7 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
             )
             continue
         sb = flow.subblocks[kind]
-        subblocks[kind] = _subblock(ctx, flow, kind, arity, stack_path, group)
+        subblocks[kind] = _subblock(ctx, flow, kind, arity, lists, stack_path, group)
         found.extend(infer_overrides(ctx, kind, sb, layer, tiny_path))
     if not subblocks:
         raise InferenceError(
@@ -650,8 +650,12 @@ def _below(name: str, layer_kinds, layer_of) -> set[tuple[str, bool]]:
 
 
 # -- layer calls ------------------------------------------------------------------------------
-def _confirm_calls(ctx: _Context, flow: LayerFlow, layer_path: str) -> dict[str, int | None]:
-    """Compare the static calls with a traced forward of a tiny model; return tuple sizes."""
+def _confirm_calls(
+    ctx: _Context, flow: LayerFlow, layer_path: str
+) -> tuple[dict[str, int | None], frozenset[str]]:
+    """Compare the static calls with a traced forward of a tiny model; return tuple sizes, and
+    the children whose traced call returned a list rather than a tuple (OpenAI-GPT's attention:
+    its block does `[h] + outputs[1:]`, so a no-op stand-in must return a list too)."""
     trace = ctx.probe.trace_layer(layer_path)
     layer = ctx.probe.module(layer_path)
     weighted = {n for n, c in layer.named_children() if _has_params(c)}
@@ -685,22 +689,24 @@ def _confirm_calls(ctx: _Context, flow: LayerFlow, layer_path: str) -> dict[str,
                 f"a traced call returns a tuple of {traced}",
             )
         arity[name] = traced if traced is not None else static
-    return arity
+    lists = frozenset(n for n in flow.called if n in trace and trace[n].returns_list)
+    return arity, lists
 
 
-def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) -> Subblock:
+def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, group) -> Subblock:
     sb = flow.subblocks[kind]
     replacements = []
     for name in sb.members:
         core = name in sb.cores
         size = arity.get(name)
+        as_list = size is not None and name in lists
         if name in sb.residual_args:
             position, keyword = sb.residual_args[name]
             if not is_identifier(keyword):
                 raise InferenceError(f"the residual argument of {name}", f"{keyword!r}")
             why = "core that adds the residual it is passed: its no-op returns that residual"
             replacements.append(
-                ModuleReplacement(name, "PassResidual", size, (why,), position, keyword)
+                ModuleReplacement(name, "PassResidual", size, (why,), position, keyword, as_list)
             )
             continue
         why = (
@@ -721,6 +727,7 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) ->
                 size,
                 (why,),
                 refines=judge if judge != name else None,
+                returns_list=as_list,
             )
         )
     # a child may hold weights in some layers only (ModernBERT-decoder's attn_norm is an
@@ -740,7 +747,11 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, stack_path: str, group) ->
         size = arity.get(name)
         ctx.fact(
             f"{name} returns",
-            f"a tuple of {size}" if size else "a tensor",
+            (
+                (f"a list of {size}" if name in lists else f"a tuple of {size}")
+                if size
+                else "a tensor"
+            ),
             [flow.sites[name], ctx.probe.trace_evidence],
         )
     return Subblock(kind, tuple(replacements), weight_modules, tuple(sb.joins), tuple(sb.evidence))

@@ -147,6 +147,17 @@ def _full_size_layer(probe, stack_path, name, values, value, build) -> nn.Module
     return full_stack[len(full_stack) - 1]
 
 
+def settable(config, name: str, value) -> bool:
+    """Set config.<name> = value; False where the config refuses it (FalconH1Config maps
+    `layer_types` onto a read-only property computed from other fields: such a field describes
+    the stack but is not a choice one layer can make)."""
+    try:
+        setattr(config, name, value)
+    except AttributeError:
+        return False
+    return True
+
+
 def _strings(values) -> bool:
     return (
         isinstance(values, (list, tuple))

@@ -76,6 +76,7 @@ def layer_children(layer: nn.Module) -> dict[str, ChildInfo]:
 class CallTrace:
     calls: int
     tuple_size: int | None  # None: returned a tensor
+    returns_list: bool = False  # the sequence it returned was a list, not a tuple
 
 
 class Probe:
@@ -195,13 +196,13 @@ class Probe:
                 f"the tiny config does not build: {type(exc).__name__}: {exc}",
             ) from None
         layer = model.get_submodule(layer_path)
-        seen: dict[str, list[int | None]] = {}
+        seen: dict[str, list[tuple[int | None, bool]]] = {}
         hooks = []
         for name, child in layer.named_children():
 
             def hook(_mod, _args, output, name=name):
                 size = len(output) if isinstance(output, (tuple, list)) else None
-                seen.setdefault(name, []).append(size)
+                seen.setdefault(name, []).append((size, isinstance(output, list)))
 
             hooks.append(child.register_forward_hook(hook))
         vocab = model.config.get_text_config().vocab_size
@@ -218,8 +219,9 @@ class Probe:
         out = {}
         for name, sizes in seen.items():
             if len(set(sizes)) != 1:
-                raise InferenceError(f"what {name} returns", f"varies between calls: {sizes}")
-            out[name] = CallTrace(len(sizes), sizes[0])
+                shown = [f"a list of {n}" if is_list else n for n, is_list in sizes]
+                raise InferenceError(f"what {name} returns", f"varies between calls: {shown}")
+            out[name] = CallTrace(len(sizes), *sizes[0])
         return out
 
     @cached_property

@@ -52,6 +52,7 @@ class ModuleReplacement:
     # a core that adds its input to its output: the core before it, whose inputs decided which
     # subblock this is (Inkling's attn_sconv refines self_attn)
     refines: str | None = None
+    returns_list: bool = False  # the sequence of tuple_size is a list (return_list_of_size)
 
 
 @dataclass(frozen=True)
@@ -403,6 +404,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                     "the tuple size",
                     r.tuple_size,
                 )
+                need(type(r.returns_list) is bool, "whether a no-op returns a list", r.returns_list)
                 if r.residual_keyword is not None:
                     ident(r.residual_keyword, "the residual argument")
                 if r.refines is not None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .model_descriptor.model_descriptor_factory import ModelDescriptorFactory
 from .puzzformer.patcher import deci_x_patcher
-from .utils.dummy_modules import DummyInputEmbedding, DummyOutputHead
+from .utils.dummy_modules import DummyInputEmbedding, DummyOutputHead, carry_structure
 
 __all__ = ["CheckpointError", "Runtime", "load_model"]
 
@@ -208,8 +208,12 @@ def _replace_unowned(
 ) -> None:
     for i in range(num_layers):
         if i not in owned:
+            # the dummy carries the layer's shape without its weights: the model's own code
+            # outside the loop may read into its layers (cache set-up, buffer initialisation)
             name = descriptor.layer_block_name(i)
-            model.set_submodule(name, descriptor.create_dummy_block(model.get_submodule(name), i))
+            original = model.get_submodule(name)
+            dummy = descriptor.create_dummy_block(original, i)
+            model.set_submodule(name, carry_structure(dummy, original))
     if 0 not in owned:
         name = descriptor.input_embedding_name()
         weight = getattr(model.get_submodule(name), "weight", None)

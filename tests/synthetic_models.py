@@ -409,6 +409,21 @@ class ToyModel(nn.Module):
         return hidden_states
 
 
+class StackFromMethodModel(ToyModel):
+    """Zamba2: `self.layers = self.get_layers()`, a method of its own that returns the stack."""
+
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        self.config = config
+        self.layers = self.get_layers()
+
+    def get_layers(self):
+        layers = []
+        for i in range(self.config.num_hidden_layers):
+            layers.append(PreNormLayer(self.config, i))
+        return nn.ModuleList(layers)
+
+
 class TupleLoopModel(nn.Module):
     """GPT-J style loop: `outputs = block(...)`, then `outputs[0]`; no final norm."""
 

@@ -223,6 +223,18 @@ def test_find_stacks_reads_the_module_list_comprehension():
     assert "config.num_hidden_layers" in stacks[0].count
 
 
+def test_find_stacks_follows_a_method_that_returns_the_module_list():
+    (stack,) = model_structure.find_stacks(SourceIndex(), sm.StackFromMethodModel)
+    assert stack.attr == "layers"
+    assert "self.layers = self.get_layers()" in stack.code and "ModuleList" in stack.code
+    assert stack.where.endswith(":" + str(_line_of("return nn.ModuleList(layers)")))
+
+
+def _line_of(text):
+    lines = open(sm.__file__).read().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line)
+
+
 def test_config_reads_of_init():
     reads = [f for f, _ in model_structure.config_reads(SourceIndex(), sm.MLP)]
     assert reads == ["hidden_size", "intermediate_size", "intermediate_size", "hidden_size"]

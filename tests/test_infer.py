@@ -11,6 +11,7 @@ from generator.analysis.model_structure import StackFinding
 from generator.analysis.source_index import SourceIndex
 from generator.errors import InferenceError, ProbeMismatch, UnknownModelType
 from generator.infer import _confirm_calls, _other_layer_unit, infer
+
 from generator.probe import CallTrace, Probe, layer_children
 from generator.source import resolve
 
@@ -143,7 +144,7 @@ def test_trace_decides_the_size_of_an_indexed_tuple(layer):
         probe=_StubProbe(layer, {"attn": CallTrace(1, 3), "mlp": CallTrace(1, None)})
     )
     flow = _flow(["attn", "mlp"], {"attn": None, "mlp": None}, indexed={"attn": True})
-    assert _confirm_calls(ctx, flow, "layers.0") == {"attn": 3, "mlp": None}
+    assert _confirm_calls(ctx, flow, "layers.0") == ({"attn": 3, "mlp": None}, frozenset())
 
 
 def _stack_probe(length):
@@ -159,8 +160,63 @@ def _finding(count):
 def test_a_stack_counted_by_another_field_than_num_hidden_layers_is_named():
     """LongCat-Flash: `range(config.num_layers)` layers, num_hidden_layers = 2 x num_layers."""
     static = [("layers", _finding("range(config.num_layers)"))]
-    with pytest.raises(InferenceError, match=r"layers holds 28 layers, counted by .*num_layers.*"
-                       r"num_hidden_layers is 56 = 2 x 28"):
+    with pytest.raises(
+        InferenceError,
+        match=r"layers holds 28 layers, counted by .*num_layers.*"
+        r"num_hidden_layers is 56 = 2 x 28",
+    ):
         _other_layer_unit(_stack_probe(28), static, 56)
     _other_layer_unit(_stack_probe(28), static, 57)  # not a multiple: the generic mismatch
     _other_layer_unit(_stack_probe(4), [("layers", _finding("config.num_hidden_layers"))], 8)
+
+
+def test_a_child_traced_returning_a_list_is_reported(layer):
+    ctx = SimpleNamespace(
+        probe=_StubProbe(layer, {"attn": CallTrace(1, 1, True), "mlp": CallTrace(1, None)})
+    )
+    flow = _flow(["attn", "mlp"], {"attn": None, "mlp": None}, indexed={"attn": True})
+    assert _confirm_calls(ctx, flow, "layers.0") == ({"attn": 1, "mlp": None}, {"attn"})
+
+
+class _ListAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return [self.proj(x)]
+
+
+class _ListBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = _ListAttention()
+        self.mlp = nn.Linear(4, 4)
+
+    def forward(self, x):
+        outputs = self.attn(x)
+        h = x + outputs[0]
+        return [h + self.mlp(h)] + outputs[1:]
+
+
+class _ListModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        text = SimpleNamespace(vocab_size=8)
+        self.config = SimpleNamespace(get_text_config=lambda: text)
+        self.embed = nn.Embedding(8, 4)
+        self.h = nn.ModuleList([_ListBlock()])
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block in self.h:
+            x = block(x)[0]
+        return x
+
+
+def test_trace_records_which_children_return_a_list(monkeypatch):
+    probe = object.__new__(Probe)
+    monkeypatch.setattr(probe, "tiny_model", lambda: _ListModel(), raising=False)
+    trace = probe.trace_layer("h.0")
+    assert trace["attn"] == CallTrace(1, 1, True)
+    assert trace["mlp"] == CallTrace(1, None, False)

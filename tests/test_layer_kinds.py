@@ -272,6 +272,13 @@ class _TypedConfig:
         self.layer_types = list(layer_types)
         self.num_hidden_layers = len(self.layer_types)
 
+
+# -- per-layer sizes the whole model reads --------------------------------------------------------
+class _WidthConfig:
+    def __init__(self, width=8, fail_below=0):
+        self.hidden_size, self.width, self.vocab_size = 4, width, 16
+        self.num_hidden_layers, self.fail_below = 3, fail_below
+
     def get_text_config(self):
         return self
 
@@ -357,15 +364,54 @@ def test_a_persistent_buffer_of_the_layer_itself_is_one_of_its_tensors():
     }  # exactly the layer's own state-dict entries
 
 
-def test_the_oracle_skips_a_type_list_that_cannot_be_set():
-    """Falcon-H1's `layer_types` maps to a derived `layers_block_type` property: the oracle's
-    search for kinds other configs build cannot set it, and must not fail the no-ops check."""
+class _WidthLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.width)
+        self.down = nn.Linear(config.width, config.hidden_size)
+
+    def forward(self, x, scale):
+        return x + self.down(self.up(x) * scale)
+
+
+class _ModelScale(nn.Module):
+    """Like Falcon-H1's mup_vector: one buffer sized by the model's width, given to every
+    layer, so one layer of another width builds but cannot run."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(_WidthLayer(config, i) for i in range(3))
+        self.register_buffer("scale", torch.ones(config.width), persistent=False)
+
+    def forward(self, input_ids):
+        if self.config.width < self.config.fail_below:
+            raise ValueError("this model never runs so narrow")
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, self.scale)
+        return type("Out", (), {"logits": x})()
+
+
+def test_a_size_one_layer_cannot_run_with_is_not_per_layer():
+    from generator.verify.models import layer_change_fails
+
+    failure = layer_change_fails(_ModelScale, _WidthConfig(), "layers", 1, {"width": 4})
+    assert failure is not None and "it builds, but its forward fails" in failure
+    # the whole model changed fails as well: a size it never runs with, not a per-layer limit
+    narrow = _WidthConfig(fail_below=6)
+    assert layer_change_fails(_ModelScale, narrow, "layers", 1, {"width": 4}) is None
+
+
+def test_a_read_only_per_layer_field_is_not_a_choice_of_one_layer():
+    """FalconH1Config maps `layer_types` onto a read-only property: trying another value for
+    one layer must skip it, not crash the search for kinds other configs build."""
     from transformers import FalconH1Config
 
-    from generator.tiny import tiny_config
+    from generator.verify import verification_config
     from generator.verify.checks import other_kind_configs
 
-    config = tiny_config(FalconH1Config)
-    with pytest.raises(AttributeError):
-        setattr(config, "layer_types", list(config.layer_types))
+    config = verification_config(FalconH1Config)
+    assert not kinds.settable(config, "layer_types", ["x"])
     assert list(other_kind_configs(config)) == []

@@ -118,6 +118,13 @@ NO_CONVERTER = {
     "Dots3NoteTextMLP",
     "dots3_note_text": "attention.num_key_value_heads of Dots3NoteTextDecoderLayer with mlp: "
     "Dots3NoteTextMLP",
+    # OpenAI-GPT's attention reads no KV-head field (multi-head only) and no rule for its heads
+    # could be confirmed on tiny and default-size models
+    "openai-gpt": "no config field sets attention.num_key_value_heads of Block",
+    # RecurrentGemma's recurrent (RG-LRU) temporal block has no key/value cache and no
+    # Mamba-form sizes
+    "recurrent_gemma": "no config field sets attention.num_key_value_heads of "
+    "RecurrentGemmaDecoderLayer with temporal_block: RecurrentGemmaRecurrentBlock",
 }
 
 

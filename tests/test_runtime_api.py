@@ -2,6 +2,7 @@
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from puzzletron_runtime import (
     maybe_cast_block_configs,
     return_tuple_of_size,
 )
+from puzzletron_runtime.puzzformer import return_list_of_size
 
 
 def block(kv=2, width=128, attn_no_op=False, ffn_no_op=False):
@@ -150,6 +152,19 @@ def test_return_tuple_of_size():
     assert isinstance(out, tuple) and len(out) == 3
     assert torch.equal(out[0], torch.zeros_like(x)) and out[1] is None and out[2] is None
     assert issubclass(cls, MatchingZeros) and "3" in repr(cls())
+
+
+def test_return_list_of_size_can_be_extended_like_the_list_it_replaces():
+    # OpenAI-GPT's block does `[h] + attn_outputs[1:]`: a tuple there raises TypeError
+    cls = return_list_of_size(MatchingZeros, 2)
+    assert return_list_of_size(MatchingZeros, 2) is cls  # cached
+    assert cls is not return_tuple_of_size(MatchingZeros, 2)
+    x = torch.randn(2, 4)
+    out = cls()(x)
+    assert isinstance(out, list) and len(out) == 2
+    assert torch.equal(out[0], torch.zeros_like(x)) and out[1] is None
+    assert len([x] + out[1:]) == 2
+    assert issubclass(cls, MatchingZeros) and "list of 2" in repr(cls())
 
 
 # -- factory ------------------------------------------------------------------------------------------
@@ -552,3 +567,50 @@ def test_openai_gpt_blocks_take_their_block_configs_in_order():
         model = AutoModelForCausalLM.from_config(config)
     assert [layer.attn.n_head for layer in model.transformer.h] == heads
     built.check_positions(model, lambda i: f"transformer.h.{i}")
+
+
+def test_a_no_op_stand_in_keeps_the_shape_of_what_it_replaced_without_weights():
+    """RWKV's `_rescale_layers` divides `block.attention.output.weight` of every block in
+    place: the stand-in of a removed attention must still have an `o_proj.weight` to read
+    (an empty tensor, outside the state dict), its plain attributes and its children's names."""
+    config = tiny_llama_config()
+    blocks = [block() for _ in range(4)]
+    blocks[1] = block(attn_no_op=True)
+    model = build(config, blocks, device="cpu").eval()
+    stand_in = model.model.layers[1].self_attn
+    assert isinstance(stand_in, MatchingZeros) and list(stand_in.parameters()) == []
+    assert not any(k.startswith("model.layers.1.self_attn.") for k in model.state_dict())
+    assert stand_in.layer_idx == 1  # a plain attribute of the replaced attention
+    weight = stand_in.o_proj.weight
+    assert weight.numel() == 0 and weight.dtype == torch.float32
+    weight.div_(2)  # what in-place rescaling does: nothing, without error
+    assert not hasattr(stand_in.o_proj, "bias")  # Llama's o_proj has none
+    with pytest.raises(RuntimeError, match="cannot run"):
+        stand_in.o_proj(torch.zeros(1, 64))
+
+
+class _Inner(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+
+class _Wrapper(nn.Module):
+    """Zamba's hybrid layer: built from a decoder layer built before it."""
+
+    def __init__(self, inner, linear):
+        super().__init__()
+        self.inner, self.linear = inner, linear
+
+
+class _WrappingDescriptor(HandLlamaDescriptor):
+    @staticmethod
+    def decoder_layer_cls():
+        return [_Inner, _Wrapper]
+
+
+def test_a_layer_built_from_another_decoder_layer_is_refused_naming_both():
+    config = SimpleNamespace(hidden_size=4)
+    with pytest.raises(ValueError, match="_Wrapper is built from _Inner layer 0 .*'inner'"):
+        with deci_x_patcher(_WrappingDescriptor, [block(), block()]):
+            _Wrapper(_Inner(config, layer_idx=0), nn.Linear(4, 4))

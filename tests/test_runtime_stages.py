@@ -112,3 +112,72 @@ def test_nanochat_pipeline_stages_give_the_whole_models_logits(tmp_path):
             for k in range(stages):
                 x = load_stage(descriptor, tmp_path, k, stages)(x)
             assert torch.equal(x, want), f"{stages} stages"
+
+
+# -- what the model reads from layers another stage owns ----------------------------------------
+class Mixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("scale", torch.empty(8), persistent=False)  # computed, not loaded
+        self.cache = None
+
+    def setup_cache(self, batch):
+        self.cache = torch.zeros(batch, 8)
+
+    def forward(self, x):
+        return self.proj(x) * self.scale
+
+
+class MixerLayer(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.mixer = Mixer()
+
+    def forward(self, x):
+        return x + self.mixer(x)
+
+
+class ReadsIntoLayers(nn.Module):
+    """Like RecurrentGemma (`hasattr(layer.temporal_block, "_setup_cache")` before its loop) and
+    Falcon-H1 (`_init_weights` fills `layer.mamba.mup_vector` of every layer): code outside the
+    layer loop reads into each layer, including those another stage owns."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList([MixerLayer(k) for k in ("a", "b", "a")])
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 16)
+        self.init_buffers()
+
+    def init_buffers(self):
+        for layer in self.layers:
+            layer.mixer.scale = torch.full((8,), 0.5)
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        for layer in self.layers:
+            if hasattr(layer.mixer, "setup_cache"):
+                layer.mixer.setup_cache(x.shape[0])
+            assert layer.kind in ("a", "b")
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def test_a_stage_gives_its_dummies_what_the_model_reads_from_its_layers():
+    whole = ReadsIntoLayers().eval()
+    first, second = stage(whole, [0]), stage(whole, [1, 2])
+    dummy = first.layers[1]
+    assert dummy.kind == "b"  # plain attributes of the layer it stands for
+    assert not hasattr(dummy.mixer, "setup_cache")  # a hollow child: nothing to set up
+    assert list(dummy.parameters()) == []  # no weights: nothing to read from the checkpoint
+    assert not any(k.startswith("layers.1.") for k in first.state_dict())
+    assert dummy.mixer.scale.shape == (8,)  # non-persistent buffers stay for code that fills them
+    first.init_buffers()
+    second.init_buffers()
+    with torch.no_grad():
+        assert torch.equal(second(inputs_embeds=first(IDS)), whole(IDS))

@@ -9,8 +9,8 @@ descriptor's overrides write back, so these block configs rebuild the model the 
 a size no config field holds as a number comes from a rule measured on tiny models of the type
 (line numbers in transformers 5.23.0).
 
-- block_config.attention.mamba.state_dim <- config.mamba_d_state (read at
-  modeling_falcon_h1.py:600)
+- block_config.attention.mamba.state_dim <- config.mamba_d_state: it resizes every mixer's
+  tensors; not per layer (transformers reads the whole model's value)
 - block_config.attention.mamba.num_heads <- config.mamba_n_heads (read at
   modeling_falcon_h1.py:598)
 - block_config.attention.mamba.num_groups <- config.mamba_n_groups (read at

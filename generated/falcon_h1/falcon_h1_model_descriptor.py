@@ -13,8 +13,6 @@ Evidence (line numbers in transformers 5.23.0):
   residual join at modeling_falcon_h1.py:943.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_falcon_h1.py:871; a probe build confirmed it changes only attention weight shapes.
-- config.mamba_d_state <- block_config.attention.mamba.state_dim: read at
-  modeling_falcon_h1.py:600; a probe build confirmed it changes only attention weight shapes.
 - config.mamba_n_heads <- block_config.attention.mamba.num_heads: read at
   modeling_falcon_h1.py:598; a probe build confirmed it changes only attention weight shapes.
 - config.mamba_n_groups <- block_config.attention.mamba.num_groups: read at
@@ -67,7 +65,6 @@ class FalconH1ModelDescriptor(ModelDescriptor):
         if block_config.attention.mamba is not None:
             overrides.update(
                 {
-                    "mamba_d_state": block_config.attention.mamba.state_dim,
                     "mamba_n_heads": block_config.attention.mamba.num_heads,
                     "mamba_n_groups": block_config.attention.mamba.num_groups,
                 }

@@ -8,7 +8,7 @@ Evidence (line numbers in transformers 5.23.0):
 - Decoder layers: Block in transformer.h (modeling_openai.py:304).
 - Attention subblock, in data-flow order: attn;
   residual join at modeling_openai.py:148.
-  attn returns a tuple of 1, so its no-op stand-in does too.
+  attn returns a list of 1, so its no-op stand-in does too.
 - FFN subblock, in data-flow order: mlp;
   residual join at modeling_openai.py:150.
 - Sequential layout: ln_1, ln_2 feed both subblocks, so a
@@ -36,7 +36,7 @@ from transformers.models.openai.modeling_openai import Block
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.buffers import rebuild_buffers
 from puzzletron_runtime.model_descriptor import ModelDescriptor, ModelDescriptorFactory
-from puzzletron_runtime.puzzformer.no_op import MatchingZeros, return_tuple_of_size
+from puzzletron_runtime.puzzformer.no_op import MatchingZeros, return_list_of_size
 from puzzletron_runtime.utils.dummy_modules import DummyBlock
 
 __all__ = ["OpenAIGPTModelDescriptor"]
@@ -56,7 +56,7 @@ class OpenAIGPTModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: Block) -> None:
-        decoder_layer.attn = return_tuple_of_size(MatchingZeros, size=1)()
+        decoder_layer.attn = return_list_of_size(MatchingZeros, size=1)()
 
     @staticmethod
     def mlp_no_op_post_init(decoder_layer: Block) -> None:

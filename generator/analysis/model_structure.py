@@ -88,10 +88,16 @@ def _walk(node: cst.CSTNode):
 
 
 def find_stacks(index: SourceIndex, cls: type) -> list[StackFinding]:
-    """ModuleLists of modules built in `cls.__init__` (empty when __init__ builds none)."""
+    """ModuleLists of modules built in `cls.__init__` (empty when __init__ builds none), also
+    through a method of its own that returns one (`self.layers = self.get_layers()`, Zamba2)."""
     parsed, _, init = index.find_method(cls, "__init__")
     found = []
     for attr, value, stmt in _init_assignments(parsed, init):
+        src, where, code = parsed, parsed.where(stmt), parsed.code(stmt)
+        returned = _returned_module_list(index, cls, value)
+        if returned is not None:
+            src, value, at = returned
+            where, code = at, f"{code} returns `{src.code(value, 60)}`"
         if not m.matches(value, _MODULE_LIST) or not value.args:
             continue
         inner = value.args[0].value
@@ -101,9 +107,32 @@ def find_stacks(index: SourceIndex, cls: type) -> list[StackFinding]:
             elt = inner.elt
             if isinstance(elt, cst.Call) and isinstance(elt.func, cst.Name):
                 classes = (elt.func.value,)
-            count = parsed.code(inner.for_in.iter)
-        found.append(StackFinding(attr, classes, count, parsed.where(stmt), parsed.code(stmt)))
+            count = src.code(inner.for_in.iter)
+        found.append(StackFinding(attr, classes, count, where, code))
     return found
+
+
+def _returned_module_list(index: SourceIndex, cls: type, value: cst.BaseExpression):
+    """For `self.<method>()` with no arguments: (the method's file, the `ModuleList(...)` it
+    returns, where), when its only return is one; else None."""
+    call = value
+    if not (
+        isinstance(call, cst.Call)
+        and not call.args
+        and isinstance(call.func, cst.Attribute)
+        and m.matches(call.func.value, m.Name("self"))
+    ):
+        return None
+    try:
+        parsed, _, method = index.find_method(cls, call.func.attr.value)
+    except InferenceError:
+        return None
+    returns = [n for n in _walk(method.body) if isinstance(n, cst.Return)]
+    if len(returns) != 1 or returns[0].value is None:
+        return None
+    if not m.matches(returns[0].value, _MODULE_LIST):
+        return None
+    return parsed, returns[0].value, parsed.where(returns[0])
 
 
 def find_construction(index: SourceIndex, cls: type, attr: str) -> Construction | None:

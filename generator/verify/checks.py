@@ -29,6 +29,7 @@ from .models import (
     shapes,
     under,
 )
+from ..kinds import settable
 from ..tiny import default_config
 from .oracle import KINDS, Reference, set_size
 
@@ -377,10 +378,8 @@ def other_kind_configs(config):
             if value in current or f'"{value}"' not in sources:
                 continue
             variant = copy.deepcopy(config)
-            try:  # a list derived from other fields (Falcon-H1's, Bamba's) cannot be set
-                setattr(variant.get_text_config(), field, current[:-1] + [value])
-            except AttributeError:
-                break
+            if not settable(variant.get_text_config(), field, current[:-1] + [value]):
+                break  # derived from other fields (a read-only property): not a per-layer choice
             try:
                 other = _stack_of(reference_model(variant, device="meta"), len(current))
             except Exception:

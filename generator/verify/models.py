@@ -8,6 +8,7 @@ unpatched from a config, and the *candidate*, the same config built through the 
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,9 +53,13 @@ def layer_change_fails(
 ) -> str | None:
     """Build `model_cls(config)` on the CPU with `changes` to the config of layer `index` alone
     (the way Puzzletron's patcher builds a heterogeneous model, with a stand-in descriptor that
-    knows nothing of the model but those changes): None when it builds, else why not.
-    transformers' own weight init may read the whole model's config (Nemotron-H sizes a Mamba
-    mixer's A_log by the model's mamba_num_heads): such a field cannot differ per layer."""
+    knows nothing of the model but those changes) and run it: None when it builds and runs,
+    else why not. transformers' own weight init may read the whole model's config (Nemotron-H
+    sizes a Mamba mixer's A_log by the model's mamba_num_heads), and so may the model itself
+    (Falcon-H1 computes one `mup_vector` from the model's Mamba sizes and gives it to every
+    layer): such a field cannot differ per layer. A forward that fails just as well with the
+    whole model changed is no per-layer failure (a size the model never runs with at all,
+    which the round trip leaves alone), so it does not count."""
     from puzzletron_runtime import deci_x_patcher
     from puzzletron_runtime.block_config import BlockConfig
     from puzzletron_runtime.model_descriptor import ModelDescriptor
@@ -80,11 +85,31 @@ def layer_change_fails(
 
     try:
         with quiet_transformers(), deci_x_patcher(OneLayer, blocks):
-            model_cls(config)
+            model = model_cls(config)
     except TypeError as exc:
         if "layer index" in str(exc):
             return None  # layers built without their index: no per-layer build to try
         return f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    failure = _forward_fails(model.eval(), config)
+    if failure is None:
+        return None
+    whole = copy.deepcopy(config)
+    for field, value in changes.items():
+        setattr(whole.get_text_config(), field, value)
+    try:
+        with quiet_transformers():
+            runs_whole = _forward_fails(model_cls(whole).eval(), whole) is None
+    except Exception:
+        runs_whole = False
+    return f"it builds, but its forward fails: {failure}" if runs_whole else None
+
+
+def _forward_fails(model: nn.Module, config: Any) -> str | None:
+    try:
+        with quiet_transformers():
+            logits(model, sample_input(config))
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None

@@ -573,8 +573,12 @@ class Reference:
         }
 
     def _mixes_tokens(self, core: nn.Module) -> bool | None:
-        """Does `core`'s output at positions after the first change when its input at the
-        first position does? None when its input or output is not a sequence of vectors."""
+        """Does `core`'s output at positions after the next one change when its input at the
+        first position does? None when its input or output is not a sequence of vectors (or
+        too short to tell). A token shift alone (RWKV's channel mix reads the previous
+        position's input beside its own, then works position-wise) carries the first position
+        to the second only: that is no token mixer; attention, recurrences and convolutions
+        reach further."""
         outs: list[torch.Tensor] = []
 
         def keep(_m, _a, _k, output):
@@ -599,13 +603,13 @@ class Reference:
         if len(outs) < 2 or outs[0] is None or outs[-1] is None:
             return None
         base, moved = outs[0], outs[len(outs) // 2]
-        if base.shape != moved.shape or base.dim() != 3 or base.shape[1] < 2:
+        if base.shape != moved.shape or base.dim() != 3 or base.shape[1] < 3:
             return None
         if torch.equal(base[:, 0], moved[:, 0]):
             return None  # the shifted input did not reach it: no answer
         # a tolerance: experts batched by routing may round other tokens differently when one
         # token's route moves; a token mixer moves them by far more
-        return not torch.allclose(base[:, 1:], moved[:, 1:], rtol=1e-4, atol=1e-5)
+        return not torch.allclose(base[:, 2:], moved[:, 2:], rtol=1e-4, atol=1e-5)
 
     # -- sizes ----------------------------------------------------------------------------------
     @cached_property

@@ -1,6 +1,6 @@
 """Building heterogeneous models: the decoder-layer patcher and the no-op stand-ins."""
 
-from .no_op import MatchingZeros, PassResidual, Same, return_tuple_of_size
+from .no_op import MatchingZeros, PassResidual, Same, return_list_of_size, return_tuple_of_size
 from .patcher import deci_x_patcher
 
 __all__ = [
@@ -8,5 +8,6 @@ __all__ = [
     "PassResidual",
     "Same",
     "deci_x_patcher",
+    "return_list_of_size",
     "return_tuple_of_size",
 ]

@@ -4,7 +4,9 @@
 shaped like its input (the module whose output is added to the residual); `PassResidual`
 returns the residual a module adds to its own output (`self.mlp(x, residual)`: Bloom, MPT); and
 `return_tuple_of_size` wraps either for call sites that unpack a tuple
-(`hidden_states, _ = self.self_attn(...)`). None of them holds parameters or buffers.
+(`hidden_states, _ = self.self_attn(...)`), `return_list_of_size` for modules that return a
+list, which the call site may concatenate with another list (OpenAI-GPT's block:
+`[h] + attn_outputs[1:]`). None of them holds parameters or buffers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ __all__ = [
     "PassResidual",
     "Same",
     "find_hidden_states",
+    "return_list_of_size",
     "return_tuple_of_size",
 ]
 
@@ -96,18 +99,33 @@ def return_tuple_of_size(cls: type[nn.Module], size: int) -> type[nn.Module]:
 
     Cached, so the same (cls, size) always gives the same class.
     """
+    return _returning(cls, size, tuple)
+
+
+@functools.cache
+def return_list_of_size(cls: type[nn.Module], size: int) -> type[nn.Module]:
+    """A subclass of `cls` whose forward returns a list of `size`: the tensor, then Nones (for a
+    module that returns a list, which its caller may extend with `+`).
+
+    Cached, so the same (cls, size) always gives the same class.
+    """
+    return _returning(cls, size, list)
+
+
+def _returning(cls: type[nn.Module], size: int, container: type) -> type[nn.Module]:
     if size < 1:
         raise ValueError(f"size must be at least 1, got {size}")
+    kind = container.__name__
 
     def forward(self, *args, **kwargs):
         out = cls.forward(self, *args, **kwargs)
-        return (out,) + (None,) * (size - 1)
+        return container((out,) + (None,) * (size - 1))
 
     def extra_repr(self) -> str:
-        return f"returns a tuple of {size}"
+        return f"returns a {kind} of {size}"
 
     return type(
-        f"{cls.__name__}TupleOf{size}",
+        f"{cls.__name__}{kind.capitalize()}Of{size}",
         (cls,),
         {"forward": forward, "extra_repr": extra_repr, "__module__": __name__},
     )

@@ -19,7 +19,10 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from torch import nn
+
 from ..block_config import BlockConfig, maybe_cast_block_configs
+from ..utils.hollow import carry_structure
 
 __all__ = ["LAYER_INDEX_ARGUMENTS", "BuiltLayers", "deci_x_patcher"]
 
@@ -131,6 +134,7 @@ def _patched_init(
         if id(self) in _in_progress():  # a patched base class inside a patched subclass
             return original(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
+        _refuse_wrapping(cls, bound, built)
         config_name = _config_argument(signature, bound)
         config = bound.arguments[config_name]
         block_configs = explicit
@@ -158,6 +162,7 @@ def _patched_init(
             original(*bound.args, **bound.kwargs)
         finally:
             _in_progress().discard(id(self))
+        children = dict(self.named_children())
         for subblock, kind, prefix in (
             (block.attention, "attention", "attn"),
             (block.ffn, "FFN", "mlp"),
@@ -170,8 +175,34 @@ def _patched_init(
                     f"(it does not override {prefix}_no_op_post_init)"
                 )
             getattr(descriptor, f"{prefix}_no_op_post_init")(decoder_layer=self)
+        _hollow_out(self, children)
 
     return __init__
+
+
+def _refuse_wrapping(cls: type, bound: inspect.BoundArguments, built: BuiltLayers) -> None:
+    """A decoder layer made of another one built before it with a block config (Zamba's hybrid
+    layer wraps a Mamba layer, a linear and an attention block that several hybrid layers share)
+    has no block config of its own to take: refused, naming both."""
+    layers = {id(layer): index for index, layer in built.layers.items()}
+    for name, value in bound.arguments.items():
+        if id(value) in layers:
+            raise ValueError(
+                f"{cls.__name__} is built from {type(value).__name__} layer {layers[id(value)]} "
+                f"(its argument {name!r}), which was built before it with that layer's block "
+                "config: a decoder layer made of other decoder layers cannot take block configs "
+                "per layer"
+            )
+
+
+def _hollow_out(layer: nn.Module, before: dict[str, nn.Module]) -> None:
+    """Each weightless stand-in a no-op put in place of a child carries that child's shape
+    without its weights (`carry_structure`): model code outside the layer may read into it
+    (RWKV's `_rescale_layers` divides `block.attention.output.weight` in place)."""
+    for name, old in before.items():
+        new = getattr(layer, name, None)
+        if isinstance(new, nn.Module) and new is not old and not any(True for _ in new.parameters()):
+            carry_structure(new, old)
 
 
 def _check_all_built(built: BuiltLayers) -> None:
