@@ -706,7 +706,9 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
                 raise InferenceError(f"the residual argument of {name}", f"{keyword!r}")
             why = "core that adds the residual it is passed: its no-op returns that residual"
             replacements.append(
-                ModuleReplacement(name, "PassResidual", size, (why,), position, keyword, as_list)
+                ModuleReplacement(
+                    name, "PassResidual", size, (why,), position, keyword, returns_list=as_list
+                )
             )
             continue
         why = (

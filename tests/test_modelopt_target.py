@@ -118,6 +118,10 @@ NO_CONVERTER = {
     "Dots3NoteTextMLP",
     "dots3_note_text": "attention.num_key_value_heads of Dots3NoteTextDecoderLayer with mlp: "
     "Dots3NoteTextMLP",
+    # Falcon-H1 runs self_attn and a Mamba mixer side by side in one attention subblock;
+    # a block config's attention is a KV-cache attention or a Mamba mixer, not both
+    "falcon_h1": "FalconH1DecoderLayer holds a key/value attention and a Mamba mixer in one "
+    "attention subblock",
     # OpenAI-GPT's attention reads no KV-head field (multi-head only) and no rule for its heads
     # could be confirmed on tiny and default-size models
     "openai-gpt": "no config field sets attention.num_key_value_heads of Block",

@@ -429,3 +429,25 @@ def test_a_buffer_left_wrong_after_loading_is_caught(descriptors, subjects):
     subject.descriptor = WrongTheta
     result = run_check(subject, next(c for c in CHECKS if c.name == "sharded stages"))
     assert not result.ok and "buffer model.rotary_emb.inv_freq differs" in result.detail
+
+
+def test_a_layer_of_the_same_kind_left_at_its_size_fails_overrides(descriptors, subjects):
+    """Inkling's sliding layers read their KV heads from another field than its full layers
+    (one layer kind): an override that resizes the first layer of a kind must resize every
+    layer of it. Here the last layer of each build keeps its heads, as such a layer does."""
+    subject = copy.copy(subjects["llama"])
+    n = subject.reference.num_layers
+    base = descriptors["llama"]
+    calls = iter(range(10**6))
+
+    class M(base):
+        @staticmethod
+        def block_config_to_layer_overrides(block_config):
+            out = dict(base.block_config_to_layer_overrides(block_config))
+            if next(calls) % n == n - 1:  # one override call per layer, in layer order
+                out.pop("num_key_value_heads")
+            return out
+
+    subject.descriptor = M
+    result = run_check(subject, next(c for c in CHECKS if c.name == "overrides"))
+    assert not result.ok and f"but not layer {n - 1}'s self_attn.k_proj" in result.detail

@@ -316,7 +316,6 @@ def analyze_loop(
         before_loop=before,
         evidence=evidence,
         after_loop=after,
-        tuple_size=tuple_size,
     )
 
 

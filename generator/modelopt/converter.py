@@ -105,6 +105,13 @@ def kind_blocks(spec: DescriptorSpec, target: str = PUZZLETRON) -> tuple[KindBlo
         if kind.subblock("attention") is None:
             attention = NO_OP
         elif any(s.startswith("attention.mamba.") for s in sizes):
+            if "attention.num_key_value_heads" in sizes:
+                raise PuzzleGenError(
+                    f"{spec.model_type}: no converter: {kind.label} holds a key/value attention "
+                    "and a Mamba mixer in one attention subblock (both sized by block configs), "
+                    "but a block config's attention is one or the other: its Mamba form drops "
+                    "num_key_value_heads"
+                )
             mamba, missing = [], []
             for s in MAMBA_SIZES:
                 try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..descriptor_view import no_op_names
 from ..errors import PuzzleGenError
 from ..spec import DescriptorSpec, is_identifier
 from .converter import converter_module, render_converter
@@ -50,13 +51,14 @@ class ModeloptView:
     dummy_attributes: tuple[str, ...]
     rebuild_buffers: bool  # write _rebuild_buffers into the module
     pass_residual: bool  # write PassResidual into the module
+    list_of_size: bool  # write return_list_of_size into the module
     move_to_sole_subblock: bool  # write _move_to_sole_subblock into the module
 
 
 def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, command_line: str):
     """The render.Target of a Model Optimizer descriptor: its import lines (Model Optimizer,
     transformers and torch only), what our runtime has and Model Optimizer does not written
-    inline (the buffer rebuild, PassResidual, the move of a layer's tensors to its sole
+    inline (the buffer rebuild, PassResidual, return_list_of_size, the move of a layer's tensors to its sole
     subblock), and the pruning layer descriptors."""
     from ..render import Target
 
@@ -107,6 +109,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         dummy_attributes=attributes,
         rebuild_buffers=has_rebuild,
         pass_residual=pass_residual,
+        list_of_size="return_list_of_size" in no_op_names(spec),
         move_to_sole_subblock=bool(spec.predicates.followers),
     )
     return Target(
@@ -115,7 +118,9 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         first_party=first,
         stdlib=("from dataclasses import dataclass, field",) if exports else (),
         command=command_line,
-        inline=frozenset({"rebuild_buffers", "PassResidual", "move_to_sole_subblock"}),
+        inline=frozenset(
+            {"rebuild_buffers", "PassResidual", "return_list_of_size", "move_to_sole_subblock"}
+        ),
         template_vars={"registration_name": names.registration, "modelopt": view},
     )
 

@@ -262,11 +262,50 @@ def check_overrides(s: Subject) -> str:
             + ", ".join(f"{k} {got.get(k)} != {want.get(k)}" for k in wrong[:3])
             + f" (want the shapes of config.{sf.field}={sf.smaller})",
         )
-        done.append(f"{size} -> config.{sf.field}")
+        done.append(f"{size} -> config.{sf.field}" + _check_whole_kind(s, size, sf))
     top_k = _check_top_k(s)
     if top_k:
         done.append(top_k)
     return "; ".join(done) or "the model reads no block-config size from its config"
+
+
+def _check_whole_kind(s: Subject, size: str, sf) -> str:
+    """The size asked of every layer of layer sf.layer's kind changes the same tensors in each
+    of them: a kind whose layers read the size from different config fields (Inkling's sliding
+    layers read swa_num_key_value_heads, its full layers num_key_value_heads) must have each of
+    them written, or a block config resizes some of its layers and silently not the others."""
+    ref = s.reference
+    same = [
+        i for i in range(ref.num_layers) if ref.kind_signature(i) == ref.kind_signature(sf.layer)
+    ]
+    if len(same) < 2:
+        return ""
+    blocks = ref.own_block_configs()
+    for i in same:
+        set_size(blocks[i], size, sf.smaller)
+    got = shapes(build(s.descriptor, s.config, blocks, device="meta"))
+    first = ref.layer_path(sf.layer)
+    moved = {
+        name[len(first) + 1 :]
+        for name in under(ref.state_shapes, first)
+        if got.get(name) != ref.state_shapes[name]
+    }
+    for i in same:
+        prefix = ref.layer_path(i)
+        stale = sorted(
+            rel
+            for rel in moved
+            if f"{prefix}.{rel}" in ref.state_shapes
+            and got.get(f"{prefix}.{rel}") == ref.state_shapes[f"{prefix}.{rel}"]
+        )
+        expect(
+            not stale,
+            f"{size}={sf.smaller} on every layer of layer {sf.layer}'s kind resizes layer "
+            f"{sf.layer}'s {', '.join(sorted(moved)[:2])} but not layer {i}'s "
+            f"{', '.join(stale[:2])}: that layer reads the size from another config field, "
+            "which no override writes",
+        )
+    return f" (all {len(same)} layers of its kind)"
 
 
 def _check_top_k(s: Subject) -> str | None:

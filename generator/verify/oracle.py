@@ -65,12 +65,19 @@ SIZE_FIELDS: dict[str, tuple[str, ...]] = {
     # delta-rule linear attention in the same form (key head width, value heads and their
     # width, key heads), as Model Optimizer describes Qwen 3.5's
     "attention.mamba.state_dim": (
-        "ssm_state_size", "state_size", "mamba_d_state", "d_state", "linear_key_head_dim",
+        "ssm_state_size",
+        "state_size",
+        "mamba_d_state",
+        "d_state",
+        "linear_key_head_dim",
     ),
     "attention.mamba.num_heads": ("mamba_num_heads", "mamba_n_heads", "linear_num_value_heads"),
     "attention.mamba.head_dim": ("mamba_head_dim", "mamba_headdim", "linear_value_head_dim"),
     "attention.mamba.num_groups": (
-        "n_groups", "mamba_n_groups", "mamba_ngroups", "linear_num_key_heads",
+        "n_groups",
+        "mamba_n_groups",
+        "mamba_ngroups",
+        "linear_num_key_heads",
     ),
     # experts: how many
     "ffn.moe.num_local_experts": (
@@ -813,13 +820,17 @@ class Reference:
         names or classes of their children with weights."""
         seen: dict[tuple, int] = {}
         for i in range(self.num_layers):
-            layer = self.layer(i)
-            sig = (
-                type(layer),
-                tuple((n, type(c)) for n, c in layer.named_children() if _params(c)),
-            )
-            seen.setdefault(sig, i)
+            seen.setdefault(self.kind_signature(i), i)
         return sorted(seen.values())
+
+    def kind_signature(self, i: int) -> tuple:
+        """What makes layer i's kind: its class, and the names and classes of its children
+        with weights."""
+        layer = self.layer(i)
+        return (
+            type(layer),
+            tuple((n, type(c)) for n, c in layer.named_children() if _params(c)),
+        )
 
     def own_block_configs(self) -> list[dict]:
         return [copy.deepcopy(self.own_block_config()) for _ in range(self.num_layers)]
