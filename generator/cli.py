@@ -278,6 +278,9 @@ def cmd_generate(args) -> int:
             layout=layout,
         )
     changed = {p: t for p, t in files.items() if _read(p) != t}
+    # a file of a type's package that the generator writes no more (a converter that can no
+    # longer be inferred) goes with the write; the modelopt target writes other trees
+    gone = _unplanned(files) if (target, layout) == ("puzzletron", "package") else []
     if args.diff:
         for path, text in changed.items():
             sys.stdout.write(_diff(path, text))
@@ -285,10 +288,20 @@ def cmd_generate(args) -> int:
             _progress("no changes")
         return 0
     write_files(changed)
+    for path in gone:
+        path.unlink()
+        _progress(f"removed {path}: no longer generated")
     _progress(
         f"wrote {len(changed)} file(s) under {args.out}; {len(files) - len(changed)} already up to date"
     )
     return 0
+
+
+def _unplanned(files: dict) -> list[Path]:
+    """Python files in the type packages `files` writes to that `files` does not hold."""
+    planned = {Path(p) for p in files}
+    dirs = {p.parent for p in planned if p.name.endswith("_model_descriptor.py")}
+    return sorted(p for d in dirs for p in d.glob("*.py") if p not in planned)
 
 
 def cmd_check(args) -> int:
@@ -307,10 +320,11 @@ def cmd_check(args) -> int:
     stale = [p for p, text in files.items() if _read(p) != text]
     known = {p.parent for p in files}
     strays = sorted(p for p in out_dir.glob("*/*_model_descriptor.py") if p.parent not in known)
+    strays += _unplanned(files)
     for p in stale:
         print(f"out of date: {p}", file=sys.stderr)
     for p in strays:
-        print(f"not in the descriptor table: {p}", file=sys.stderr)
+        print(f"not generated any more: {p}", file=sys.stderr)
     if stale or strays:
         print(
             f"puzzle-gen check: {len(stale) + len(strays)} file(s) differ; run "

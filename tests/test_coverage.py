@@ -209,3 +209,15 @@ def test_generate_all_records_encoders_and_recurrent_depth_as_out_of_scope(tmp_p
     table = (out / "COVERAGE.md").read_text()
     assert "| `hrm_text` | dense | out of scope |" in table
     assert "| `bert-generation` | dense | out of scope |" in table
+
+
+def test_a_file_no_longer_generated_is_removed_and_check_names_it(tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert cli.main(["generate", "llama", "--out", str(out)]) == 0
+    stale = out / "llama" / "llama_old_converter.py"  # e.g. a converter inference now refuses
+    stale.write_text("# written by an older generator\n")
+    assert cli.main(["check", "--out", str(out)]) == 1
+    assert f"not generated any more: {stale}" in capsys.readouterr().err
+    assert cli.main(["generate", "llama", "--out", str(out)]) == 0
+    assert not stale.exists() and (out / "llama" / "llama_model_descriptor.py").is_file()
+    assert cli.main(["check", "--out", str(out)]) == 0
