@@ -38,7 +38,7 @@ Evidence (line numbers in transformers 5.23.0):
   model.rotary_emb: inv_freq, original_inv_freq (HYV4Model).
 - Weight groups name modules, not single tensors: every tensor below a module (a bias that
   another config of this model type adds, say) lands in the module's group.
-- The model loop unpacks a layer's output as a tuple of 2;
+- The model loop unpacks 2 values from a layer's output;
   a dummy block on a shard does the same.
 """
 

@@ -29,7 +29,7 @@ Evidence (line numbers in transformers 5.23.0):
 - Final norm: rwkv.ln_out, called after the layer loop (modeling_rwkv.py:600).
 - Weight groups name modules, not single tensors: every tensor below a module (a bias that
   another config of this model type adds, say) lands in the module's group.
-- The model loop unpacks a layer's output as a tuple of 3;
+- The model loop unpacks 3 values from a layer's output;
   a dummy block on a shard does the same.
 """
 
