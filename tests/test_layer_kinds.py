@@ -272,6 +272,9 @@ class _TypedConfig:
         self.layer_types = list(layer_types)
         self.num_hidden_layers = len(self.layer_types)
 
+    def get_text_config(self):
+        return self
+
 
 # -- per-layer sizes the whole model reads --------------------------------------------------------
 class _WidthConfig:

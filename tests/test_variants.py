@@ -61,7 +61,7 @@ def test_transformed_width_is_mapped_through_the_flag_that_disables_it():
 
     probe = Probe(resolve("lfm2"))
     layer = probe.module("model.layers.0")
-    sb = SimpleNamespace(members=["ffn_norm", "feed_forward"], cores=["feed_forward"])
+    sb = SimpleNamespace(members=["ffn_norm", "feed_forward"], cores=["feed_forward"], judges=[])
     reads = overrides._reads(SourceIndex(), overrides._subblock_classes(layer, sb.members))
     facts = []
     ctx = SimpleNamespace(probe=probe, fact=lambda *args: facts.append(args))
