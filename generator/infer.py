@@ -18,7 +18,7 @@ from puzzletron_runtime.buffers import empty_buffers, init_owners, rebuild_buffe
 from . import __version__, kinds, predicates
 from .analysis import layer_flow, model_structure
 from .analysis.layer_flow import ATTENTION, FFN, LayerFlow
-from .analysis.source_index import SourceIndex, dotted
+from .analysis.source_index import SourceIndex
 from .checkpoint import check_checkpoint, origin_fields
 from .descriptor_view import layer_ranges
 from .errors import InferenceError, ProbeMismatch

@@ -134,9 +134,7 @@ def _full_size_layer(probe, stack_path, name, values, value, build) -> nn.Module
     """The last layer of the probed config with its last type in `name` (`values`) set to
     `value`, or None where the field cannot be set."""
     full = copy.deepcopy(probe.config)
-    try:
-        setattr(full.get_text_config(), name, list(values[:-1]) + [value])
-    except (AttributeError, TypeError):
+    if not settable(full.get_text_config(), name, list(values[:-1]) + [value]):
         return None  # a list derived from other fields (a property)
     try:
         full_stack = build(full).get_submodule(stack_path)
@@ -153,7 +151,7 @@ def settable(config, name: str, value) -> bool:
     the stack but is not a choice one layer can make)."""
     try:
         setattr(config, name, value)
-    except AttributeError:
+    except (AttributeError, TypeError):  # a property without a setter; a refused value
         return False
     return True
 

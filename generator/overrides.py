@@ -22,7 +22,7 @@ from __future__ import annotations
 from torch import nn
 
 from .analysis import model_structure
-from .analysis.layer_flow import ATTENTION, FFN
+from .analysis.layer_flow import ATTENTION
 from .heterogeneous import config_value
 from .spec import ConfigOverride, is_identifier
 

@@ -24,7 +24,6 @@ from .errors import PuzzleGenError
 from .spec import (
     IMPORTED_ORIGIN,
     STATIC_ORIGIN,
-    ClassRef,
     DescriptorSpec,
     SpecError,
     check_renderable,
