@@ -218,8 +218,8 @@ def test_the_token_mixer_is_found_by_what_it_mixes_not_by_the_context_it_is_give
 
     ref = Reference(verification_config(OpenAIGPTConfig))
     layer = ref.layer(0)
-    assert ref._mixes_tokens(layer.attn) is True
-    assert ref._mixes_tokens(layer.mlp) is False
+    assert ref._mixes_tokens(0, layer.attn) is True
+    assert ref._mixes_tokens(0, layer.mlp) is False
     assert ref.roles_cores(0) == {"attn": "attention", "mlp": "ffn"}
 
 
@@ -231,8 +231,8 @@ def test_a_core_that_refines_its_input_takes_the_kind_of_the_core_feeding_it():
 
     ref = Reference(verification_config(resolve("inkling_text").config_cls))
     layer = ref.layer(0)
-    assert ref._refines(layer.mlp_sconv) and ref._refines(layer.attn_sconv)
-    assert not ref._refines(layer.mlp) and not ref._refines(layer.self_attn)
+    assert ref._refines(0, layer.mlp_sconv) and ref._refines(0, layer.attn_sconv)
+    assert not ref._refines(0, layer.mlp) and not ref._refines(0, layer.self_attn)
     assert ref.roles_cores(0) == {"attn_sconv": "attention", "mlp_sconv": "ffn"}
     assert ref.roles(0).members["ffn"] == {"mlp", "mlp_sconv", "post_attention_layernorm"}
 
@@ -245,5 +245,26 @@ def test_a_block_holding_its_own_residual_is_not_judged_by_the_block_before_it()
 
     ref = Reference(verification_config(CpmAntConfig))
     layer = ref.layer(0)
-    assert ref._refines(layer.ffn) and ref._refines(layer.self_att)
+    assert ref._refines(0, layer.ffn) and ref._refines(0, layer.self_att)
     assert ref.roles_cores(0)["ffn"] == "ffn"
+
+
+def test_a_forward_run_through_a_layer_stops_there_and_sees_what_a_whole_one_sees():
+    """The oracle's questions about layer i stop the forward once layer i returns: the layers
+    after it never run, and layer i's input and output are those of a whole forward."""
+    from transformers import LlamaConfig
+
+    from generator.verify import verification_config
+    from generator.verify.models import hooks, layer_io, run_through
+
+    ref = Reference(verification_config(LlamaConfig))
+    calls = []
+    last = ref.layer(ref.num_layers - 1)
+    with hooks(last.register_forward_hook(lambda *_: calls.append(1))):
+        run_through(ref.model, ref.layer(1), ref.input_ids)
+        assert calls == []
+        stopped = layer_io(ref.model, ref.layer(1), ref.input_ids)
+        assert calls == []
+        whole = layer_io(ref.model, ref.layer(1), ref.input_ids, whole=True)
+        assert calls == [1]
+    assert torch.equal(stopped[0], whole[0]) and torch.equal(stopped[1], whole[1])

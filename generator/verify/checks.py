@@ -504,8 +504,9 @@ def check_stages(s: Subject) -> str:
         for k in splits:
             first = load_model(d, tmp, owned_blocks=set(range(k)), dtype=torch.float32)
             second = load_model(d, tmp, owned_blocks=set(range(k, s.n)), dtype=torch.float32)
+            # the whole forward: the stage's stand-ins after its last block must run as well
             _, hidden = layer_io(
-                first, first.get_submodule(d.layer_block_name(k - 1)), ref.input_ids
+                first, first.get_submodule(d.layer_block_name(k - 1)), ref.input_ids, whole=True
             )
             embeds = torch.zeros(*ref.input_ids.shape, hidden.shape[-1])
             entry = second.get_submodule(d.layer_block_name(k))

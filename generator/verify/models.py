@@ -170,9 +170,33 @@ def hooks(*handles) -> Iterator[None]:
             h.remove()
 
 
-def layer_io(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor, *patches):
-    """(input, output) hidden states of `layer` in a forward of `model`. `patches` are
-    context managers (more hooks) active during the forward."""
+class _LayerDone(Exception):
+    """Raised by a hook once the layer a forward was run for has returned."""
+
+
+def run_through(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor) -> None:
+    """A forward of `model` that stops as soon as `layer` has returned: what the hooks inside
+    the layer (or before it) see is what a full forward shows them, and the layers after it,
+    the final norm and the head are not run. The oracle asks thousands of such questions of
+    one layer; on hybrid stacks with slow reference kernels the rest of the model was most of
+    the time. A layer that never returns (the forward ends first) is a full forward."""
+
+    def stop(_m, _a, _o):
+        raise _LayerDone
+
+    with torch.no_grad(), hooks(layer.register_forward_hook(stop)):
+        try:
+            model(input_ids=input_ids)
+        except _LayerDone:
+            pass
+
+
+def layer_io(
+    model: nn.Module, layer: nn.Module, input_ids: torch.Tensor, *patches, whole: bool = False
+):
+    """(input, output) hidden states of `layer` in a forward of `model`, which stops there
+    (`run_through`) unless `whole` (the forward runs to the logits: what comes after the layer
+    must run too). `patches` are context managers (more hooks) active during the forward."""
     seen: dict[str, torch.Tensor] = {}
 
     def pre(_m, args, kwargs):
@@ -190,8 +214,10 @@ def layer_io(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor, *patch
         )
         for p in patches:
             stack.enter_context(p)
-        with torch.no_grad():
-            model(input_ids=input_ids)
+        if whole:
+            logits(model, input_ids)
+        else:
+            run_through(model, layer, input_ids)
     return seen["in"], seen["out"]
 
 

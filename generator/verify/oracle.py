@@ -40,6 +40,7 @@ from .models import (
     hooks,
     layer_io,
     logits,
+    run_through,
     reference_model,
     replace_first,
     sample_input,
@@ -209,6 +210,7 @@ class Reference:
         self.paths = {id(m): n for n, m in self.model.named_modules()}
         # per-layer facts, computed on first use (each costs forwards of the reference)
         self._roles: dict[int, LayerRoles] = {}
+        self._zeroed_out: dict[tuple[int, str], torch.Tensor] = {}
         self._cores: dict[int, dict[str, str]] = {}
         self._adds: dict[tuple[int, str], Any] = {}
         self._runs: dict[str, bool] = {}
@@ -360,6 +362,10 @@ class Reference:
         return out
 
     # -- roles inside a layer -------------------------------------------------------------------
+    def run_through(self, i: int) -> None:
+        """A forward that stops once layer i returns: the questions below are about layer i."""
+        run_through(self.model, self.layer(i), self.input_ids)
+
     def roles(self, i: int) -> LayerRoles:
         if i not in self._roles:
             self._roles[i] = self._compute_roles(i)
@@ -392,7 +398,11 @@ class Reference:
     def _matters(self, i: int, child: str, zeroed: str) -> bool:
         """Does scaling `child`'s output change layer i's output while `zeroed` is zeroed?"""
         layer = self.layer(i)
-        _, base = layer_io(self.model, layer, self.input_ids, self.zeroed(i, zeroed))
+        if (i, zeroed) not in self._zeroed_out:  # the same for every child asked about
+            self._zeroed_out[(i, zeroed)] = layer_io(
+                self.model, layer, self.input_ids, self.zeroed(i, zeroed)
+            )[1]
+        base = self._zeroed_out[(i, zeroed)]
 
         def scale(_m, _a, _k, output):
             t = first_tensor(output)
@@ -452,7 +462,7 @@ class Reference:
             core.register_forward_pre_hook(where, with_kwargs=True),
             core.register_forward_hook(output, with_kwargs=True),
         ):
-            logits(self.model, self.input_ids)
+            self.run_through(i)
         found = seen.get("where")
         if found is not None:
 
@@ -468,7 +478,7 @@ class Reference:
                 core.register_forward_pre_hook(shift, with_kwargs=True),
                 core.register_forward_hook(output, with_kwargs=True),
             ):
-                logits(self.model, self.input_ids)
+                self.run_through(i)
             base, shifted = seen["outs"][0], seen["outs"][-1]
             delta = shifted - base
             if not torch.allclose(delta, torch.full_like(delta, 0.25), atol=1e-4):
@@ -488,7 +498,7 @@ class Reference:
             chain = [(n, c) for n, c in layer.named_children() if _params(c) and _is_core(c)]
             # a child with matrices whose output another one reads (AXK2's gated input norm,
             # feeding the attention) is part of a chain, not a core: the chain's last one is
-            feeds = self._feeding(chain)
+            feeds = self._feeding(i, chain)
             cores = [(n, c) for n, c in chain if n not in feeds]
             # the kind of a chain is that of its last module, unless that module only refines
             # what it is fed (it is the identity with its weights zeroed: Inkling's short
@@ -501,8 +511,8 @@ class Reference:
                 feeder = next((a for a, b in feeds.items() if b == name), None)
                 if (
                     feeder is not None
-                    and self._refines(child)
-                    and not self._refines(layer.get_submodule(feeder))
+                    and self._refines(i, child)
+                    and not self._refines(i, layer.get_submodule(feeder))
                 ):
                     judge[name] = feeder
             judged = [(n, layer.get_submodule(n)) for n in dict.fromkeys(judge.values())]
@@ -513,18 +523,18 @@ class Reference:
 
                 handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
             with hooks(*handles):
-                logits(self.model, self.input_ids)
+                self.run_through(i)
             kinds = {}
             for name, child in judged:
                 if name not in context:
                     continue
-                mixes = self._mixes_tokens(child)
+                mixes = self._mixes_tokens(i, child)
                 kinds[name] = "attention" if (context[name] if mixes is None else mixes) else "ffn"
             out = {n: kinds[judge[n]] for n, _ in cores if judge[n] in kinds}
             self._cores[i] = out
         return self._cores[i]
 
-    def _refines(self, module: nn.Module) -> bool:
+    def _refines(self, i: int, module: nn.Module) -> bool:
         """Does `module` return its input unchanged once its parameters are zero (`x + f(x)`)?"""
         seen: dict[str, torch.Tensor] = {}
 
@@ -539,7 +549,7 @@ class Reference:
                 for p in module.parameters():
                     p.zero_()
             with hooks(module.register_forward_hook(keep, with_kwargs=True)):
-                logits(self.model, self.input_ids)
+                self.run_through(i)
         finally:
             with torch.no_grad():
                 for p, v in zip(module.parameters(), saved):
@@ -547,7 +557,7 @@ class Reference:
         x, y = seen.get("in"), seen.get("out")
         return x is not None and x.shape == y.shape and torch.equal(x.to(y.dtype), y)
 
-    def _feeding(self, children: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    def _feeding(self, i: int, children: list[tuple[str, nn.Module]]) -> dict[str, str]:
         """The children among `children` whose output another one is called on as it is (a
         chain of modules with matrices: AXK2's gated input norm, then the attention), each with
         the child it feeds."""
@@ -571,7 +581,7 @@ class Reference:
             handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(child.register_forward_hook(post, with_kwargs=True))
         with hooks(*handles):
-            logits(self.model, self.input_ids)
+            self.run_through(i)
         return {
             a: b
             for a, out in outs.items()
@@ -579,7 +589,7 @@ class Reference:
             if b != a and x.shape == out.shape and torch.equal(x, out)
         }
 
-    def _mixes_tokens(self, core: nn.Module) -> bool | None:
+    def _mixes_tokens(self, i: int, core: nn.Module) -> bool | None:
         """Does `core`'s output at positions after the next one change when its input at the
         first position does? None when its input or output is not a sequence of vectors (or
         too short to tell). A token shift alone (RWKV's channel mix reads the previous
@@ -601,12 +611,12 @@ class Reference:
             return replace_call_input(args, kwargs, x, shifted)
 
         with hooks(core.register_forward_hook(keep, with_kwargs=True)):
-            logits(self.model, self.input_ids)
+            self.run_through(i)
         with hooks(
             core.register_forward_pre_hook(shift_first, with_kwargs=True),
             core.register_forward_hook(keep, with_kwargs=True),
         ):
-            logits(self.model, self.input_ids)
+            self.run_through(i)
         if len(outs) < 2 or outs[0] is None or outs[-1] is None:
             return None
         base, moved = outs[0], outs[len(outs) // 2]
