@@ -54,7 +54,9 @@ MAMBA_FIELDS = {
         "ssm_state_size", "state_size", "mamba_d_state", "d_state", "linear_key_head_dim",
     ),
     "attention.mamba.num_heads": ("mamba_num_heads", "mamba_n_heads", "linear_num_value_heads"),
-    "attention.mamba.head_dim": ("mamba_head_dim", "mamba_headdim", "linear_value_head_dim"),
+    "attention.mamba.head_dim": (
+        "mamba_head_dim", "mamba_headdim", "mamba_d_head", "linear_value_head_dim",
+    ),
     "attention.mamba.num_groups": (
         "n_groups", "mamba_n_groups", "mamba_ngroups", "linear_num_key_heads",
     ),

@@ -176,11 +176,6 @@ CONVERTED = [p for p in BY_TYPE if p.values[0] not in NO_CONVERTER]
 # Mamba-1 mixers: no heads, head width or groups; Model Optimizer's MambaConfig (a Mamba-2
 # description) requires them, so only our runtime's converter is written
 MAMBA_1 = {"mamba", "falcon_mamba", "jamba"}
-# GraniteMoE-Hybrid's and Bamba's mixers read `mamba_d_head`, but their width is
-# `mamba_expand * hidden_size` and the config refuses a head width that does not divide it: no
-# tensor resizes with the head width alone, so no override proves it (a derived size, not
-# inferred yet)
-MAMBA_SIZES_NOT_INFERRED = {"granitemoehybrid", "bamba"}
 
 
 @pytest.mark.parametrize("model_type", sorted(t for t in MAMBA_1 if t in VERIFIED))
@@ -216,9 +211,7 @@ def test_converter_block_configs_rebuild_every_tensor_shape(model_type):
                 mamba = b["attention"]["mamba"]
                 assert isinstance(mamba["state_dim"], int), label
                 assert all(v is None or isinstance(v, int) for v in mamba.values()), label
-                if (
-                    model_type not in MAMBA_1 | MAMBA_SIZES_NOT_INFERRED
-                ):  # Model Optimizer needs all four
+                if model_type not in MAMBA_1:  # Model Optimizer needs all four
                     assert all(isinstance(v, int) for v in mamba.values()), label
             if ffn == "dense":
                 assert isinstance(b["ffn"]["intermediate_size"], int), label

@@ -19,12 +19,13 @@ so any per-layer pattern of the config is read as the model reads it.
     modeling_bamba.py:600)
   - block_config.attention.mamba.num_heads <- config.mamba_n_heads (read at
     modeling_bamba.py:598)
+  - block_config.attention.mamba.head_dim <- config.mamba_d_head: times the heads
+    (mamba_n_heads) it is the width mamba.out_proj reads (tiny and default-size models); no tensor
+    has its size
   - block_config.attention.mamba.num_groups <- config.mamba_n_groups (read at
     modeling_bamba.py:608)
   - block_config.ffn.intermediate_size <- config.intermediate_size (read at
     modeling_bamba.py:808)
-  - block_config.attention.mamba.head_dim: None, the model's own (no config field holds them:
-    this mixer has none)
 
 - BambaDecoderLayer with self_attn: BambaAttention (no layer of the default config; configs
   with layer_types[i] = 'full_attention' build it):
@@ -63,6 +64,7 @@ class BambaConverter:
                         mamba=MambaConfig(
                             state_dim=text_config.mamba_d_state,
                             num_heads=text_config.mamba_n_heads,
+                            head_dim=text_config.mamba_d_head,
                             num_groups=text_config.mamba_n_groups,
                         ),
                     ),

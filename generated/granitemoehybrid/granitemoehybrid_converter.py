@@ -20,6 +20,9 @@ so any per-layer pattern of the config is read as the model reads it.
     modeling_granitemoehybrid.py:520)
   - block_config.attention.mamba.num_heads <- config.mamba_n_heads (read at
     modeling_granitemoehybrid.py:518)
+  - block_config.attention.mamba.head_dim <- config.mamba_d_head: times the heads
+    (mamba_n_heads) it is the width mamba.out_proj reads (tiny and default-size models); no tensor
+    has its size
   - block_config.attention.mamba.num_groups <- config.mamba_n_groups (read at
     modeling_granitemoehybrid.py:528)
   - block_config.ffn.moe.num_local_experts <- config.num_local_experts (read at
@@ -30,8 +33,6 @@ so any per-layer pattern of the config is read as the model reads it.
     modeling_granitemoehybrid.py:847)
   - block_config.ffn.moe.shared_expert_intermediate_dim <- config.shared_intermediate_size
     (read at modeling_granitemoehybrid.py:757)
-  - block_config.attention.mamba.head_dim: None, the model's own (no config field holds them:
-    this mixer has none)
 
 - GraniteMoeHybridDecoderLayer with self_attn: GraniteMoeHybridAttention (no layer of the
   default config; configs with layer_types[i] = 'full_attention' build it):
@@ -84,6 +85,7 @@ class GraniteMoeHybridConverter:
                         mamba=MambaConfig(
                             state_dim=text_config.mamba_d_state,
                             num_heads=text_config.mamba_n_heads,
+                            head_dim=text_config.mamba_d_head,
                             num_groups=text_config.mamba_n_groups,
                         ),
                     ),
