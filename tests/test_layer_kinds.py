@@ -3,6 +3,7 @@ rules that came with them (a residual cast without a module call, a child whose 
 the layer's kind, expert sizes told apart by the tensors they resize, overrides proven on one
 layer, kinds only other configs build), and the tiny configs that show every kind."""
 
+import copy
 import functools
 import re
 
@@ -556,3 +557,46 @@ def test_disk_spellings_of_layer_children_join_their_kinds():
     assert rows[0].attention == ("input_layernorm", "attention_layer_norm")
     assert rows[1].attention == ("post_attention_layernorm", "self_attn", "feedforward_layer_norm")
     assert rows[1].ffn == ("mlp",)
+
+
+def test_the_oracle_checks_a_kind_decided_child_layer_by_layer():
+    """OLMo-hybrid's generated descriptor passes the weight-group check; one that groups
+    post_attention_layernorm as the predicates list it (with the attention in every layer),
+    or with the FFN in every layer (as the linear-attention layers have it), fails it, naming a
+    layer of the kind it gets wrong."""
+    import generated
+    from generator.source import resolve
+    from generator.verify import CHECKS, make_subject, run_check
+    from puzzletron_runtime.model_descriptor import ModelDescriptor
+
+    base = generated.get_descriptor("olmo_hybrid")
+    subject = make_subject(base, resolve("olmo_hybrid").config_cls)
+    check = next(c for c in CHECKS if c.name == "weight groups")
+    assert run_check(subject, check).ok
+
+    class PredicatesOnly(base):
+        @classmethod
+        def get_weight_groups(cls, layer_names, num_hidden_layers):
+            return ModelDescriptor.get_weight_groups.__func__(cls, layer_names, num_hidden_layers)
+
+    class AllFFN(base):
+        @classmethod
+        def get_weight_groups(cls, layer_names, num_hidden_layers):
+            groups = ModelDescriptor.get_weight_groups.__func__(cls, layer_names, num_hidden_layers)
+            for i in range(num_hidden_layers):
+                attention = groups.get(f"block_{i}_attention", [])
+                moving = [n for n in attention if ".post_attention_layernorm." in n]
+                groups[f"block_{i}_attention"] = [n for n in attention if n not in moving]
+                groups[f"block_{i}_ffn"] = moving + groups.get(f"block_{i}_ffn", [])
+            return groups
+
+    full = [
+        i for i in range(subject.n) if "self_attn" in str(subject.reference.roles(i).describe())
+    ]
+    assert full and len(full) < subject.n  # both kinds in the tiny stack
+    for mutant, wrong_layer in ((PredicatesOnly, 0), (AllFFN, full[0])):
+        mutated = copy.copy(subject)  # shares the reference model already built
+        mutated.descriptor = mutant
+        result = run_check(mutated, check)
+        assert not result.ok, mutant.__name__
+        assert f"layer {wrong_layer}'s" in result.detail, result.detail
