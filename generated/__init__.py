@@ -119,6 +119,7 @@ _DESCRIPTORS = {
     "olmo": ("olmo", "OlmoModelDescriptor"),
     "olmo2": ("olmo2", "Olmo2ModelDescriptor"),
     "olmo3": ("olmo3", "Olmo3ModelDescriptor"),
+    "olmo_hybrid": ("olmo_hybrid", "OlmoHybridModelDescriptor"),
     "olmoe": ("olmoe", "OlmoeModelDescriptor"),
     "openai-gpt": ("openai_gpt", "OpenAIGPTModelDescriptor"),
     "opt": ("opt", "OPTModelDescriptor"),

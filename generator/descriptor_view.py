@@ -21,10 +21,10 @@ TEMPLATE_NAMES = {
     "re", "sys", "Any", "nn", "_remote_class", "__all__", "overrides", "decoder_layer",
     "ModelDescriptor", "ModelDescriptorFactory", "BlockConfig", "Same", "MatchingZeros",
     "PassResidual", "return_tuple_of_size", "return_list_of_size", "DummyBlock", "rebuild_buffers",
-    "move_to_sole_subblock",
+    "move_to_sole_subblock", "group_by_layer_kind",
     # the Model Optimizer target's (templates/modelopt_descriptor.py.j2)
     "PreTrainedModel", "dataclass", "field", "_rebuild_buffers", "_TupleDummyBlock",
-    "_move_to_sole_subblock",
+    "_move_to_sole_subblock", "_group_by_layer_kind", "_split_roles",
 }  # fmt: skip
 TITLES = {"attention": "Attention", "ffn": "FFN"}
 METHODS = {"attention": "attn_no_op_post_init", "ffn": "mlp_no_op_post_init"}
@@ -244,6 +244,8 @@ def import_lines(spec: DescriptorSpec, target: Target = Target()) -> list[str]:
         first[module_for("buffers")] = {"rebuild_buffers"}
     if spec.predicates.followers and "move_to_sole_subblock" not in target.inline:
         first[module_for("model_descriptor.weight_groups")] = {"move_to_sole_subblock"}
+    if spec.predicates.by_kind and "group_by_layer_kind" not in target.inline:
+        first[module_for("model_descriptor.kind_groups")] = {"group_by_layer_kind"}
     for submodule, names in target.first_party.items():
         first.setdefault(module_for(submodule), set()).update(names)
     for module, names in list(third.items()) + list(first.items()):

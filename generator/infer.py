@@ -23,6 +23,7 @@ from .checkpoint import check_checkpoint, origin_fields
 from .descriptor_view import layer_ranges
 from .errors import InferenceError, ProbeMismatch
 from .probe import Probe, build_model, layer_children
+from .layer_weights import weight_modules, with_disk_children
 from .overrides import infer_overrides
 from .variants import variant_children
 from .source import ModelSource, resolve
@@ -235,7 +236,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
                 f"called {'before' if group == 'embeddings' else 'after'} the layer loop",
             ],
         )
-    attention_weights, ffn_weights, tensors, followers = _weight_modules(
+    attention_weights, ffn_weights, tensors, followers, by_kind, kind_children = weight_modules(
         layer_kinds, [g.modules[0] for g in groups]
     )
     preds = predicates.build(
@@ -258,11 +259,31 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
                 "the attention group to the FFN group of layers without attention"
             ],
         )
+    if by_kind:
+        ctx.fact(
+            "weight group of " + ", ".join(by_kind),
+            "the subblock its layer's kind puts it in",
+            [
+                f"{k.label}: {', '.join(n for n in by_kind if n in k.ffn) or 'none'} with the "
+                f"FFN, {', '.join(n for n in by_kind if n in k.attention) or 'none'} with the "
+                "attention"
+                for k in kind_children
+            ]
+            + [
+                "get_weight_groups gets names and a layer count, no config: it tells a layer's "
+                "kind from the children its tensors are under"
+            ],
+        )
     predicates.validate(preds, probe.state_keys, probe.num_layers, "the default model's state dict")
     tiny_layers = int(tiny.config.get_text_config().num_hidden_layers)
     predicates.validate(preds, tiny.state_dict().keys(), tiny_layers, "the tiny model's state dict")
     on_disk = probe.checkpoint_names(tiny)
     preds, renamed = predicates.with_checkpoint_names(preds, on_disk, tiny_layers)
+    if by_kind:
+        by_kind, kind_children = with_disk_children(
+            tuple(by_kind), kind_children, on_disk, preds.layer_prefix_regex()
+        )
+        preds = dataclasses.replace(preds, by_kind=by_kind, kind_children=kind_children)
     if renamed:
         ctx.fact("checkpoint names", "grouped with the modules they load into", renamed)
     predicates.validate(preds, on_disk, tiny_layers, "the names save_pretrained writes")
@@ -581,72 +602,6 @@ def _check_overrides(overrides) -> None:
                 f"the override of config.{field}",
                 f"several block-config sizes map to it ({', '.join(sorted(sizes))})",
             )
-
-
-def _weight_modules(layer_kinds: list[LayerKind], modules: list[nn.Module]):
-    """What the attention and the FFN predicates list, over every kind: layer children, or,
-    for a child that is attention in some kinds and FFN in others (Nemotron-H's `mixer`), the
-    modules and tensors below it, which differ between its roles. A child whose tensors do not
-    differ (Nemotron-H's `norm`) must sit in layers with one subblock: it follows that subblock.
-
-    Returns (attention, ffn, tensors, followers): names relative to a layer, the ones in
-    `tensors` single tensors, `followers` among `attention`."""
-    roles: dict[str, dict[str, list[LayerKind]]] = {}
-    layer_of = {id(k): m for k, m in zip(layer_kinds, modules)}
-    for k in layer_kinds:
-        layer = layer_of[id(k)]
-        for sb in (k.attention, k.ffn):
-            for name in sb.weight_modules if sb is not None else ():
-                roles.setdefault(name, {}).setdefault(sb.kind, []).append(k)
-        for name in k.shared_modules:
-            if _has_params(getattr(layer, name)):
-                roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
-        for name in k.own_tensors:
-            roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
-    attention: list[str] = []
-    ffn: list[str] = []
-    tensors: list[str] = []
-    followers: list[str] = []
-    for name, by_role in roles.items():
-        if len(by_role) == 1:
-            if ATTENTION in by_role:
-                attention.append(name)
-            else:
-                ffn.append(name)
-            if any(name in k.own_tensors for ks in by_role.values() for k in ks):
-                tensors.append(name)
-            continue
-        below = {role: _below(name, kinds_, layer_of) for role, kinds_ in by_role.items()}
-        if not below[ATTENTION] & below[FFN]:
-            for role, entries in below.items():
-                for entry, is_tensor in sorted(entries):
-                    (attention if role == ATTENTION else ffn).append(entry)
-                    if is_tensor:
-                        tensors.append(entry)
-            continue
-        kinds_ = [k for ks in by_role.values() for k in ks]
-        if all((k.attention is None) != (k.ffn is None) for k in kinds_):
-            attention.append(name)
-            followers.append(name)
-            continue
-        raise InferenceError(
-            f"the weight group of {name}",
-            "it is in the attention subblock in some layer kinds and in the FFN in others, "
-            "in layers with both subblocks, and its tensors are named alike in both",
-            [f"{k.label}: layers {layer_ranges(k.layers)}" for k in kinds_],
-        )
-    return _unique(attention), _unique(ffn), _unique(tensors), followers
-
-
-def _below(name: str, layer_kinds, layer_of) -> set[tuple[str, bool]]:
-    """(name, is_tensor) of the children with weights and the own parameters of child `name`
-    in layers of `layer_kinds`."""
-    out = set()
-    for k in layer_kinds:
-        child = getattr(layer_of[id(k)], name)
-        out |= {(f"{name}.{n}", False) for n, c in child.named_children() if _has_params(c)}
-        out |= {(f"{name}.{n}", True) for n, _ in child.named_parameters(recurse=False)}
-    return out
 
 
 # -- layer calls ------------------------------------------------------------------------------

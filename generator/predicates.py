@@ -210,6 +210,8 @@ def _extended(pred: Predicates, added: dict[str, list[str]]) -> Predicates:
         attention=pred.attention + tuple(added["attention"]),
         ffn=pred.ffn + tuple(added["ffn"]),
         followers=pred.followers,
+        by_kind=pred.by_kind,
+        kind_children=pred.kind_children,
         encoders=pred.encoders + tuple(added.get("vision_encoding", ())),
         disk_layer_prefixes=pred.disk_layer_prefixes,
     )

@@ -156,6 +156,16 @@ class DummyBlock:
 
 
 @dataclass(frozen=True)
+class KindChildren:
+    """The layer children (checkpoint spellings too) one layer kind groups with each subblock:
+    what get_weight_groups tells a layer's kind by, where a child's subblock depends on it."""
+
+    label: str  # the kind, for the rendered comment
+    attention: tuple[str, ...]
+    ffn: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Predicates:
     """Weight-group regexes as data: escaped names, one alternative each."""
 
@@ -173,6 +183,11 @@ class Predicates:
     # the layer stack as checkpoints name it when that differs (Nemotron-H writes
     # `backbone.layers` for the module `model.layers`): escaped, like layer_prefix
     disk_layer_prefixes: tuple[str, ...] = ()
+    # layer children in the attention subblock of some kinds and in the FFN of others, in
+    # layers with both (OLMo-hybrid's post_attention_layernorm): listed with the attention;
+    # get_weight_groups decides each layer's by its kind, told from its children by the table
+    by_kind: tuple[str, ...] = ()
+    kind_children: tuple[KindChildren, ...] = ()
 
     def layer_prefix_regex(self) -> str:
         """The regex of the layer stack's path: one path, or an alternation of its names."""
@@ -456,6 +471,15 @@ def check_renderable(spec: "DescriptorSpec") -> None:
     p = spec.predicates
     for alt in p.followers:
         need(alt in p.attention, "a follower alternative", alt)
+    need(not (p.by_kind and p.followers), "kind-decided children beside followers", p.by_kind)
+    need(not p.by_kind or len(p.kind_children) > 1, "the layer-kind table", p.kind_children)
+    for name in p.by_kind:
+        ident(name, "a child grouped by its layer's kind")
+        need(module_alternative_of(name) in p.attention, "a kind-decided child", name)
+    for k in p.kind_children:
+        need(isinstance(k.label, str) and bool(_LABEL.match(k.label)), "a kind label", k.label)
+        for name in (*k.attention, *k.ffn):
+            ident(name, "a child of a layer kind")
     for alt in (
         *p.embeddings,
         *p.lm_head,
@@ -482,6 +506,11 @@ def check_renderable(spec: "DescriptorSpec") -> None:
             "the checkpoint argument",
             spec.source_argument,
         )
+
+
+def module_alternative_of(name: str) -> str:
+    """The predicates' alternative for every tensor below layer child `name`."""
+    return re.escape(name) + r"\..+"
 
 
 _REGEX_ALT = re.compile(r"[A-Za-z0-9_\\.+]+\Z")

@@ -89,6 +89,30 @@ class PreNormLayer(nn.Module):
         return hidden_states
 
 
+class PostSubblockNormLayer(nn.Module):
+    """OLMo 2: each subblock's output is normalised before its residual join; here the same
+    child name as PreNormLayer's FFN input norm, post_attention_layernorm, is the attention's."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = Norm(config.hidden_size)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = Norm(config.hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask)
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.post_feedforward_layernorm(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
 class TripleArityLayer(PreNormLayer):
     """The attention call unpacks three values."""
 

@@ -327,3 +327,35 @@ def test_checkpoint_paths_are_quoted_in_the_regenerate_line():
 
 def test_every_field_of_a_real_spec_passes_the_render_check():
     check_renderable(base_spec())  # the check refuses nothing inference really produces
+
+
+@functools.lru_cache(maxsize=None)
+def olmo_hybrid_spec() -> DescriptorSpec:
+    spec = infer("olmo_hybrid")
+    assert spec.predicates.by_kind and spec.predicates.kind_children
+    return spec
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "predicates.by_kind",
+        "predicates.kind_children.label",
+        "predicates.kind_children.attention",
+        "predicates.kind_children.ffn",
+    ],
+)
+def test_the_layer_kind_table_refuses_hostile_strings_or_keeps_them_literal(field):
+    """The table get_weight_groups tells layer kinds by (OLMo-hybrid's) is rendered from the
+    spec: child names as string literals, kind labels as comments."""
+    base = olmo_hybrid_spec()
+    clean = render.render_descriptor(base)
+    for hostile in HOSTILE:
+        value = hostile if field.endswith("label") else (hostile,)
+        spec = _set(field)(base, value)
+        try:
+            source = render.render_descriptor(spec)
+        except PuzzleGenError:
+            continue
+        assert shape(source) == shape(clean), (field, hostile)
+        compile(source, "<descriptor>", "exec")

@@ -3,6 +3,7 @@ rules that came with them (a residual cast without a module call, a child whose 
 the layer's kind, expert sizes told apart by the tensors they resize, overrides proven on one
 layer, kinds only other configs build), and the tiny configs that show every kind."""
 
+import copy
 import functools
 import re
 
@@ -11,14 +12,16 @@ import synthetic_models as sm
 import torch
 from torch import nn
 
-from generator import kinds, predicates
+from generator import kinds, layer_weights, predicates
 from generator.analysis import layer_flow
 from generator.analysis.layer_flow import ATTENTION, FFN, analyze_layer
 from generator.analysis.source_index import SourceIndex
 from generator.errors import InferenceError
 from generator.infer import infer
 from generator.probe import layer_children
-from puzzletron_runtime.model_descriptor.weight_groups import move_to_sole_subblock
+from generator.spec import ClassRef, KindChildren, LayerKind, Subblock
+from puzzletron_runtime.model_descriptor.kind_groups import group_by_layer_kind, split_roles
+from puzzletron_runtime.model_descriptor.weight_groups import group_names, move_to_sole_subblock
 
 
 @functools.lru_cache(maxsize=None)
@@ -418,3 +421,182 @@ def test_a_read_only_per_layer_field_is_not_a_choice_of_one_layer():
     config = verification_config(FalconH1Config)
     assert not kinds.settable(config, "layer_types", ["x"])
     assert list(other_kind_configs(config)) == []
+
+
+# -- a child whose subblock depends on its layer's kind, in layers with both subblocks ------------
+def _kind_from_flow(layer, label: str) -> LayerKind:
+    """The kind inference builds for `layer`, as far as weight grouping reads it: each
+    subblock's children with weights, from the layer's own data flow."""
+    flow = flow_of(layer)
+
+    def subblock(which):
+        sb = flow.subblocks.get(which)
+        if sb is None:
+            return None
+        weighted = tuple(n for n in sb.members if list(getattr(layer, n).parameters()))
+        return Subblock(which, (), weighted, ())
+
+    cls = ClassRef(type(layer).__module__, type(layer).__name__)
+    children = tuple(n for n, _ in layer.named_children())
+    return LayerKind(
+        label, cls, children, (), "sequential", subblock(ATTENTION), subblock(FFN), (), ()
+    )
+
+
+def _by_flow(layer, prefix: str, kept=(ATTENTION, FFN)) -> dict[str, list[str]]:
+    """The expected groups of one layer: the tensors below each subblock's data-flow members,
+    for the subblocks a no-op left in place."""
+    flow, out = flow_of(layer), {}
+    for which in kept:
+        members = flow.subblocks[which].members
+        names = [f"{prefix}.{n}" for n in layer.state_dict() if n.split(".")[0] in members]
+        out[f"block_{prefix.rsplit('.', 1)[1]}_{which}"] = sorted(names)
+    return out
+
+
+def test_a_child_in_the_attention_of_one_kind_and_the_ffn_of_another_follows_its_layer_kind():
+    """Llama-style layers normalise the FFN input with post_attention_layernorm, OLMo-2-style
+    ones the attention output (OLMo-hybrid has both kinds): the predicates cannot name one
+    group for it, get_weight_groups decides layer by layer, whole layers and layers a no-op
+    left one subblock of (a checkpoint of a heterogeneous model)."""
+    config = sm.make_config()
+    pre, post = sm.PreNormLayer(config), sm.PostSubblockNormLayer(config)
+    kinds_ = [_kind_from_flow(pre, "pre"), _kind_from_flow(post, "post")]
+    attention, ffn, tensors, followers, by_kind, table = layer_weights.weight_modules(
+        kinds_, [pre, post]
+    )
+    assert by_kind == ["post_attention_layernorm"] and followers == []
+    assert [(k.attention, k.ffn) for k in table] == [
+        (("input_layernorm", "self_attn"), ("mlp", "post_attention_layernorm")),
+        (("post_attention_layernorm", "self_attn"), ("mlp", "post_feedforward_layernorm")),
+    ]
+    pred = predicates.build(["embed"], ["head"], "layers", attention, ffn, tensors)
+    # layers 0, 1 whole; 2 without its attention, 3 without its FFN, 4 without its attention,
+    # 5 without its FFN (what a heterogeneous checkpoint holds)
+    stack = [(pre, (ATTENTION, FFN)), (post, (ATTENTION, FFN)), (pre, (FFN,))]
+    stack += [(post, (ATTENTION,)), (post, (FFN,)), (pre, (ATTENTION,))]
+    want: dict[str, list[str]] = {}
+    for i, (layer, kept) in enumerate(stack):
+        want.update(_by_flow(layer, f"layers.{i}", kept))
+    names = [n for group in want.values() for n in group]
+    compiled = predicates.compile_groups(pred, len(stack))
+    base = group_names(list(compiled.items()), names, "test")
+    rows = [(k.attention, k.ffn) for k in table]
+    got = group_by_layer_kind(base, len(stack), r"layers", tuple(by_kind), rows)
+    assert {k: sorted(v) for k, v in got.items()} == want
+    assert {k: sorted(v) for k, v in base.items()} != want  # the predicates alone are wrong
+
+
+def test_layer_kinds_their_children_do_not_tell_apart_are_refused():
+    """Two kinds with the same children, a norm before the attention in one and before the MLP
+    in the other: no name tells a layer's kind, so generating stops and says so."""
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.mixer = nn.Linear(2, 2), nn.Linear(2, 2)
+            self.other_norm, self.mlp = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    cls = ClassRef(__name__, "Layer")
+    children = ("norm", "mixer", "other_norm", "mlp")
+
+    def kind(label, attention, ffn):
+        return LayerKind(
+            label,
+            cls,
+            children,
+            (),
+            "sequential",
+            Subblock(ATTENTION, (), attention, ()),
+            Subblock(FFN, (), ffn, ()),
+            (),
+            (),
+        )
+
+    a = kind("a", ("norm", "mixer"), ("other_norm", "mlp"))
+    b = kind("b", ("other_norm", "mixer"), ("norm", "mlp"))
+    with pytest.raises(InferenceError, match="the children of a layer do not tell its kind"):
+        layer_weights.weight_modules([a, b], [Layer(), Layer()])
+
+
+def test_split_roles_asks_every_kind_that_fits():
+    kinds_ = [
+        (("input_layernorm", "linear_attn"), ("post_attention_layernorm", "mlp")),
+        (("self_attn", "post_attention_layernorm"), ("mlp", "post_feedforward_layernorm")),
+    ]
+    split = ("post_attention_layernorm",)
+    assert split_roles(["self_attn", "post_attention_layernorm"], split, kinds_) == {
+        "post_attention_layernorm": "attention"
+    }
+    # no linear_attn left (an attention no-op): still the first kind, by its MLP
+    assert split_roles(["post_attention_layernorm", "mlp"], split, kinds_) == {
+        "post_attention_layernorm": "ffn"
+    }
+    assert split_roles(["mlp", "post_feedforward_layernorm"], split, kinds_) == {}
+    with pytest.raises(ValueError, match="none fits"):
+        split_roles(["post_attention_layernorm", "mlp", "conv"], split, kinds_)
+
+
+def test_disk_spellings_of_layer_children_join_their_kinds():
+    """OLMo-hybrid's checkpoints spell post_attention_layernorm `feedforward_layer_norm`: the
+    table and the kind-decided children carry both spellings."""
+    table = (
+        KindChildren("a", ("input_layernorm",), ("post_attention_layernorm", "mlp")),
+        KindChildren("b", ("post_attention_layernorm", "self_attn"), ("mlp",)),
+    )
+    layer = "model.layers.0."
+    disk = {
+        layer + "feedforward_layer_norm.weight": layer + "post_attention_layernorm.weight",
+        layer + "attention_layer_norm.weight": layer + "input_layernorm.weight",
+        "model.layers.1.mlp.up.weight": "model.layers.1.mlp.up.weight",
+    }
+    split, rows = layer_weights.with_disk_children(
+        ("post_attention_layernorm",), table, disk, r"model\.layers"
+    )
+    assert split == ("post_attention_layernorm", "feedforward_layer_norm")
+    assert rows[0].attention == ("input_layernorm", "attention_layer_norm")
+    assert rows[1].attention == ("post_attention_layernorm", "self_attn", "feedforward_layer_norm")
+    assert rows[1].ffn == ("mlp",)
+
+
+def test_the_oracle_checks_a_kind_decided_child_layer_by_layer():
+    """OLMo-hybrid's generated descriptor passes the weight-group check; one that groups
+    post_attention_layernorm as the predicates list it (with the attention in every layer),
+    or with the FFN in every layer (as the linear-attention layers have it), fails it, naming a
+    layer of the kind it gets wrong."""
+    import generated
+    from generator.source import resolve
+    from generator.verify import CHECKS, make_subject, run_check
+    from puzzletron_runtime.model_descriptor import ModelDescriptor
+
+    base = generated.get_descriptor("olmo_hybrid")
+    subject = make_subject(base, resolve("olmo_hybrid").config_cls)
+    check = next(c for c in CHECKS if c.name == "weight groups")
+    assert run_check(subject, check).ok
+
+    class PredicatesOnly(base):
+        @classmethod
+        def get_weight_groups(cls, layer_names, num_hidden_layers):
+            return ModelDescriptor.get_weight_groups.__func__(cls, layer_names, num_hidden_layers)
+
+    class AllFFN(base):
+        @classmethod
+        def get_weight_groups(cls, layer_names, num_hidden_layers):
+            groups = ModelDescriptor.get_weight_groups.__func__(cls, layer_names, num_hidden_layers)
+            for i in range(num_hidden_layers):
+                attention = groups.get(f"block_{i}_attention", [])
+                moving = [n for n in attention if ".post_attention_layernorm." in n]
+                groups[f"block_{i}_attention"] = [n for n in attention if n not in moving]
+                groups[f"block_{i}_ffn"] = moving + groups.get(f"block_{i}_ffn", [])
+            return groups
+
+    full = [
+        i for i in range(subject.n) if "self_attn" in str(subject.reference.roles(i).describe())
+    ]
+    assert full and len(full) < subject.n  # both kinds in the tiny stack
+    for mutant, wrong_layer in ((PredicatesOnly, 0), (AllFFN, full[0])):
+        mutated = copy.copy(subject)  # shares the reference model already built
+        mutated.descriptor = mutant
+        result = run_check(mutated, check)
+        assert not result.ok, mutant.__name__
+        assert f"layer {wrong_layer}'s" in result.detail, result.detail

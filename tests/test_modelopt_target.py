@@ -662,6 +662,49 @@ def test_inline_move_to_sole_subblock_equals_the_runtimes():
     assert broken(groups, n, followers) != move_to_sole_subblock(groups, n, followers)
 
 
+def test_inline_group_by_layer_kind_equals_the_runtimes():
+    """Model Optimizer has no group_by_layer_kind: the Model Optimizer target writes it (and
+    _split_roles) into the module. On OLMo-hybrid's tensor names, whole layers and layers left
+    without one subblock, both give the same groups, and a sabotaged copy does not."""
+    from puzzletron_runtime.model_descriptor import ModelDescriptor
+    from puzzletron_runtime.model_descriptor.kind_groups import group_by_layer_kind
+
+    spec = spec_of("olmo_hybrid")
+    p = spec.predicates
+    helpers = [
+        n
+        for n in ast.parse(render_modelopt(spec)).body
+        if isinstance(n, ast.FunctionDef) and n.name in ("_split_roles", "_group_by_layer_kind")
+    ]
+    assert len(helpers) == 2
+
+    def compiled(nodes):
+        scope = {"re": re}
+        exec(compile(ast.Module(nodes, []), "<helpers>", "exec"), scope)
+        return scope["_group_by_layer_kind"]
+
+    inline = compiled(helpers)
+    sabotaged = ast.parse(ast.unparse(helpers[0]).replace("others & children", "children"))
+    broken = compiled(sabotaged.body + helpers[1:])
+    descriptor = generated.get_descriptor("olmo_hybrid")
+    source = resolve("olmo_hybrid")
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    names = list(build_model(source.causal_lm_cls, config, "meta").state_dict())
+    n = config.num_hidden_layers
+    # a heterogeneous checkpoint: layer 0 without its attention, the last without its FFN
+    names = [x for x in names if not re.match(r"model\.layers\.0\.(linear_attn|input_)", x)]
+    names = [x for x in names if not re.match(rf"model\.layers\.{n - 1}\.(mlp|post_f)", x)]
+    base = ModelDescriptor.get_weight_groups.__func__(descriptor, names, n)  # before the move
+    groups = {k: list(v) for k, v in base.items()}
+    args = (n, p.layer_prefix_regex(), p.by_kind, [(k.attention, k.ffn) for k in p.kind_children])
+    want = group_by_layer_kind(groups, *args)
+    assert want != groups  # something moves
+    assert inline(groups, *args) == want
+    with pytest.raises(ValueError):
+        broken(groups, *args)
+
+
 def test_inline_rebuild_refuses_to_leave_a_buffer_unset():
     """The check can fail: without the _init_weights call the helper raises instead of leaving
     NaN in the rotary tables."""

@@ -53,6 +53,7 @@ class ModeloptView:
     pass_residual: bool  # write PassResidual into the module
     list_of_size: bool  # write return_list_of_size into the module
     move_to_sole_subblock: bool  # write _move_to_sole_subblock into the module
+    group_by_layer_kind: bool  # write _split_roles and _group_by_layer_kind into the module
 
 
 def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, command_line: str):
@@ -111,6 +112,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         pass_residual=pass_residual,
         list_of_size="return_list_of_size" in no_op_names(spec),
         move_to_sole_subblock=bool(spec.predicates.followers),
+        group_by_layer_kind=bool(spec.predicates.by_kind),
     )
     return Target(
         module_for=lambda sub: module_for(sub, MODELOPT, layout),
@@ -119,7 +121,13 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         stdlib=("from dataclasses import dataclass, field",) if exports else (),
         command=command_line,
         inline=frozenset(
-            {"rebuild_buffers", "PassResidual", "return_list_of_size", "move_to_sole_subblock"}
+            {
+                "rebuild_buffers",
+                "PassResidual",
+                "return_list_of_size",
+                "move_to_sole_subblock",
+                "group_by_layer_kind",
+            }
         ),
         template_vars={"registration_name": names.registration, "modelopt": view},
     )
