@@ -12,6 +12,10 @@ only, on the layer of the kind being analysed. What the change touches says whic
   module of the subblock;
 - FFN without experts: the width.
 
+A size is proven on every tiny layer of the kind: where its field resizes only some of them, the
+fields the others read it from are found by the tensors they resize
+(generator/per_layer_fields.py).
+
 An FFN width must also be built verbatim: a field the model transforms before use (rounded to a
 multiple, scaled by 2/3 as in LFM2's auto-adjusted FFN) is mapped through a boolean flag that
 turns the transform off, or refused with the widths seen.
@@ -185,9 +189,11 @@ class _Run:
             value = new_value(config_value(self.tiny_text, field, None), self.tiny_text)
             if value is None:
                 continue
-            diffs = self.probe.shape_diffs({field: value}, paths) if len(paths) > 1 else {
-                paths[0]: self.probe.shape_diff({field: value}, paths[0])
-            }
+            diffs = (
+                self.probe.shape_diffs({field: value}, paths)
+                if len(paths) > 1
+                else {paths[0]: self.probe.shape_diff({field: value}, paths[0])}
+            )
             changed_at = {p: {k.split(".")[0] for k in d} for p, d in diffs.items()}
             changed = changed_at[self.layer_path]
             tried.append(f"{field}={value} changes {sorted(changed) or 'nothing'}")

@@ -57,9 +57,7 @@ def other_fields(run, size, field, value, diffs, new_value, listed) -> None:
         covers = [p for p in rest if moved[p] and set(moved[p]) == want]
         if not covers:
             continue
-        if any(moved[p] for p in reading) or any(
-            moved[p] and set(moved[p]) != want for p in rest
-        ):
+        if any(moved[p] for p in reading) or any(moved[p] and set(moved[p]) != want for p in rest):
             tried.append(f"{other}={other_value} also resizes other tensors or layers")
             continue
         evidence = [
@@ -75,8 +73,7 @@ def other_fields(run, size, field, value, diffs, new_value, listed) -> None:
         run.ctx.fact(
             f"{run.kind} override ({size}) of layers {', '.join(_index(p) for p in rest)}",
             "none",
-            [f"config.{field} resizes layers {', '.join(_index(p) for p in reading)} only"]
-            + tried,
+            [f"config.{field} resizes layers {', '.join(_index(p) for p in reading)} only"] + tried,
         )
         return
     _mark_layers(run, size, by_field)
@@ -108,9 +105,11 @@ def _mark_layers(run, size, by_field: dict[str, list[str]]) -> None:
         )
     marked = dict(zip(by_field, tests))
     run.found = [
-        dataclasses.replace(o, layers=marked[o.config_field])
-        if o.block_config_attr == size and o.config_field in marked
-        else o
+        (
+            dataclasses.replace(o, layers=marked[o.config_field])
+            if o.block_config_attr == size and o.config_field in marked
+            else o
+        )
         for o in run.found
     ]
     run.ctx.fact(

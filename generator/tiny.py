@@ -4,7 +4,8 @@ The probe traces and verifies on these; tests build their models from them. One 
 serves every config class, by generic rules applied to the default config's own fields:
 
 - widths: hidden 64, FFN 128, 4 attention heads of head_dim 16, 2 KV heads (or 4, or 1, when the
-  default has as many KV heads as heads, or one); every other
+  default has as many KV heads as heads, or one; a prefixed KV-head count such as Inkling's
+  `swa_num_key_value_heads` alike, against the head count of its prefix); every other
   head-dimension-like field (`rotary_dim`, `qk_rope_head_dim`, `v_head_dim`, ...) scaled by the
   same ratio as head_dim, so partial rotary and split heads keep their proportions;
 - layers: at least TINY_LAYERS, and enough that every kind of a per-layer pattern (a list as

@@ -189,7 +189,9 @@ def _overrides():
 
 def test_the_converter_reads_each_layers_size_from_the_field_that_layer_reads():
     kind = SimpleNamespace(label="Layer")
-    f = _per_layer_field(_spec(), kind, KV, _overrides(), ("attention", "num_key_value_heads"), True)
+    f = _per_layer_field(
+        _spec(), kind, KV, _overrides(), ("attention", "num_key_value_heads"), True
+    )
     text_config = SimpleNamespace(num_key_value_heads=3, swa_num_key_value_heads=5)
     for layer_type, want in (("full", 3), ("sliding", 5)):
         decoder_layer = SimpleNamespace(layer_type=layer_type)
