@@ -124,11 +124,11 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         try:
             if group.built_by:
                 built = kinds.group_layers(ctx.probe.tiny_model().get_submodule(stack_path))
-                tiny_index = _tiny_layer(group, built, label)
+                tiny_kind = _tiny_layer(group, built, label)
             else:
-                tiny_index = _tiny_layer(group, tiny_groups, label)
+                tiny_kind = _tiny_layer(group, tiny_groups, label)
             kind, found, kind_variants = _layer_kind(
-                ctx, group, label, (), stack_path, tiny_index, every_child
+                ctx, group, label, (), stack_path, tiny_kind, every_child
             )
         except InferenceError as exc:
             if not group.built_by:
@@ -448,12 +448,14 @@ def _tiny_model(ctx: _Context) -> nn.Module:
         ) from None
 
 
-def _tiny_layer(group: kinds.KindGroup, tiny_groups: list[kinds.KindGroup], label: str) -> int:
-    """The first layer of the tiny model with the kind of `group` (the tiny model is where the
-    kind is traced and its overrides are proven)."""
+def _tiny_layer(
+    group: kinds.KindGroup, tiny_groups: list[kinds.KindGroup], label: str
+) -> kinds.KindGroup:
+    """The layers of the tiny model with the kind of `group` (the tiny model is where the kind
+    is traced, on its first such layer, and its overrides are proven, on all of them)."""
     for g in tiny_groups:
         if (g.layer_class, g.children) == (group.layer_class, group.children):
-            return g.layers[0]
+            return g
     raise InferenceError(
         "a tiny model with every layer kind",
         f"the tiny config builds no layer like layers {layer_ranges(group.layers)} of the probed "
@@ -462,9 +464,10 @@ def _tiny_layer(group: kinds.KindGroup, tiny_groups: list[kinds.KindGroup], labe
     )
 
 
-def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child):
+def _layer_kind(ctx, group, label, selector, stack_path, tiny_kind, every_child):
     """Analyse the first layer of a kind: its subblocks, no-op plans, overrides, variants."""
     probe = ctx.probe
+    tiny_index = tiny_kind.layers[0]
     layer = group.modules[0]
     flow = layer_flow.analyze_layer(type(layer), layer, layer_children(layer), ctx.index)
     tiny_path = f"{stack_path}.{tiny_index}"
@@ -481,7 +484,7 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_index, every_child
             continue
         sb = flow.subblocks[kind]
         subblocks[kind] = _subblock(ctx, flow, kind, arity, lists, stack_path, group)
-        found.extend(infer_overrides(ctx, kind, sb, layer, tiny_path))
+        found.extend(infer_overrides(ctx, kind, sb, layer, tiny_path, tiny_kind, stack_path))
     if not subblocks:
         raise InferenceError(
             f"the subblocks of {flow.class_name}", "no residual segment", flow.evidence

@@ -12,6 +12,10 @@ only, on the layer of the kind being analysed. What the change touches says whic
   module of the subblock;
 - FFN without experts: the width.
 
+A size is proven on every tiny layer of the kind: where its field resizes only some of them, the
+fields the others read it from are found by the tensors they resize
+(generator/per_layer_fields.py).
+
 An FFN width must also be built verbatim: a field the model transforms before use (rounded to a
 multiple, scaled by 2/3 as in LFM2's auto-adjusted FFN) is mapped through a boolean flag that
 turns the transform off, or refused with the widths seen.
@@ -90,12 +94,16 @@ def _number(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def infer_overrides(ctx, kind, sb, layer, layer_path) -> tuple[ConfigOverride, ...]:
+def infer_overrides(
+    ctx, kind, sb, layer, layer_path, tiny_kind=None, stack_path=None
+) -> tuple[ConfigOverride, ...]:
     """The block-config sizes of subblock `kind` of the layer kind at `layer_path` (a layer of
     the tiny model) mapped onto the config fields its modules read, each proven by a probe build
-    (none found is a fact too, with the fields tried as evidence)."""
+    (none found is a fact too, with the fields tried as evidence). `tiny_kind`: every layer of
+    that kind in the tiny model (a size may be read from one field by some of them and from
+    another by the others: generator/per_layer_fields.py)."""
     reads = _reads(ctx.index, _subblock_classes(layer, sb.members))
-    run = _Run(ctx, kind, sb, reads, layer_path)
+    run = _Run(ctx, kind, sb, reads, layer_path, tiny_kind, stack_path)
     if kind == ATTENTION:
         run.plain("attention.num_key_value_heads", KV_HEAD_FIELDS, _fewer_heads)
         for size, fields in MAMBA_FIELDS.items():
@@ -109,9 +117,16 @@ def infer_overrides(ctx, kind, sb, layer, layer_path) -> tuple[ConfigOverride, .
 
 
 class _Run:
-    def __init__(self, ctx, kind, sb, reads, layer_path):
+    def __init__(self, ctx, kind, sb, reads, layer_path, tiny_kind=None, stack_path=None):
         self.ctx, self.kind, self.sb, self.reads = ctx, kind, sb, reads
         self.layer_path = layer_path
+        # the tiny layers of this kind, the analysed one first (a static build's probe measures
+        # one layer at a time: there, the analysed layer alone)
+        self.kind_layers = [(layer_path, None)]
+        if tiny_kind is not None and stack_path and hasattr(ctx.probe, "shape_diffs"):
+            self.kind_layers = [
+                (f"{stack_path}.{i}", m) for i, m in zip(tiny_kind.layers, tiny_kind.modules)
+            ]
         self.probe = ctx.probe
         self.tiny_text = self.probe.tiny_config().get_text_config()
         self.members = set(sb.members)
@@ -128,14 +143,15 @@ class _Run:
         cores = set(self.sb.cores) | set(self.sb.judges)
         return bool(changed) and changed <= self.members and bool(changed & cores)
 
-    def _accept(self, size, field, value, evidence, flag=None) -> bool:
+    def _accept(self, size, field, value, evidence, flag=None, layer_path=None) -> bool:
         """Record the override, unless a model with this layer alone changed does not build."""
+        layer_path = layer_path or self.layer_path
         changes = {field: value, **({flag[0]: flag[1]} if flag else {})}
-        failure = self.probe.layer_change_fails(changes, self.layer_path)
+        failure = self.probe.layer_change_fails(changes, layer_path)
         if failure is not None:
             self.refused.append(
                 f"config.{field} changes only {self.kind} shapes, but a model whose layer "
-                f"{self.layer_path.rpartition('.')[2]} alone has {field}={value} does not build "
+                f"{layer_path.rpartition('.')[2]} alone has {field}={value} does not build "
                 f"({failure[:160]}): transformers reads the whole model's value"
             )
             return False
@@ -162,25 +178,47 @@ class _Run:
 
     # -- one field, confirmed by the shapes it changes ---------------------------------------
     def plain(self, size, fields, new_value, quiet=False) -> None:
+        """The first of `fields` whose change resizes this subblock (and nothing else) on some
+        layers of the kind; where other layers of the kind keep their shapes, the fields they
+        read the size from instead (per_layer_fields.other_fields)."""
+        from .per_layer_fields import other_fields
+
         tried = []
+        paths = [p for p, _ in self.kind_layers]
         for field in fields:
             if field not in self.reads:
                 continue
             value = new_value(config_value(self.tiny_text, field, None), self.tiny_text)
             if value is None:
                 continue
-            diff, changed = self._diff({field: value})
+            diffs = (
+                self.probe.shape_diffs({field: value}, paths)
+                if len(paths) > 1
+                else {paths[0]: self.probe.shape_diff({field: value}, paths[0])}
+            )
+            changed_at = {p: {k.split(".")[0] for k in d} for p, d in diffs.items()}
+            changed = changed_at[self.layer_path]
             tried.append(f"{field}={value} changes {sorted(changed) or 'nothing'}")
-            if self._inside(changed) and self._accept(
+            reading = [p for p in paths if changed_at[p]]
+            if not reading or not all(self._inside(changed_at[p]) for p in reading):
+                continue
+            first = reading[0]
+            if first != self.layer_path:
+                tried[-1] += f" on layer {_index(self.layer_path)}"
+            if self._accept(
                 size,
                 field,
                 value,
                 [
                     f"{self.reads[field]} reads config.{field}",
                     f"probe: setting {field}={value} changes the shapes of "
-                    f"{', '.join(sorted(changed))} only",
+                    f"{', '.join(sorted(changed_at[first]))} only"
+                    + (f" (layer {_index(first)})" if first != self.layer_path else ""),
                 ],
+                layer_path=first,
             ):
+                if len(reading) < len(paths):
+                    other_fields(self, size, field, value, diffs, new_value, fields)
                 return
         if tried or not quiet:
             self._none(size, tried or [f"the {self.kind} modules read none of {', '.join(fields)}"])
@@ -351,6 +389,10 @@ class _Run:
             ):
                 return flag, not current
         return None
+
+
+def _index(layer_path: str) -> str:
+    return layer_path.rpartition(".")[2]
 
 
 def _fewer_heads(current, config):

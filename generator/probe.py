@@ -290,6 +290,10 @@ class Probe:
         """Parameters (below the layer at `layer_path`) whose shapes change when the tiny config
         sets `changes`, with their new shapes (() when the parameter disappears); {} when the
         changed config does not build."""
+        return self.shape_diffs(changes, [layer_path])[layer_path]
+
+    def shape_diffs(self, changes: dict[str, Any], layer_paths) -> dict[str, dict[str, tuple]]:
+        """`shape_diff` for each of several layers, from one pair of builds."""
         base = build_model(self.source.causal_lm_cls, self.tiny_config())
         changed_config = self.tiny_config()
         target = changed_config.get_text_config()
@@ -298,10 +302,13 @@ class Probe:
         try:
             changed = build_model(self.source.causal_lm_cls, changed_config)
         except Exception:
-            return {}
-        a = {k: tuple(v.shape) for k, v in base.get_submodule(layer_path).named_parameters()}
-        b = {k: tuple(v.shape) for k, v in changed.get_submodule(layer_path).named_parameters()}
-        return {k: b.get(k, ()) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+            return {p: {} for p in layer_paths}
+        out = {}
+        for path in layer_paths:
+            a = {k: tuple(v.shape) for k, v in base.get_submodule(path).named_parameters()}
+            b = {k: tuple(v.shape) for k, v in changed.get_submodule(path).named_parameters()}
+            out[path] = {k: b.get(k, ()) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        return out
 
     def layer_change_fails(self, changes: dict[str, Any], layer_path: str) -> str | None:
         """Build the tiny model on the CPU with `changes` to the config of the layer at

@@ -67,6 +67,10 @@ class ConfigOverride:
     # block_auto_adjust_ff_dim would otherwise scale the width by 2/3): (field, value)
     with_flag: str | None = None
     flag_value: bool | None = None
+    # the layers of its kind that read this field, where the kind's layers read the size from
+    # different fields (Inkling's sliding layers read swa_num_key_value_heads, its full ones
+    # num_key_value_heads): tests on the layer object, as a kind's selector; () for every layer
+    layers: tuple[KindTest, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,7 +271,13 @@ def _build(tp, data):
         return None
     if dataclasses.is_dataclass(tp):
         hints = get_type_hints(tp)
-        return tp(**{f.name: _build(hints[f.name], data[f.name]) for f in dataclasses.fields(tp)})
+        return tp(
+            **{
+                f.name: _build(hints[f.name], data[f.name])
+                for f in dataclasses.fields(tp)
+                if f.name in data  # a field added since the JSON was written keeps its default
+            }
+        )
     origin = get_origin(tp)
     if origin is tuple:
         inner, *_rest = get_args(tp)
@@ -439,6 +449,19 @@ def check_renderable(spec: "DescriptorSpec") -> None:
             "the block config attribute",
             o.block_config_attr,
         )
+        for t in o.layers:
+            need(
+                t.value is not None and t.cls is None and t.child is not None and not t.negate,
+                "a test of the layers that read an override's field",
+                t,
+            )
+            ident(t.child, "the attribute the layers that read a field are told apart by")
+            need(
+                type(t.value) in (int, bool)
+                or (type(t.value) is str and not _CONTROL.search(t.value)),
+                "a test's value",
+                t.value,
+            )
         if o.with_flag is not None:
             ident(o.with_flag, "the override's config flag")
             need(type(o.flag_value) is bool, "the override's flag value", o.flag_value)

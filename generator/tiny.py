@@ -4,7 +4,8 @@ The probe traces and verifies on these; tests build their models from them. One 
 serves every config class, by generic rules applied to the default config's own fields:
 
 - widths: hidden 64, FFN 128, 4 attention heads of head_dim 16, 2 KV heads (or 4, or 1, when the
-  default has as many KV heads as heads, or one); every other
+  default has as many KV heads as heads, or one; a prefixed KV-head count such as Inkling's
+  `swa_num_key_value_heads` alike, against the head count of its prefix); every other
   head-dimension-like field (`rotary_dim`, `qk_rope_head_dim`, `v_head_dim`, ...) scaled by the
   same ratio as head_dim, so partial rotary and split heads keep their proportions;
 - layers: at least TINY_LAYERS, and enough that every kind of a per-layer pattern (a list as
@@ -499,6 +500,7 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
             overrides[key] = VOCAB
     overrides.update(_expert_topk(present, overrides))
     overrides.update(_mixer_heads(present, overrides))
+    overrides.update(_prefixed_kv_heads(present, overrides))  # after the head counts they divide
 
     # RoPE per-frequency lists follow the rotary width
     rope = present.get("rope_parameters")
@@ -535,6 +537,28 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
         if _is_config(value):
             overrides[key] = {**value.to_dict(), **tiny_overrides(value)}
     return overrides
+
+
+def _prefixed_kv_heads(present: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """KV heads of another set of layers (Inkling's `swa_num_key_value_heads` beside
+    `swa_num_attention_heads` for its sliding-window layers) keep their attention's kind like
+    `num_key_value_heads` does, against the head count of the same prefix: grouped stays
+    grouped. Scaled like any other head count, 16 of 64 would become 1 of 4, a multi-query
+    attention whose KV heads no smaller block config could resize."""
+    out: dict[str, Any] = {}
+    for key, kv in present.items():
+        base = next((f for f in KV_HEAD_FIELDS if key.endswith("_" + f)), None)
+        if base is None or not _is_int(kv) or kv <= 0:
+            continue
+        prefix = key[: -len(base)]
+        heads = present.get(prefix + "num_attention_heads")
+        if not _is_int(heads) or heads <= 0 or heads % kv:
+            continue  # no head count of its own to keep a kind against
+        tiny_heads = overrides.get(prefix + "num_attention_heads", heads)
+        kind = tiny_heads if kv == heads else 1 if kv == 1 else KV_HEADS
+        if _is_int(tiny_heads) and tiny_heads % kind == 0:
+            out[key] = kind
+    return out
 
 
 def default_config(config_cls: type) -> Any:

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 import generated
-from generator import modelopt, render
+from generator import kinds, modelopt, render
 from generator.cli import main
 from generator.errors import PuzzleGenError
 from generator.infer import infer
@@ -383,7 +383,9 @@ def test_converter_kv_heads_are_the_heads_of_the_key_value_cache(model_type):
 @pytest.mark.parametrize("model_type", CONVERTED)
 def test_converter_follows_the_fields_the_overrides_write(model_type):
     """Another value of each overridden config field gives block configs with that value, in
-    every layer whose block holds that size."""
+    every layer whose block holds that size and that reads the field (an override whose kind's
+    layers read the size from different fields says which layers read it: Inkling's sliding
+    layers read swa_num_key_value_heads; the others must keep their value)."""
     source = resolve(model_type)
     converter = converter_of(model_type)
     spec = spec_of(model_type)
@@ -399,6 +401,7 @@ def test_converter_follows_the_fields_the_overrides_write(model_type):
         if any(modelopt.kind_holds(spec, kind, layer) for layer in layers)
         for o in modelopt.kind_overrides(kind)
     }
+    base_blocks = converter.create_block_configs_from_main_config(base_config)
     for o in spec.overrides:
         if o not in present:
             continue
@@ -411,9 +414,13 @@ def test_converter_follows_the_fields_the_overrides_write(model_type):
             config = tiny_config(source.config_cls)
         setattr(config.get_text_config(), o.config_field, value)  # nested: the text config's
         blocks = converter.create_block_configs_from_main_config(config)
-        held = [_leaf(b, o.block_config_attr) for b in blocks]
+        reads = [all(kinds.holds(t, layer, {}) for t in o.layers) for layer in layers]
+        held = [_leaf(b, o.block_config_attr) for b, r in zip(blocks, reads) if r]
         held = [v for v in held if v is not None]
         assert held and set(held) == {value}, (o.config_field, held)
+        others = [_leaf(b, o.block_config_attr) for b, r in zip(blocks, reads) if not r]
+        kept = [_leaf(b, o.block_config_attr) for b, r in zip(base_blocks, reads) if not r]
+        assert others == kept, (o.config_field, others, kept)
 
 
 def test_shape_check_catches_a_converter_reading_the_wrong_field():

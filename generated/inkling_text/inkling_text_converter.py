@@ -15,8 +15,9 @@ weights) and each layer of model.layers is tested as the descriptor's no-ops tes
 so any per-layer pattern of the config is read as the model reads it.
 
 - InklingDecoderLayer with mlp: InklingMoE (layers 0-65 of the default config):
-  - block_config.attention.num_key_value_heads <- 1: one head at any head count (multi-query
-    or latent attention) (the key/value cache of tiny forwards, 5 configs)
+  - block_config.attention.num_key_value_heads <- config.num_key_value_heads (read at
+    modeling_inkling.py:195) in layers with layer_type == 'hybrid'; config.swa_num_key_value_heads
+    (read at modeling_inkling.py:195) in layers with layer_type == 'hybrid_sliding'
   - block_config.ffn.moe.num_local_experts <- config.n_routed_experts (read at
     modeling_inkling.py:347)
   - block_config.ffn.moe.num_experts_per_tok <- config.num_experts_per_tok (read at
@@ -56,7 +57,14 @@ class InklingConverter:
         for decoder_layer in model.get_submodule("model.layers"):
             if isinstance(decoder_layer.mlp, InklingMoE):
                 block = BlockConfig(
-                    attention=AttentionConfig(no_op=False, num_key_value_heads=1),
+                    attention=AttentionConfig(
+                        no_op=False,
+                        num_key_value_heads=(
+                            text_config.num_key_value_heads
+                            if getattr(decoder_layer, "layer_type", None) == "hybrid"
+                            else text_config.swa_num_key_value_heads
+                        ),
+                    ),
                     ffn=FFNConfig(
                         no_op=False,
                         moe=MoEConfig(

@@ -35,6 +35,8 @@ Evidence (line numbers in transformers 5.23.0):
     stand-in returns zeros.
 - config.num_key_value_heads <- block_config.attention.num_key_value_heads: read at
   modeling_inkling.py:195; a probe build confirmed it changes only attention weight shapes.
+- config.swa_num_key_value_heads <- block_config.attention.num_key_value_heads: read at
+  modeling_inkling.py:195; a probe build confirmed it changes only attention weight shapes.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_inkling.py:292; a probe build confirmed it changes only ffn weight shapes.
 - config.n_routed_experts <- block_config.ffn.moe.num_local_experts: read at
@@ -73,6 +75,7 @@ class InklingModelDescriptor(ModelDescriptor):
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
         overrides = {
             "num_key_value_heads": block_config.attention.num_key_value_heads,
+            "swa_num_key_value_heads": block_config.attention.num_key_value_heads,
             "intermediate_size": block_config.ffn.intermediate_size,
         }
         if block_config.ffn.moe is not None:

@@ -74,14 +74,18 @@ def kind_blocks(spec: DescriptorSpec, target: str = PUZZLETRON) -> tuple[KindBlo
     several = len(spec.kinds) > 1
     blocks = []
     for kind in spec.kinds:
-        fields_of = {}
+        fields_of: dict[str, tuple] = {}
         for o in kind_overrides(kind):
             path = tuple(o.block_config_attr.split("."))
             if not all(is_identifier(p) for p in path) or not is_identifier(o.config_field):
                 raise PuzzleGenError(f"refusing to render the override {o}")
-            fields_of[o.block_config_attr] = (o, path)
+            os_, _ = fields_of.get(o.block_config_attr, ((), path))
+            fields_of[o.block_config_attr] = ((*os_, o), path)
 
-        def field(size, o, path):
+        def field(size, os_, path):
+            if len(os_) > 1:
+                return _per_layer_field(spec, kind, size, os_, path, several)
+            (o,) = os_
             derived = _derived(probe, kind, size, o.config_field)
             if derived is not None:
                 return ConverterField(path, *derived)
@@ -148,6 +152,36 @@ def kind_blocks(spec: DescriptorSpec, target: str = PUZZLETRON) -> tuple[KindBlo
             )
         )
     return tuple(blocks)
+
+
+def _per_layer_field(spec, kind, size, overrides, path, several) -> ConverterField:
+    """A size the layers of `kind` read from different fields (generator/per_layer_fields.py):
+    each layer's from the field that layer reads, told by the tests the override recorded."""
+    from ..descriptor_view import _test_expr
+
+    if not all(o.layers for o in overrides):
+        raise PuzzleGenError(
+            f"{spec.model_type}: no converter: the layers of {kind.label} read {size} from "
+            f"{' or '.join(f'config.{o.config_field}' for o in overrides)}, and which layer "
+            "reads which could not be told by an attribute of the layer"
+        )
+    if not several:
+        raise PuzzleGenError(
+            f"{spec.model_type}: no converter: the layers of {kind.label} read {size} from "
+            f"{' or '.join(f'config.{o.config_field}' for o in overrides)} depending on the "
+            "layer, and a converter of a stack of one kind does not build the layers to tell"
+        )
+    *conditional, last = overrides
+    expr = f"text_config.{last.config_field}"
+    for o in reversed(conditional):
+        test = " and ".join(_test_expr(t, spec) for t in o.layers)
+        expr = f"(text_config.{o.config_field} if {test} else {expr})"
+    note = "; ".join(
+        f"{_override_note(o)} in layers with "
+        + " and ".join(f"{t.child} == {t.value!r}" for t in o.layers)
+        for o in overrides
+    )
+    return ConverterField(path, expr, note)
 
 
 class _LazyProbe:

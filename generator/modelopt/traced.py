@@ -134,11 +134,23 @@ def ffn_layer(spec, kind, model, text, vocab, index):
 def kv_layer(spec, kind, model, text, vocab, index):
     import torch
 
+    from ..kinds import holds
+
     core_attr = single_core(kind, "attention")
-    kv_override = kind_override(kind, "attention.num_key_value_heads")
+    layer_path = f"{spec.layer_stack}.{index}"
+    # the field this layer reads its KV heads from (a kind's layers may read different ones:
+    # Inkling's sliding layers read swa_num_key_value_heads)
+    kv_override = next(
+        (
+            o
+            for o in kind.overrides
+            if o.block_config_attr == "attention.num_key_value_heads"
+            and all(holds(t, model.get_submodule(layer_path), {}) for t in o.layers)
+        ),
+        None,
+    )
     if core_attr is None or kv_override is None:
         return None, "the attention subblock has no single core module with a KV-heads override"
-    layer_path = f"{spec.layer_stack}.{index}"
     core = model.get_submodule(f"{layer_path}.{core_attr}")
     flow = Flow(model, core, vocab)
     readers, producers = flow.readers_of_input(), flow.producer_of_output()
