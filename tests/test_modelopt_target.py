@@ -129,6 +129,10 @@ NO_CONVERTER = {
     # Mamba-form sizes
     "recurrent_gemma": "no config field sets attention.num_key_value_heads of "
     "RecurrentGemmaDecoderLayer with temporal_block: RecurrentGemmaRecurrentBlock",
+    # RWKV's time mix keeps a recurrent state (the model's `state` tensors, not a key/value
+    # cache): it has no heads, no KV-head field and no Mamba-form sizes
+    "rwkv": "no config field sets attention.num_key_value_heads of RwkvBlock with pre_ln and no "
+    "rule for it could be confirmed on tiny and default-size models",
 }
 
 
