@@ -779,16 +779,17 @@ def _carried(ctx, owner: nn.Module, name: str, size, as_list: bool, site: str):
     module = getattr(owner, name, None)
     if not isinstance(module, nn.Module):
         return ()
-    return _carried_facts(ctx, name, carried_arguments(module, ctx.index), size, site)
+    found = carried_arguments(module, ctx.index)
+    return _carried_facts(ctx, name, f"{name}.forward", found, size, site)
 
 
-def _carried_facts(ctx, name: str, found: dict, size: int, site: str):
+def _carried_facts(ctx, name: str, forward: str, found: dict, size: int, site: str):
     out = []
     for index, (keyword, position) in sorted(found.items()):
         if index >= size:
             continue
         why = (
-            f"{name}.forward returns its argument {keyword!r} unchanged at place {index} of its "
+            f"{forward} returns its argument {keyword!r} unchanged at place {index} of its "
             "tuple, on every path (read from its source)"
         )
         ctx.fact(
@@ -834,7 +835,15 @@ def _dummy_block(ctx, loop, layers: list[nn.Module]) -> DummyBlock:
         # what every layer kind hands back, the dummy hands back: the loop threads it on
         found = [carried_arguments(layer, ctx.index) for layer in layers]
         common = {i: v for i, v in found[0].items() if all(f.get(i) == v for f in found[1:])}
-        carried = _carried_facts(ctx, "the layer", common, loop.tuple_size, "")
+        classes = sorted({type(layer).__name__ for layer in layers})
+        carried = _carried_facts(
+            ctx,
+            "each layer",
+            " and ".join(f"{c}.forward" for c in classes),
+            common,
+            loop.tuple_size,
+            "",
+        )
     return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence), loop.tuple_size, carried)
 
 

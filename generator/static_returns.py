@@ -131,7 +131,10 @@ def carried_arguments(module: nn.Module, index, depth: int = 0) -> dict[int, tup
     positions = {name: i for i, name in enumerate(param_names(func)[1:])}
     found: dict[int, str] | None = None
     for returned in interp.raw_returns:
-        for elements in _alternatives(returned):
+        alternatives = _alternatives(returned)
+        if not alternatives:  # a path that returns no tuple hands nothing back
+            return {}
+        for elements in alternatives:
             here = {
                 i: name
                 for i, e in enumerate(elements)

@@ -720,6 +720,15 @@ class SometimesStateMixer(StateMixer):
         return self.key(hidden), None
 
 
+class UntupledStateMixer(StateMixer):
+    """Returns a tuple with its state on one path and a bare tensor on the other."""
+
+    def forward(self, hidden, state=None, use_cache=False):
+        if use_cache:
+            return self.key(hidden), state
+        return self.key(hidden)
+
+
 class StateChannelMix(MLP):
     """RWKV's channel mix: the state passed positionally and handed back."""
 

@@ -36,7 +36,13 @@ def test_a_child_that_hands_back_what_it_was_given_carries_the_layer_argument():
 
 @pytest.mark.parametrize(
     "module",
-    [sm.FreshStateMixer, sm.SometimesStateMixer, sm.Attention, sm.FreshStateLayer],
+    [
+        sm.FreshStateMixer,
+        sm.SometimesStateMixer,
+        sm.UntupledStateMixer,
+        sm.Attention,
+        sm.FreshStateLayer,
+    ],
     ids=lambda c: c.__name__,
 )
 def test_a_computed_value_or_one_path_only_is_not_carried(module):
