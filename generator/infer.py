@@ -24,10 +24,12 @@ from .descriptor_view import layer_ranges
 from .errors import InferenceError, ProbeMismatch
 from .probe import Probe, build_model, layer_children
 from .layer_weights import weight_modules, with_disk_children
+from .static_returns import carried_arguments
 from .overrides import infer_overrides
 from .variants import variant_children
 from .source import ModelSource, resolve
 from .spec import (
+    CarriedArgument,
     ClassRef,
     ConfigOverride,
     ConfigVariant,
@@ -658,6 +660,7 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
         core = name in sb.cores
         size = arity.get(name)
         as_list = size is not None and name in lists
+        carried = _carried(ctx, group.modules[0], name, size, as_list, flow.sites.get(name, ""))
         if name in sb.residual_args:
             position, keyword = sb.residual_args[name]
             if not is_identifier(keyword):
@@ -665,7 +668,14 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
             why = "core that adds the residual it is passed: its no-op returns that residual"
             replacements.append(
                 ModuleReplacement(
-                    name, "PassResidual", size, (why,), position, keyword, returns_list=as_list
+                    name,
+                    "PassResidual",
+                    size,
+                    (why,),
+                    position,
+                    keyword,
+                    returns_list=as_list,
+                    carried=carried,
                 )
             )
             continue
@@ -688,6 +698,7 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
                 (why,),
                 refines=judge if judge != name else None,
                 returns_list=as_list,
+                carried=carried,
             )
         )
     # a child may hold weights in some layers only (ModernBERT-decoder's attn_norm is an
@@ -715,6 +726,35 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
             [flow.sites[name], ctx.probe.trace_evidence],
         )
     return Subblock(kind, tuple(replacements), weight_modules, tuple(sb.joins), tuple(sb.evidence))
+
+
+def _carried(ctx, owner: nn.Module, name: str, size, as_list: bool, site: str):
+    """The arguments child `name` of `owner` hands back in the tuple it returns (a recurrent
+    state, RWKV's `return out, state`): its no-op stand-in hands them back too, since the caller
+    threads them on (`attention, state = self.attention(x, state=state)`)."""
+    if not size or as_list:
+        return ()
+    module = getattr(owner, name, None)
+    if not isinstance(module, nn.Module):
+        return ()
+    found = carried_arguments(module, ctx.index)
+    return _carried_facts(ctx, name, f"{name}.forward", found, size, site)
+
+
+def _carried_facts(ctx, name: str, forward: str, found: dict, size: int, site: str):
+    out = []
+    for index, (keyword, position) in sorted(found.items()):
+        if index >= size:
+            continue
+        why = (
+            f"{forward} returns its argument {keyword!r} unchanged at place {index} of its "
+            "tuple, on every path (read from its source)"
+        )
+        ctx.fact(
+            f"{name} hands back", f"{keyword} at place {index}", [why] + ([site] if site else [])
+        )
+        out.append(CarriedArgument(index, keyword, position, (why,)))
+    return tuple(out)
 
 
 def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
@@ -748,7 +788,21 @@ def _dummy_block(ctx, loop, layers: list[nn.Module]) -> DummyBlock:
         + (f"; reads {', '.join(attrs)}" if attrs else ""),
         evidence,
     )
-    return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence), loop.tuple_size)
+    carried: tuple[CarriedArgument, ...] = ()
+    if loop.returns_tuple and loop.tuple_size > 1:
+        # what every layer kind hands back, the dummy hands back: the loop threads it on
+        found = [carried_arguments(layer, ctx.index) for layer in layers]
+        common = {i: v for i, v in found[0].items() if all(f.get(i) == v for f in found[1:])}
+        classes = sorted({type(layer).__name__ for layer in layers})
+        carried = _carried_facts(
+            ctx,
+            "each layer",
+            " and ".join(f"{c}.forward" for c in classes),
+            common,
+            loop.tuple_size,
+            "",
+        )
+    return DummyBlock(loop.returns_tuple, tuple(attrs), tuple(evidence), loop.tuple_size, carried)
 
 
 # -- buffers ------------------------------------------------------------------------------------

@@ -75,6 +75,15 @@ def _pyrepr(value: object) -> str:
     raise PuzzleGenError(f"refusing to render a {type(value).__name__} as a literal")
 
 
+def _carried_literal(carried) -> str:
+    """((index, keyword, position), ...) of the arguments a stand-in hands back, as a literal."""
+    items = "".join(
+        f"({_pyrepr(int(c.index))}, {_pyrepr(str(c.keyword))}, {_pyrepr(int(c.position))}), "
+        for c in carried
+    )
+    return f"({items.rstrip(' ')})"
+
+
 def _location(where: str) -> str:
     match = _LOCATION.match(where or "")
     if not match:
@@ -91,6 +100,7 @@ def _env() -> jinja2.Environment:
     )
     env.filters.update(
         pyrepr=_pyrepr,
+        carried_literal=_carried_literal,
         location=_location,
         code=lambda s: f"`{s}`",
         class_expr=_class_expr,

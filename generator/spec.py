@@ -39,6 +39,18 @@ class ClassRef:
 
 
 @dataclass(frozen=True)
+class CarriedArgument:
+    """Place `index` of the tuple a module returns holds its argument `keyword` (at `position`
+    among its arguments after self) unchanged: a recurrent state it was given and hands back
+    (RWKV's `return out, state`). A stand-in hands back what it was given there."""
+
+    index: int
+    keyword: str
+    position: int
+    evidence: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModuleReplacement:
     """On a no-op, the decoder layer's child `attr` is replaced by `replacement`."""
 
@@ -53,6 +65,7 @@ class ModuleReplacement:
     # subblock this is (Inkling's attn_sconv refines self_attn)
     refines: str | None = None
     returns_list: bool = False  # the sequence of tuple_size is a list (return_list_of_size)
+    carried: tuple[CarriedArgument, ...] = ()  # arguments handed back (return_tuple_carrying)
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,7 @@ class DummyBlock:
     attributes: tuple[str, ...]  # layer attributes the loop reads, copied onto the dummy
     evidence: tuple[str, ...] = ()
     tuple_size: int = 1  # values the loop unpacks from a layer's output (GLM-MoE-DSA: 2)
+    carried: tuple[CarriedArgument, ...] = ()  # arguments a layer hands back (RWKV's state)
 
 
 @dataclass(frozen=True)
@@ -330,6 +344,18 @@ class SpecError(ValueError):
     """A spec field holds a value that must not reach generated code."""
 
 
+def _check_carried(carried, size: int, is_tuple: bool, need, ident) -> None:
+    """Arguments handed back: distinct places 1..size-1 of a tuple, named by identifiers."""
+    need(type(carried) is tuple, "the arguments handed back", carried)
+    need(not carried or is_tuple, "arguments handed back outside a tuple", carried)
+    places = [c.index for c in carried]
+    need(len(set(places)) == len(places), "the places of arguments handed back", places)
+    for c in carried:
+        need(type(c.index) is int and 0 < c.index < size, "the place of an argument", c.index)
+        ident(c.keyword, "the argument handed back")
+        need(type(c.position) is int and 0 <= c.position < 100, "its position", c.position)
+
+
 def check_renderable(spec: "DescriptorSpec") -> None:
     """Raise SpecError naming the first field whose value is not safe to render."""
 
@@ -430,6 +456,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                     r.tuple_size,
                 )
                 need(type(r.returns_list) is bool, "whether a no-op returns a list", r.returns_list)
+                _check_carried(r.carried, r.tuple_size or 1, not r.returns_list, need, ident)
                 if r.residual_keyword is not None:
                     ident(r.residual_keyword, "the residual argument")
                 if r.refines is not None:
@@ -491,6 +518,13 @@ def check_renderable(spec: "DescriptorSpec") -> None:
     )
     for name in spec.dummy_block.attributes:
         ident(name, "the dummy block attribute")
+    _check_carried(
+        spec.dummy_block.carried,
+        spec.dummy_block.tuple_size,
+        spec.dummy_block.returns_tuple,
+        need,
+        ident,
+    )
     p = spec.predicates
     for alt in p.followers:
         need(alt in p.attention, "a follower alternative", alt)

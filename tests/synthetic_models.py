@@ -708,3 +708,85 @@ class UnrefinedSegmentsLayer(RefinedSegmentsLayer):
         super().__init__(config, layer_idx)
         self.attn_conv = ContextFedConvolution(config)
         self.mlp_conv = ContextFedConvolution(config)
+
+
+class StateMixer(nn.Module):
+    """RWKV's time mix: a recurrent state passed in, updated in place by a helper method and
+    handed back beside the output."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def _shift(self, hidden, state=None):
+        if state is not None:
+            state[0][:, :] = hidden[:, -1]
+        return self.key(hidden), state
+
+    def forward(self, hidden, state=None, use_cache=False):
+        key, state = self._shift(hidden, state=state)
+        return key * 2, state
+
+
+class FreshStateMixer(StateMixer):
+    """Returns a new value computed from its state argument: not the argument itself."""
+
+    def forward(self, hidden, state=None, use_cache=False):
+        return self.key(hidden), state * 2
+
+
+class SometimesStateMixer(StateMixer):
+    """Hands its state back on one path only."""
+
+    def forward(self, hidden, state=None, use_cache=False):
+        if use_cache:
+            return self.key(hidden), state
+        return self.key(hidden), None
+
+
+class UntupledStateMixer(StateMixer):
+    """Returns a tuple with its state on one path and a bare tensor on the other."""
+
+    def forward(self, hidden, state=None, use_cache=False):
+        if use_cache:
+            return self.key(hidden), state
+        return self.key(hidden)
+
+
+class StateChannelMix(MLP):
+    """RWKV's channel mix: the state passed positionally and handed back."""
+
+    def forward(self, hidden, state=None):
+        return self.down(self.up(hidden)), state
+
+
+class RecurrentStateLayer(nn.Module):
+    """RWKV's block: the state threaded through both subblocks and returned after the hidden
+    states, then a third value on either branch."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.ln1 = Norm(config.hidden_size)
+        self.mixer = StateMixer(config)
+        self.ln2 = Norm(config.hidden_size)
+        self.channel = StateChannelMix(config)
+
+    def forward(self, hidden, state=None, use_cache=False, output_attentions=False):
+        mixed, state = self.mixer(self.ln1(hidden), state=state, use_cache=use_cache)
+        hidden = hidden + mixed
+        channel, state = self.channel(self.ln2(hidden), state)
+        hidden = hidden + channel
+        outputs = (hidden, state)
+        if output_attentions:
+            outputs += (mixed,)
+        else:
+            outputs += (None,)
+        return outputs
+
+
+class FreshStateLayer(RecurrentStateLayer):
+    """Its time mix returns a new state: the layer hands back no argument."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__(config, layer_idx)
+        self.mixer = FreshStateMixer(config)

@@ -129,6 +129,10 @@ NO_CONVERTER = {
     # Mamba-form sizes
     "recurrent_gemma": "no config field sets attention.num_key_value_heads of "
     "RecurrentGemmaDecoderLayer with temporal_block: RecurrentGemmaRecurrentBlock",
+    # RWKV's time mix keeps a recurrent state (the model's `state` tensors, not a key/value
+    # cache): it has no heads, no KV-head field and no Mamba-form sizes
+    "rwkv": "no config field sets attention.num_key_value_heads of RwkvBlock with pre_ln and no "
+    "rule for it could be confirmed on tiny and default-size models",
 }
 
 
@@ -724,7 +728,12 @@ def test_inline_rebuild_refuses_to_leave_a_buffer_unset():
 # -- target and layout -----------------------------------------------------------------------
 
 
-MODELOPT_ONLY = {"_rebuild_buffers", "_TupleDummyBlock", "_move_to_sole_subblock"}
+MODELOPT_ONLY = {
+    "_rebuild_buffers",
+    "_TupleDummyBlock",
+    "_move_to_sole_subblock",
+    "return_tuple_carrying",
+}
 
 
 def _comparable(text, modelopt_target):
@@ -760,7 +769,9 @@ def _comparable(text, modelopt_target):
     return dump
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "gptj", "gemma", "nemotron_h", "qwen3_next"])
+@pytest.mark.parametrize(
+    "model_type", ["mistral", "gptj", "gemma", "nemotron_h", "qwen3_next", "rwkv"]
+)
 def test_modelopt_target_differs_only_in_imports_and_its_additions(model_type):
     """The same descriptor (kind dispatch, overrides with their optional groups, the vision
     group, the move of a layer's tensors to its sole subblock), under another name where Model
@@ -860,6 +871,45 @@ def test_modelopt_target_dummy_blocks():
     tuples = render_modelopt(spec_of("gptj"))
     assert "class _TupleDummyBlock(DummyBlock):" in tuples
     assert "dummy = _TupleDummyBlock(block_index=block_index)" in tuples
+
+
+def test_modelopt_target_hands_back_what_a_layer_returns_unchanged():
+    """Model Optimizer's no_op module has no return_tuple_carrying and its DummyBlock returns a
+    tensor: the Model Optimizer target writes both for RWKV (whose time mix, channel mix and
+    block return the recurrent `state` they were given), and they return what the runtime's do."""
+    from puzzletron_runtime.puzzformer.no_op import MatchingZeros
+    from puzzletron_runtime.utils.dummy_modules import DummyBlock as RuntimeDummy
+
+    spec = spec_of("rwkv")
+    tree = ast.parse(render_modelopt(spec))
+    helpers = [
+        n
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+        and n.name in ("return_tuple_carrying", "_TupleDummyBlock")
+    ]
+    assert len(helpers) == 2
+
+    class DummyBlock(torch.nn.Module):  # Model Optimizer's: the hidden states, unchanged
+        def __init__(self, block_index):
+            super().__init__()
+
+        def forward(self, x, *args, **kwargs):
+            return x
+
+    scope = {"nn": torch.nn, "DummyBlock": DummyBlock}
+    exec(compile(ast.Module(helpers, []), "<helpers>", "exec"), scope)
+    x, state = torch.ones(1, 3, 8), [torch.zeros(1, 8)]
+    carried = tuple((c.index, c.keyword, c.position) for c in spec.dummy_block.carried)
+    assert carried == ((1, "state", 1),)
+    stand_in = scope["return_tuple_carrying"](MatchingZeros, 2, carried)()
+    assert stand_in(x, state=state)[1] is state and stand_in(x, state)[1] is state
+    assert torch.equal(stand_in(x, state=state)[0], torch.zeros_like(x))
+    dummy = scope["_TupleDummyBlock"](block_index=0)
+    ours = RuntimeDummy(0, returns_tuple=True, tuple_size=3, carried=carried)
+    for args, kwargs in (((x,), {"state": state}), ((x, state), {}), ((x,), {})):
+        assert dummy(*args, **kwargs) == ours(*args, **kwargs)
+    assert dummy(x, state=state) == (x, state, None)
 
 
 # -- pruning layer descriptors ---------------------------------------------------------------

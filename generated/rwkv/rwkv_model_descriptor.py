@@ -12,18 +12,26 @@ Evidence (line numbers in transformers 5.23.0):
   - Attention subblock, in data-flow order: ln1 -> attention;
     residual join at modeling_rwkv.py:345.
     attention returns a tuple of 2, so its no-op stand-in does too.
+    At place 1 it returns its argument state unchanged, so its stand-in
+    returns the state it is given there.
   - FFN subblock, in data-flow order: ln2 -> feed_forward;
     residual join at modeling_rwkv.py:348.
     feed_forward returns a tuple of 2, so its no-op stand-in does too.
+    At place 1 it returns its argument state unchanged, so its stand-in
+    returns the state it is given there.
   - Sequential layout: pre_ln feed both subblocks, so a
     no-op leaves them in place; their weights are grouped with the attention subblock.
 - RwkvBlock without pre_ln (layers 1-31 of the default config):
   - Attention subblock, in data-flow order: ln1 -> attention;
     residual join at modeling_rwkv.py:345.
     attention returns a tuple of 2, so its no-op stand-in does too.
+    At place 1 it returns its argument state unchanged, so its stand-in
+    returns the state it is given there.
   - FFN subblock, in data-flow order: ln2 -> feed_forward;
     residual join at modeling_rwkv.py:348.
     feed_forward returns a tuple of 2, so its no-op stand-in does too.
+    At place 1 it returns its argument state unchanged, so its stand-in
+    returns the state it is given there.
 - config.intermediate_size <- block_config.ffn.intermediate_size: read at
   modeling_rwkv.py:294; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: rwkv.ln_out, called after the layer loop (modeling_rwkv.py:600).
@@ -31,6 +39,8 @@ Evidence (line numbers in transformers 5.23.0):
   another config of this model type adds, say) lands in the module's group.
 - The model loop unpacks 3 values from a layer's output;
   a dummy block on a shard does the same.
+  Every layer returns its argument state unchanged at place 1, so a dummy
+  block returns the state it is given there.
 """
 
 import re
@@ -41,7 +51,7 @@ from transformers.models.rwkv.modeling_rwkv import RwkvBlock
 
 from puzzletron_runtime.block_config import BlockConfig
 from puzzletron_runtime.model_descriptor import ModelDescriptor, ModelDescriptorFactory
-from puzzletron_runtime.puzzformer.no_op import MatchingZeros, Same, return_tuple_of_size
+from puzzletron_runtime.puzzformer.no_op import MatchingZeros, Same, return_tuple_carrying
 from puzzletron_runtime.utils.dummy_modules import DummyBlock
 
 __all__ = ["RwkvModelDescriptor"]
@@ -64,12 +74,16 @@ class RwkvModelDescriptor(ModelDescriptor):
     @staticmethod
     def attn_no_op_post_init(decoder_layer: RwkvBlock) -> None:
         decoder_layer.ln1 = Same()
-        decoder_layer.attention = return_tuple_of_size(MatchingZeros, size=2)()
+        decoder_layer.attention = return_tuple_carrying(
+            MatchingZeros, size=2, carried=((1, "state", 1),)
+        )()
 
     @staticmethod
     def mlp_no_op_post_init(decoder_layer: RwkvBlock) -> None:
         decoder_layer.ln2 = Same()
-        decoder_layer.feed_forward = return_tuple_of_size(MatchingZeros, size=2)()
+        decoder_layer.feed_forward = return_tuple_carrying(
+            MatchingZeros, size=2, carried=((1, "state", 1),)
+        )()
 
     @classmethod
     def create_dummy_block(cls, original_layer: nn.Module, block_index: int) -> nn.Module:
@@ -77,6 +91,7 @@ class RwkvModelDescriptor(ModelDescriptor):
             block_index,
             returns_tuple=True,
             tuple_size=3,
+            carried=((1, "state", 1),),
             attributes={},
         )
 

@@ -52,6 +52,7 @@ class ModeloptView:
     rebuild_buffers: bool  # write _rebuild_buffers into the module
     pass_residual: bool  # write PassResidual into the module
     list_of_size: bool  # write return_list_of_size into the module
+    tuple_carrying: bool  # write return_tuple_carrying into the module
     move_to_sole_subblock: bool  # write _move_to_sole_subblock into the module
     group_by_layer_kind: bool  # write _split_roles and _group_by_layer_kind into the module
 
@@ -59,7 +60,7 @@ class ModeloptView:
 def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, command_line: str):
     """The render.Target of a Model Optimizer descriptor: its import lines (Model Optimizer,
     transformers and torch only), what our runtime has and Model Optimizer does not written
-    inline (the buffer rebuild, PassResidual, return_list_of_size, the move of a layer's tensors to its sole
+    inline (the buffer rebuild, PassResidual, return_list_of_size, return_tuple_carrying, the move of a layer's tensors to its sole
     subblock), and the pruning layer descriptors."""
     from ..render import Target
 
@@ -111,6 +112,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         rebuild_buffers=has_rebuild,
         pass_residual=pass_residual,
         list_of_size="return_list_of_size" in no_op_names(spec),
+        tuple_carrying="return_tuple_carrying" in no_op_names(spec),
         move_to_sole_subblock=bool(spec.predicates.followers),
         group_by_layer_kind=bool(spec.predicates.by_kind),
     )
@@ -125,6 +127,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
                 "rebuild_buffers",
                 "PassResidual",
                 "return_list_of_size",
+                "return_tuple_carrying",
                 "move_to_sole_subblock",
                 "group_by_layer_kind",
             }

@@ -1,6 +1,13 @@
 """Building heterogeneous models: the decoder-layer patcher and the no-op stand-ins."""
 
-from .no_op import MatchingZeros, PassResidual, Same, return_list_of_size, return_tuple_of_size
+from .no_op import (
+    MatchingZeros,
+    PassResidual,
+    Same,
+    return_list_of_size,
+    return_tuple_carrying,
+    return_tuple_of_size,
+)
 from .patcher import deci_x_patcher
 
 __all__ = [
@@ -9,5 +16,6 @@ __all__ = [
     "Same",
     "deci_x_patcher",
     "return_list_of_size",
+    "return_tuple_carrying",
     "return_tuple_of_size",
 ]

@@ -6,7 +6,10 @@ returns the residual a module adds to its own output (`self.mlp(x, residual)`: B
 `return_tuple_of_size` wraps either for call sites that unpack a tuple
 (`hidden_states, _ = self.self_attn(...)`), `return_list_of_size` for modules that return a
 list, which the call site may concatenate with another list (OpenAI-GPT's block:
-`[h] + attn_outputs[1:]`). None of them holds parameters or buffers.
+`[h] + attn_outputs[1:]`). `return_tuple_carrying` is `return_tuple_of_size` for a module that
+hands one of its arguments back in its tuple (RWKV's `return out, state`: the recurrent state it
+was given, updated in place): the stand-in hands that argument back unchanged in the same place,
+so that the caller, which threads it on, still has it. None of them holds parameters or buffers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ __all__ = [
     "PassResidual",
     "Same",
     "find_hidden_states",
+    "passed_argument",
     "return_list_of_size",
+    "return_tuple_carrying",
     "return_tuple_of_size",
 ]
 
@@ -100,6 +105,49 @@ def return_tuple_of_size(cls: type[nn.Module], size: int) -> type[nn.Module]:
     Cached, so the same (cls, size) always gives the same class.
     """
     return _returning(cls, size, tuple)
+
+
+@functools.cache
+def return_tuple_carrying(
+    cls: type[nn.Module], size: int, carried: tuple[tuple[int, str, int], ...]
+) -> type[nn.Module]:
+    """A subclass of `cls` whose forward returns a tuple of `size`: the tensor, then Nones,
+    except that each place `index` of `carried` = ((index, keyword, position), ...) holds the
+    argument the stand-in was called with under `keyword` or at `position` (None if neither).
+
+    Cached, so the same arguments always give the same class.
+    """
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}")
+    places = {}
+    for index, keyword, position in carried:
+        if not 0 < index < size or index in places:
+            raise ValueError(f"carried place {index} is not a place 1..{size - 1} of its own")
+        places[index] = (keyword, position)
+
+    def forward(self, *args, **kwargs):
+        out = [cls.forward(self, *args, **kwargs)] + [None] * (size - 1)
+        for index, (keyword, position) in places.items():
+            out[index] = passed_argument(args, kwargs, keyword, position)
+        return tuple(out)
+
+    def extra_repr(self) -> str:
+        handed = ", ".join(f"{k!r} at {i}" for i, (k, _) in sorted(places.items()))
+        return f"returns a tuple of {size}, handing back {handed}"
+
+    return type(
+        f"{cls.__name__}TupleOf{size}Carrying",
+        (cls,),
+        {"forward": forward, "extra_repr": extra_repr, "__module__": __name__},
+    )
+
+
+def passed_argument(args: tuple, kwargs: dict, keyword: str, position: int):
+    """The argument a module was called with as `keyword`, or at `position` among its positional
+    arguments; None when the caller left it out (the default of the arguments handed back)."""
+    if keyword in kwargs:
+        return kwargs[keyword]
+    return args[position] if len(args) > position else None
 
 
 @functools.cache

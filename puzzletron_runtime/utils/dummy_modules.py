@@ -7,10 +7,16 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..puzzformer.no_op import find_hidden_states
+from ..puzzformer.no_op import find_hidden_states, passed_argument
 from .hollow import HollowModule, carry_structure
 
-__all__ = ["DummyBlock", "DummyInputEmbedding", "DummyOutputHead", "HollowModule", "carry_structure"]
+__all__ = [
+    "DummyBlock",
+    "DummyInputEmbedding",
+    "DummyOutputHead",
+    "HollowModule",
+    "carry_structure",
+]
 
 
 class DummyBlock(nn.Module):
@@ -19,7 +25,9 @@ class DummyBlock(nn.Module):
     `returns_tuple` makes it return `(hidden_states,)` for model loops that index a layer's
     output; `tuple_size` pads that tuple with Nones for loops that unpack more values from it
     (GLM-MoE-DSA: `hidden_states, topk_indices = decoder_layer(...)`); `attributes` are copied on as plain attributes for loops that read them (e.g.
-    `attention_type` to choose a mask).
+    `attention_type` to choose a mask). `carried` = ((index, keyword, position), ...): places of
+    that tuple where the layer hands back an argument it was given (RWKV's recurrent `state`,
+    which the loop threads from layer to layer); the dummy hands back what it was given there.
     """
 
     def __init__(
@@ -28,10 +36,14 @@ class DummyBlock(nn.Module):
         returns_tuple: bool = False,
         attributes: Mapping[str, Any] | None = None,
         tuple_size: int = 1,
+        carried: tuple[tuple[int, str, int], ...] = (),
     ):
         super().__init__()
         if tuple_size < 1 or (tuple_size > 1 and not returns_tuple):
             raise ValueError(f"tuple_size={tuple_size} needs returns_tuple and at least 1")
+        if any(not 0 < index < tuple_size for index, _, _ in carried):
+            raise ValueError(f"carried places {carried} lie outside a tuple of {tuple_size}")
+        self.carried = tuple(carried)
         self.block_index = block_index
         self.returns_tuple = returns_tuple
         self.tuple_size = tuple_size
@@ -42,7 +54,10 @@ class DummyBlock(nn.Module):
         hidden_states = find_hidden_states(args, kwargs)
         if not self.returns_tuple:
             return hidden_states
-        return (hidden_states,) + (None,) * (self.tuple_size - 1)
+        out = [hidden_states] + [None] * (self.tuple_size - 1)
+        for index, keyword, position in self.carried:
+            out[index] = passed_argument(args, kwargs, keyword, position)
+        return tuple(out)
 
     def extra_repr(self) -> str:
         return f"block_index={self.block_index}, returns_tuple={self.returns_tuple}"
