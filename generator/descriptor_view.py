@@ -20,7 +20,7 @@ REMOTE_PREFIX = "transformers_modules."  # where transformers imports a checkpoi
 TEMPLATE_NAMES = {
     "re", "sys", "Any", "nn", "_remote_class", "__all__", "overrides", "decoder_layer",
     "ModelDescriptor", "ModelDescriptorFactory", "BlockConfig", "Same", "MatchingZeros",
-    "PassResidual", "return_tuple_of_size", "return_list_of_size", "DummyBlock", "rebuild_buffers",
+    "PassResidual", "ProjectedZeros", "return_tuple_of_size", "return_list_of_size", "DummyBlock", "rebuild_buffers",
     "move_to_sole_subblock",
     # the Model Optimizer target's (templates/modelopt_descriptor.py.j2)
     "PreTrainedModel", "dataclass", "field", "_rebuild_buffers", "_TupleDummyBlock",

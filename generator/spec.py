@@ -53,6 +53,8 @@ class ModuleReplacement:
     # subblock this is (Inkling's attn_sconv refines self_attn)
     refines: str | None = None
     returns_list: bool = False  # the sequence of tuple_size is a list (return_list_of_size)
+    # ProjectedZeros: the replaced module's attribute holding its output width (`out_features`)
+    width_attr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Subblock:
     weight_modules: tuple[str, ...]  # layer children whose tensors belong to this subblock
     joins: tuple[str, ...]  # locations of the residual joins that close the subblock
     evidence: tuple[str, ...] = ()
+    # where a segment of the subblock mixes in a layer argument besides the hidden states
+    # (Gemma 4's per-layer input): "file:line"
+    layer_inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -271,7 +276,7 @@ _MODULE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")  # dynamic modules ha
 _MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-REPLACEMENTS = ("Same", "MatchingZeros", "PassResidual")
+REPLACEMENTS = ("Same", "MatchingZeros", "PassResidual", "ProjectedZeros")
 LAYOUTS = ("sequential", "parallel")
 _VARIANT_GROUPS = ("attention", "ffn", "embeddings", "lm_head", "")
 BLOCK_CONFIG_ATTRS = (
@@ -399,6 +404,12 @@ def check_renderable(spec: "DescriptorSpec") -> None:
             for r in sb.replacements:
                 ident(r.attr, f"the {sb.kind} child")
                 need(r.replacement in REPLACEMENTS, "the no-op replacement", r.replacement)
+                need(
+                    (r.width_attr is not None) == (r.replacement == "ProjectedZeros")
+                    and (r.width_attr is None or is_identifier(r.width_attr)),
+                    "the output-width attribute of a ProjectedZeros no-op",
+                    repr(r.width_attr),
+                )
                 need(
                     r.tuple_size is None or (type(r.tuple_size) is int and 0 < r.tuple_size < 100),
                     "the tuple size",

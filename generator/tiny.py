@@ -407,6 +407,25 @@ def _expert_topk(present: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
+# the routed experts' width, where a config names it apart from the dense MLP's
+_EXPERT_WIDTHS = ("moe_intermediate_size", "expert_intermediate_size")
+
+
+def _unset_experts(present: dict[str, Any]) -> dict[str, Any]:
+    """An expert count the default config leaves None (Gemma 4 builds experts only under
+    `enable_moe_block`, and sizes them by `num_experts` and `moe_intermediate_size`, both None by
+    default) gets TINY_EXPERTS, and such an unset expert width FFN: a tiny config with the flag
+    flipped then builds the experts (a variant the descriptor must group). The top-k follows
+    (_expert_topk). A config that sets neither is left alone."""
+    out: dict[str, Any] = {}
+    for key in _EXPERT_COUNTS:
+        if key in present and present[key] is None:
+            out[key] = TINY_EXPERTS
+    if out:
+        out.update({k: FFN for k in _EXPERT_WIDTHS if k in present and present[k] is None})
+    return out
+
+
 def _mixer_heads(present: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A state-space mixer whose heads span the expanded hidden size (Mamba-2:
     `num_heads * head_dim == hidden_size * expand`, which Mamba2Config validates) keeps that
@@ -497,6 +516,7 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
             overrides[key] = 1
         elif key.endswith(_VOCAB_LIKE) and value > VOCAB:
             overrides[key] = VOCAB
+    overrides.update(_unset_experts(present))
     overrides.update(_expert_topk(present, overrides))
     overrides.update(_mixer_heads(present, overrides))
 
