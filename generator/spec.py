@@ -240,6 +240,15 @@ class DescriptorSpec:
                 return kind
         raise KeyError(index)
 
+    @property
+    def layer_inputs(self) -> tuple[str, ...]:
+        """Where layers mix in an argument besides the hidden states that the model computes
+        before its layer loop (Gemma 4's per-layer inputs): every pipeline stage must run
+        that computation, from the token ids."""
+        return tuple(
+            w for which in ("attention", "ffn") for sb in self.subblocks(which) for w in sb.layer_inputs
+        )
+
     def subblocks(self, kind: str) -> list[Subblock]:
         """The subblocks of `kind` ("attention" | "ffn") of every layer kind that has one."""
         return [sb for k in self.kinds if (sb := k.subblock(kind)) is not None]

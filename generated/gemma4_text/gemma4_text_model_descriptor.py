@@ -109,6 +109,12 @@ class Gemma4ModelDescriptor(ModelDescriptor):
         rebuild_buffers(model, runtime.device)
 
     @staticmethod
+    def stages_need_token_ids() -> bool:
+        # the layers mix in an input the model computes from the token ids before its layer
+        # loop (modeling_gemma4.py:1419): every pipeline stage runs that
+        return True
+
+    @staticmethod
     def input_embedding_name() -> str:
         return "model.embed_tokens"
 
