@@ -246,7 +246,10 @@ class DescriptorSpec:
         before its layer loop (Gemma 4's per-layer inputs): every pipeline stage must run
         that computation, from the token ids."""
         return tuple(
-            w for which in ("attention", "ffn") for sb in self.subblocks(which) for w in sb.layer_inputs
+            w
+            for which in ("attention", "ffn")
+            for sb in self.subblocks(which)
+            for w in sb.layer_inputs
         )
 
     def subblocks(self, kind: str) -> list[Subblock]:

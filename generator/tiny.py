@@ -388,7 +388,8 @@ def _is_int(value: Any) -> bool:
 def _expert_topk(present: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Top-k of the routing: at most TINY_TOPK and at most the tiny expert count. A top-k that
     defaults to None beside a routed expert count (DeepSeek-V2: `topk(k=None)`) gets TINY_TOPK."""
-    counts = [overrides.get(k, present[k]) for k in _EXPERT_COUNTS if _is_int(present.get(k))]
+    counts = [overrides.get(k, present.get(k)) for k in _EXPERT_COUNTS if k in present]
+    counts = [c for c in counts if _is_int(c)]
     counts = [c for c in counts if c > 0]
     if not counts:
         return {}

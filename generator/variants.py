@@ -108,8 +108,7 @@ def variant_children(
                         (
                             optional[name],
                             f"probe: with {flag}={value!r} the layer has {name}, in its {kind} "
-                            "segment"
-                            + (f", a core beside {', '.join(beside)}" if core else ""),
+                            "segment" + (f", a core beside {', '.join(beside)}" if core else ""),
                         )
                         + ((flow.sites[name],) if flow.arity.get(name) else ()),
                         flag,
