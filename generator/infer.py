@@ -736,7 +736,11 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
             if core
             else ("passes its input through")
         )
-        projection = _width_changing_linear(group.modules, name)
+        # where a segment mixes in a layer argument (Gemma 4's `act(gate(h)) * per_layer_input`),
+        # a member's output meets a tensor of that member's own output width: passing the input
+        # through or zeros like it would have the wrong width there. Elsewhere a chain of plain
+        # stand-ins ends in the sink core's zeros like its (passed-through) input, as before.
+        projection = _width_changing_linear(group.modules, name) if sb.layer_inputs else None
         if projection is not None:
             replacements.append(
                 ModuleReplacement(
