@@ -54,6 +54,8 @@ _DESCRIPTORS = {
     "gemma2": ("gemma2", "Gemma2ModelDescriptor"),
     "gemma3": ("gemma3", "Gemma3ModelDescriptor"),
     "gemma3_text": ("gemma3_text", "Gemma3ModelDescriptor"),
+    "gemma4": ("gemma4", "Gemma4ModelDescriptor"),
+    "gemma4_text": ("gemma4_text", "Gemma4ModelDescriptor"),
     "gemma4_unified": ("gemma4_unified", "Gemma4UnifiedModelDescriptor"),
     "gemma4_unified_text": ("gemma4_unified_text", "Gemma4UnifiedModelDescriptor"),
     "glm": ("glm", "GlmModelDescriptor"),

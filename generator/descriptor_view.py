@@ -20,8 +20,9 @@ REMOTE_PREFIX = "transformers_modules."  # where transformers imports a checkpoi
 TEMPLATE_NAMES = {
     "re", "sys", "Any", "nn", "_remote_class", "__all__", "overrides", "decoder_layer",
     "ModelDescriptor", "ModelDescriptorFactory", "BlockConfig", "Same", "MatchingZeros",
-    "PassResidual", "return_tuple_of_size", "return_list_of_size", "return_tuple_carrying",
-    "DummyBlock", "rebuild_buffers", "move_to_sole_subblock", "group_by_layer_kind",
+    "PassResidual", "ProjectedZeros", "return_tuple_of_size", "return_list_of_size",
+    "return_tuple_carrying", "DummyBlock", "rebuild_buffers", "move_to_sole_subblock",
+    "group_by_layer_kind",
     # the Model Optimizer target's (templates/modelopt_descriptor.py.j2)
     "PreTrainedModel", "dataclass", "field", "_rebuild_buffers", "_TupleDummyBlock",
     "_move_to_sole_subblock", "_group_by_layer_kind", "_split_roles",

@@ -512,11 +512,20 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_kind, every_child)
                 f"it belongs to the {child.kind} subblock, which this layer kind lacks",
                 child.evidence,
             )
-        why = "built by other configs; passes its input through on a no-op"
+        why = (
+            "built by other configs; a core beside this subblock's: zeros on a no-op"
+            if child.core
+            else "built by other configs; passes its input through on a no-op"
+        )
+        replacement = ModuleReplacement(
+            child.name,
+            "MatchingZeros" if child.core else "Same",
+            child.tuple_size,
+            (why,) + child.evidence,
+        )
         subblocks[child.kind] = dataclasses.replace(
             sb,
-            replacements=sb.replacements
-            + (ModuleReplacement(child.name, "Same", None, (why,) + child.evidence),),
+            replacements=sb.replacements + (replacement,),
             weight_modules=sb.weight_modules + (child.name,),
         )
         ctx.fact(f"{child.name} (other configs)", f"in the {child.kind} subblock", child.evidence)
@@ -576,6 +585,17 @@ def _layer_kind(ctx, group, label, selector, stack_path, tiny_kind, every_child)
         ),
     )
     return kind, found, variants
+
+
+def _width_changing_linear(layers, name: str) -> tuple[int, int] | None:
+    """(in, out) features when child `name` of the kind's layers is an nn.Linear whose output
+    width differs from its input's (Gemma 4's per-layer input gate and projection): a no-op
+    stand-in must give zeros of its output width. None otherwise."""
+    for layer in layers:
+        child = getattr(layer, name, None)
+        if isinstance(child, nn.Linear) and child.in_features != child.out_features:
+            return child.in_features, child.out_features
+    return None
 
 
 def own_tensors(layer: nn.Module) -> tuple[str, ...]:
@@ -684,6 +704,27 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
             if core
             else ("passes its input through")
         )
+        # where a segment mixes in a layer argument (Gemma 4's `act(gate(h)) * per_layer_input`),
+        # a member's output meets a tensor of that member's own output width: passing the input
+        # through or zeros like it would have the wrong width there. Elsewhere a chain of plain
+        # stand-ins ends in the sink core's zeros like its (passed-through) input, as before.
+        projection = _width_changing_linear(group.modules, name) if sb.layer_inputs else None
+        if projection is not None:
+            replacements.append(
+                ModuleReplacement(
+                    name,
+                    "ProjectedZeros",
+                    size,
+                    (
+                        f"probe: an nn.Linear from {projection[0]} to {projection[1]} features "
+                        "inside the subblock: zeros like its input would have the wrong width for "
+                        "what reads its output, so its no-op returns zeros out_features wide",
+                    ),
+                    returns_list=as_list,
+                    width_attr="out_features",
+                )
+            )
+            continue
         judge = sb.judges[sb.cores.index(name)] if core and sb.judges else name
         if judge != name:
             why = (
@@ -725,7 +766,14 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
             ),
             [flow.sites[name], ctx.probe.trace_evidence],
         )
-    return Subblock(kind, tuple(replacements), weight_modules, tuple(sb.joins), tuple(sb.evidence))
+    return Subblock(
+        kind,
+        tuple(replacements),
+        weight_modules,
+        tuple(sb.joins),
+        tuple(sb.evidence),
+        tuple(sb.layer_inputs),
+    )
 
 
 def _carried(ctx, owner: nn.Module, name: str, size, as_list: bool, site: str):

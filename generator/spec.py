@@ -66,6 +66,8 @@ class ModuleReplacement:
     refines: str | None = None
     returns_list: bool = False  # the sequence of tuple_size is a list (return_list_of_size)
     carried: tuple[CarriedArgument, ...] = ()  # arguments handed back (return_tuple_carrying)
+    # ProjectedZeros: the replaced module's attribute holding its output width (`out_features`)
+    width_attr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class Subblock:
     weight_modules: tuple[str, ...]  # layer children whose tensors belong to this subblock
     joins: tuple[str, ...]  # locations of the residual joins that close the subblock
     evidence: tuple[str, ...] = ()
+    # where a segment of the subblock mixes in a layer argument besides the hidden states
+    # (Gemma 4's per-layer input): "file:line"
+    layer_inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -268,6 +273,18 @@ class DescriptorSpec:
                 return kind
         raise KeyError(index)
 
+    @property
+    def layer_inputs(self) -> tuple[str, ...]:
+        """Where layers mix in an argument besides the hidden states that the model computes
+        before its layer loop (Gemma 4's per-layer inputs): every pipeline stage must run
+        that computation, from the token ids."""
+        return tuple(
+            w
+            for which in ("attention", "ffn")
+            for sb in self.subblocks(which)
+            for w in sb.layer_inputs
+        )
+
     def subblocks(self, kind: str) -> list[Subblock]:
         """The subblocks of `kind` ("attention" | "ffn") of every layer kind that has one."""
         return [sb for k in self.kinds if (sb := k.subblock(kind)) is not None]
@@ -310,7 +327,7 @@ _MODULE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")  # dynamic modules ha
 _MODEL_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-REPLACEMENTS = ("Same", "MatchingZeros", "PassResidual")
+REPLACEMENTS = ("Same", "MatchingZeros", "PassResidual", "ProjectedZeros")
 LAYOUTS = ("sequential", "parallel")
 _VARIANT_GROUPS = ("attention", "ffn", "embeddings", "lm_head", "")
 BLOCK_CONFIG_ATTRS = (
@@ -450,6 +467,12 @@ def check_renderable(spec: "DescriptorSpec") -> None:
             for r in sb.replacements:
                 ident(r.attr, f"the {sb.kind} child")
                 need(r.replacement in REPLACEMENTS, "the no-op replacement", r.replacement)
+                need(
+                    (r.width_attr is not None) == (r.replacement == "ProjectedZeros")
+                    and (r.width_attr is None or is_identifier(r.width_attr)),
+                    "the output-width attribute of a ProjectedZeros no-op",
+                    repr(r.width_attr),
+                )
                 need(
                     r.tuple_size is None or (type(r.tuple_size) is int and 0 < r.tuple_size < 100),
                     "the tuple size",

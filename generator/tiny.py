@@ -389,7 +389,8 @@ def _is_int(value: Any) -> bool:
 def _expert_topk(present: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Top-k of the routing: at most TINY_TOPK and at most the tiny expert count. A top-k that
     defaults to None beside a routed expert count (DeepSeek-V2: `topk(k=None)`) gets TINY_TOPK."""
-    counts = [overrides.get(k, present[k]) for k in _EXPERT_COUNTS if _is_int(present.get(k))]
+    counts = [overrides.get(k, present.get(k)) for k in _EXPERT_COUNTS if k in present]
+    counts = [c for c in counts if _is_int(c)]
     counts = [c for c in counts if c > 0]
     if not counts:
         return {}
@@ -405,6 +406,25 @@ def _expert_topk(present: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             out[key] = min(value, cap)
         elif isinstance(value, list) and value and all(_is_int(v) for v in value):
             out[key] = [min(v, cap) for v in value]
+    return out
+
+
+# the routed experts' width, where a config names it apart from the dense MLP's
+_EXPERT_WIDTHS = ("moe_intermediate_size", "expert_intermediate_size")
+
+
+def _unset_experts(present: dict[str, Any]) -> dict[str, Any]:
+    """An expert count the default config leaves None (Gemma 4 builds experts only under
+    `enable_moe_block`, and sizes them by `num_experts` and `moe_intermediate_size`, both None by
+    default) gets TINY_EXPERTS, and such an unset expert width FFN: a tiny config with the flag
+    flipped then builds the experts (a variant the descriptor must group). The top-k follows
+    (_expert_topk). A config that sets neither is left alone."""
+    out: dict[str, Any] = {}
+    for key in _EXPERT_COUNTS:
+        if key in present and present[key] is None:
+            out[key] = TINY_EXPERTS
+    if out:
+        out.update({k: FFN for k in _EXPERT_WIDTHS if k in present and present[k] is None})
     return out
 
 
@@ -498,6 +518,7 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
             overrides[key] = 1
         elif key.endswith(_VOCAB_LIKE) and value > VOCAB:
             overrides[key] = VOCAB
+    overrides.update(_unset_experts(present))
     overrides.update(_expert_topk(present, overrides))
     overrides.update(_mixer_heads(present, overrides))
     overrides.update(_prefixed_kv_heads(present, overrides))  # after the head counts they divide

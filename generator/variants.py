@@ -5,9 +5,11 @@ A descriptor is generated from one config but used with every checkpoint of its 
 `new_decoder_architecture`, its `post_attention_layernorm` without `parallel_attn`). Such a
 child is found statically (built on a branch the probed config did not take), then placed by
 analysing the layer of a tiny config with one boolean config flag the layer reads flipped: the
-variant's data flow says which subblock it belongs to. A child no flag brings in, or one that
-would be the core of a subblock (a different layer kind, such as LFM2's short convolution
-instead of attention), stops generation with the reason.
+variant's data flow says which subblock it belongs to. A child may be a core there when it works
+beside a core the probed layer has too (Gemma 4's `enable_moe_block` experts and router beside its
+MLP, one FFN subblock with two cores): its no-op returns zeros, as the other core's does. A child
+no flag brings in, or one that would be the only core of a subblock (a different layer kind, such
+as LFM2's short convolution instead of attention), stops generation with the reason.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class VariantChild:
     evidence: tuple[str, ...]
     flag: str | None = None  # the boolean config field whose flip builds it
     flag_value: bool | None = None
+    core: bool = False  # a core of its subblock (beside a core the probed layer has)
+    tuple_size: int | None = None  # its call site unpacks a tuple of this size
 
 
 def variant_children(
@@ -44,6 +48,7 @@ def variant_children(
     }
     if not optional:
         return []
+    probed = set(dict(layer.named_children()))
     found: dict[str, VariantChild] = {}
     for name, guard in _argument_guarded_calls(index, type(layer), list(optional)).items():
         found[name] = VariantChild(
@@ -94,17 +99,22 @@ def variant_children(
                 )
                 continue
             for kind, sb in flow.subblocks.items():
-                if name in sb.members and name not in sb.cores:
+                beside = [c for c in sb.cores if c != name and c in probed]
+                if name in sb.members and (name not in sb.cores or beside):
+                    core = name in sb.cores
                     found[name] = VariantChild(
                         name,
                         kind,
                         (
                             optional[name],
                             f"probe: with {flag}={value!r} the layer has {name}, in its {kind} "
-                            "segment",
-                        ),
+                            "segment" + (f", a core beside {', '.join(beside)}" if core else ""),
+                        )
+                        + ((flow.sites[name],) if flow.arity.get(name) else ()),
                         flag,
                         value,
+                        core,
+                        flow.arity.get(name),
                     )
             if name not in found and name in flow.shared:
                 found[name] = VariantChild(

@@ -214,7 +214,7 @@ def _replace_unowned(
             original = model.get_submodule(name)
             dummy = descriptor.create_dummy_block(original, i)
             model.set_submodule(name, carry_structure(dummy, original))
-    if 0 not in owned:
+    if 0 not in owned and not descriptor.stages_need_token_ids():
         name = descriptor.input_embedding_name()
         weight = getattr(model.get_submodule(name), "weight", None)
         width = int(weight.shape[-1]) if isinstance(weight, torch.Tensor) and weight.dim() else None

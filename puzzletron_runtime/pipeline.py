@@ -62,6 +62,12 @@ class StageModule(nn.Module):
 
     def __init__(self, model: nn.Module, descriptor: Any, first: bool, last: bool):
         super().__init__()
+        if not first and descriptor.stages_need_token_ids():
+            raise ValueError(
+                f"{descriptor.__name__}: the layers read inputs the model computes from the token "
+                "ids before layer 0 (per-layer inputs), and a stage after the first receives only "
+                "hidden states: this pipeline cannot split the model"
+            )
         self.model = model
         self.first = first
         self.last = last

@@ -790,3 +790,86 @@ class FreshStateLayer(RecurrentStateLayer):
     def __init__(self, config, layer_idx=0):
         super().__init__(config, layer_idx)
         self.mixer = FreshStateMixer(config)
+class PerLayerInputLayer(PreNormLayer):
+    """Gemma 4: after the MLP, a second position-wise segment gates the stream by a per-layer
+    input the layer is passed (`act(gate(h)) * per_layer_input`), projects it back to the
+    hidden width, norms it and adds it to the residual."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__(config, layer_idx)
+        self.per_layer_input_gate = nn.Linear(config.hidden_size, 4, bias=False)
+        self.act_fn = nn.GELU()
+        self.per_layer_projection = nn.Linear(4, config.hidden_size, bias=False)
+        self.post_per_layer_input_norm = Norm(config.hidden_size)
+
+    def forward(self, hidden_states, per_layer_input=None, attention_mask=None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.per_layer_input_gate(hidden_states)
+        hidden_states = self.act_fn(hidden_states)
+        hidden_states = hidden_states * per_layer_input
+        hidden_states = self.per_layer_projection(hidden_states)
+        hidden_states = self.post_per_layer_input_norm(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
+class TwoPlainMLPLayer(PreNormLayer):
+    """A second MLP segment that reads only the hidden states: not a per-layer-input segment,
+    so two FFN segments stay refused."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__(config, layer_idx)
+        self.mlp_2 = MLP(config)
+
+    def forward(self, hidden_states, attention_mask=None):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states, attention_mask=attention_mask)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp_2(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states
+
+
+class PerLayerInputModel(nn.Module):
+    """Gemma 4's model: per-layer inputs computed in helper methods before the loop."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(16, config.hidden_size)
+        self.embed_tokens_per_layer = nn.Embedding(16, 4 * config.num_hidden_layers)
+        self.per_layer_model_projection = nn.Linear(
+            config.hidden_size, 4 * config.num_hidden_layers
+        )
+        self.layers = nn.ModuleList(
+            [PerLayerInputLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = Norm(config.hidden_size)
+
+    def get_per_layer_inputs(self, input_ids):
+        return self.embed_tokens_per_layer(input_ids)
+
+    def project_per_layer_inputs(self, inputs_embeds, per_layer_inputs):
+        return self.per_layer_model_projection(inputs_embeds) + per_layer_inputs
+
+    def forward(self, input_ids):
+        hidden_states = self.embed_tokens(input_ids)
+        per_layer_inputs = self.get_per_layer_inputs(input_ids)
+        per_layer_inputs = self.project_per_layer_inputs(hidden_states, per_layer_inputs)
+        for i, decoder_layer in enumerate(self.layers):
+            hidden_states = decoder_layer(hidden_states, per_layer_inputs[..., i * 4 : i * 4 + 4])
+        hidden_states = self.norm(hidden_states)
+        return hidden_states

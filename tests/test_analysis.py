@@ -167,6 +167,45 @@ def test_context_fed_core_after_the_mlp_that_does_not_refine_it_is_refused():
         flow_of(sm.UnrefinedSegmentsLayer)
 
 
+def test_a_segment_mixing_in_a_per_layer_input_joins_the_ffn_subblock():
+    """Gemma 4: the segment after the MLP multiplies the stream by a layer argument and reads no
+    context: a second FFN segment, one FFN subblock with two joins and two cores (without the
+    rule: "two ffn segments in one layer")."""
+    flow = flow_of(sm.PerLayerInputLayer)
+    ffn = flow.subblocks[FFN]
+    assert ffn.cores == ["mlp", "per_layer_projection"]
+    assert members(flow, FFN) == [
+        "post_attention_layernorm",
+        "mlp",
+        "per_layer_input_gate",
+        "act_fn",
+        "per_layer_projection",
+        "post_per_layer_input_norm",
+    ]
+    assert len(ffn.joins) == 2
+    (where,) = ffn.layer_inputs
+    assert where == f"{SOURCE}:{_line_of('hidden_states = hidden_states * per_layer_input')}"
+    assert members(flow, ATTENTION) == ["input_layernorm", "self_attn"]
+    assert flow.subblocks[ATTENTION].layer_inputs == []
+
+
+def test_a_second_ffn_segment_on_the_hidden_states_alone_is_still_refused():
+    with pytest.raises(InferenceError, match="two ffn segments"):
+        flow_of(sm.TwoPlainMLPLayer)
+
+
+def test_modules_called_in_helper_methods_before_the_loop_run_before_it():
+    """Gemma 4 computes its per-layer inputs in methods the forward calls before the loop: their
+    modules are part of what runs before layer 0 (without the rule only embed_tokens)."""
+    loop = loop_of(sm.PerLayerInputModel, "layers")
+    assert loop.before_loop == [
+        "embed_tokens",
+        "embed_tokens_per_layer",
+        "per_layer_model_projection",
+    ]
+    assert loop.final_norm == "norm"
+
+
 def test_layer_without_residual_is_an_inference_error():
     with pytest.raises(InferenceError, match="residual"):
         flow_of(sm.NoResidualLayer)

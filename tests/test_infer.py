@@ -220,3 +220,21 @@ def test_trace_records_which_children_return_a_list(monkeypatch):
     trace = probe.trace_layer("h.0")
     assert trace["attn"] == CallTrace(1, 1, True)
     assert trace["mlp"] == CallTrace(1, None, False)
+
+
+def test_a_linear_between_widths_in_a_removed_subblock_gets_zeros_of_its_output_width():
+    """Gemma 4's per-layer input gate (hidden -> narrower) and projection (back): `Same` or
+    `MatchingZeros` would hand what reads them a tensor of the wrong width; a square linear
+    (or any other module) keeps the plain stand-ins."""
+    from torch import nn as tnn
+
+    from generator.infer import _width_changing_linear
+
+    layer = tnn.Module()
+    layer.gate = tnn.Linear(8, 3)
+    layer.square = tnn.Linear(8, 8)
+    layer.norm = tnn.LayerNorm(8)
+    assert _width_changing_linear([layer], "gate") == (8, 3)
+    assert _width_changing_linear([layer], "square") is None
+    assert _width_changing_linear([layer], "norm") is None
+    assert _width_changing_linear([layer], "missing") is None

@@ -143,6 +143,20 @@ def test_same_and_matching_zeros():
         MatchingZeros()(attention_mask=mask)
 
 
+def test_projected_zeros_have_the_width_of_the_projection_they_replace():
+    """Gemma 4's per-layer input gate projects the hidden states to a narrower width: zeros like
+    its input would be too wide for the product with the per-layer input that reads them."""
+    from puzzletron_runtime.puzzformer import ProjectedZeros
+
+    gate = nn.Linear(8, 3)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    z = ProjectedZeros(gate.out_features)(x)
+    assert z.shape == gate(x.float()).shape == (2, 5, 3)
+    assert z.dtype == torch.float64 and not z.any()
+    assert ProjectedZeros(3)(hidden_states=x).shape == (2, 5, 3)
+    assert list(ProjectedZeros(3).parameters()) == [] and list(ProjectedZeros(3).buffers()) == []
+
+
 def test_return_tuple_of_size():
     cls = return_tuple_of_size(MatchingZeros, 3)
     assert return_tuple_of_size(MatchingZeros, 3) is cls  # cached

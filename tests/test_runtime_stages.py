@@ -59,6 +59,51 @@ def stage(model, owned):
     return part
 
 
+class PerLayerInputs(nn.Module):
+    """Gemma 4's shape: every layer reads, besides the hidden states, an input the model
+    computes from the token ids before layer 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(16, 8)
+        self.per_layer = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        per_layer = self.per_layer(input_ids)
+        for layer in self.layers:
+            x = layer(x) * per_layer
+        return self.head(self.norm(x))
+
+
+class ToyPerLayerInputs(ToyNames):
+    @staticmethod
+    def stages_need_token_ids():
+        return True
+
+
+def test_a_later_stage_of_layers_reading_token_ids_keeps_the_embedding():
+    """Without the rule the stage gets a stand-in embedding that refuses token ids, and the
+    per-layer inputs of its layers cannot be computed."""
+    model = PerLayerInputs()
+    with torch.no_grad():
+        want = model(IDS)
+        hidden = model.layers[0](model.embed(IDS)) * model.per_layer(IDS)
+        part = copy.deepcopy(model)
+        _replace_unowned(ToyPerLayerInputs, part, {1, 2}, 3)
+        assert isinstance(part.embed, nn.Embedding)
+        part.layers[1].register_forward_pre_hook(lambda _m, _a: (hidden,))
+        assert torch.equal(part(IDS), want)
+        plain = copy.deepcopy(model)
+        _replace_unowned(ToyNames, plain, {1, 2}, 3)
+        with pytest.raises(RuntimeError, match="does not own the input embedding"):
+            plain(IDS)
+
+
 @pytest.mark.parametrize("split", [1, 2])
 def test_a_weightless_norm_run_on_both_sides_chains_to_the_whole_output(split):
     whole = NormBothSides(weighted=False).eval()

@@ -181,6 +181,38 @@ def test_a_top_k_left_none_beside_routed_experts_gets_a_number():
     runs("deepseek_v2", config)  # topk(k=None) fails
 
 
+def test_expert_fields_left_unset_get_tiny_values():
+    """Gemma 4 builds experts only under enable_moe_block and leaves their count, top-k and
+    width None: the tiny config sets them, so a variant with the flag flipped builds."""
+    from transformers import PretrainedConfig
+
+    class Unset(PretrainedConfig):
+        model_type = "unset-experts-test"
+
+        def __init__(self, num_experts=None, top_k_experts=None, moe_intermediate_size=None, **kw):
+            self.hidden_size = 256
+            self.intermediate_size = 1024
+            self.num_experts = num_experts
+            self.top_k_experts = top_k_experts
+            self.moe_intermediate_size = moe_intermediate_size
+            super().__init__(**kw)
+
+    overrides = tiny_overrides(Unset())
+    assert overrides["num_experts"] == 4
+    assert overrides["top_k_experts"] == 2
+    assert overrides["moe_intermediate_size"] == overrides["intermediate_size"]
+
+    class NoExperts(PretrainedConfig):
+        model_type = "no-experts-test"
+
+        def __init__(self, **kw):
+            self.hidden_size = 256
+            self.moe_intermediate_size = None
+            super().__init__(**kw)
+
+    assert "moe_intermediate_size" not in tiny_overrides(NoExperts())
+
+
 def test_top_k_rule_on_a_synthetic_config():
     from transformers import PretrainedConfig
 

@@ -199,3 +199,38 @@ def test_reading_checkpoint_names_leaves_the_model_config_alone():
     probe.checkpoint_names(tiny)
     assert tiny.config.dtype == before and not isinstance(tiny.config.dtype, str)
     build_model(type(tiny), tiny.config)
+
+
+def test_experts_other_configs_add_beside_the_mlp_are_cores_of_the_ffn_subblock():
+    """Gemma 4 with enable_moe_block runs routed experts beside its MLP, in the same FFN
+    segment: the experts are a second FFN core (zeros on a no-op), the router a member whose
+    call site unpacks three values. Before the rule, a variant child that is a core stopped
+    generation. The generated no-ops then make a layer of such a config the identity."""
+    import generated
+    import torch
+    from generator.probe import build_model
+
+    spec = infer("gemma4_text")
+    plan = {r.attr: r for r in spec.kinds[0].ffn.replacements}
+    assert (plan["experts"].replacement, plan["experts"].tuple_size) == ("MatchingZeros", None)
+    assert (plan["router"].replacement, plan["router"].tuple_size) == ("Same", 3)
+    source = resolve("gemma4_text")
+    with quiet_transformers():
+        config = tiny_config(source.config_cls, enable_moe_block=True)
+    torch.manual_seed(0)
+    model = build_model(source.causal_lm_cls, config, device="cpu")
+    keys = list(model.state_dict())
+    assert any(".experts." in k for k in keys)
+    predicates.validate(spec.predicates, keys, config.num_hidden_layers, "enable_moe_block")
+    descriptor = generated.get_descriptor("gemma4_text")
+    layer = model.model.layers[0]
+    descriptor.attn_no_op_post_init(layer)
+    descriptor.mlp_no_op_post_init(layer)
+    assert not any(True for _ in layer.parameters())
+    seen = {}
+    layer.register_forward_hook(
+        lambda _m, args, _k, out: seen.update(x=args[0], y=out), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(input_ids=torch.arange(6).unsqueeze(0))
+    assert torch.equal(seen["x"], seen["y"])

@@ -17,6 +17,13 @@ attention and after the MLP) refines what the core before it in the segment comp
 segment's kind is that core's, whatever context the refinement reads (a convolution cache). The
 refining core is still the one whose output the no-op replaces with zeros (the last of the
 chain); the override inference accepts a size that changes the core it refines.
+
+A second FFN segment that mixes in a layer argument other than the hidden states by an
+element-wise operation on its path, its cores reading only what that path computes (Gemma 4's
+per-layer input: `act(gate(h)) * per_layer_input`, projected back and added to the residual), is
+position-wise like the MLP and reads no context: it joins the FFN subblock, which then has two
+residual joins, and the FFN no-op zeroes both. Puzzletron's FFN group then holds its weights, and
+a layer with both subblocks a no-op is the identity. Any other second segment of one kind stops.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ class Subblock:
     residual_args: dict[str, tuple[int | None, str]] = field(default_factory=dict)
     # per core, the child whose inputs decided its kind: the core itself, or the core it refines
     judges: list[str] = field(default_factory=list)
+    # layer arguments besides the hidden states that a segment mixes in element-wise
+    # (Gemma 4's per_layer_input), with the line that does it
+    layer_inputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -389,6 +399,20 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
                 )
             )
             if kind in subblocks and name not in subblocks[kind].cores:
+                mixed = _layer_input_mixed(graph, first) if kind == FFN else None
+                if subblocks[kind].joins != list(join_sites) and mixed is not None:
+                    sb = subblocks[kind]
+                    sb.cores.append(name)
+                    sb.judges.append(_top(judge_of(first)))
+                    sb.joins.extend(j for j in join_sites if j not in sb.joins)
+                    sb.layer_inputs.append(mixed.where)
+                    sb.evidence.append(
+                        f"{first.where} `{first.code}` {why}; its segment mixes in a layer "
+                        f"argument besides the hidden states ({mixed.where} `{mixed.code}`) "
+                        "position-wise, so it is a second FFN segment"
+                    )
+                    sb.evidence.extend(evidence)
+                    continue
                 if subblocks[kind].joins != list(join_sites):
                     raise InferenceError(
                         fact,
@@ -485,6 +509,29 @@ def _segments(class_name, graph: FlowGraph, children, fact, adds_argument=None) 
         returns_tuple=graph.returns_tuple,
         evidence=[e for ev in seg_evidence for e in ev],
     )
+
+
+def _layer_input_mixed(graph: FlowGraph, core: Call) -> Op | None:
+    """The element-wise operation on the hidden-state path into `core` that mixes in a forward
+    argument besides the hidden states (`h * per_layer_input`), when `core` itself is called on
+    hidden states alone; None otherwise. The walk stays on the hidden-state path and stops at
+    other module calls' context (an attention's mask is passed to a call, not mixed in)."""
+    if any(not graph.derived(x) and graph.depends_on_context(x) for x in core.inputs):
+        return None
+    seen: set[int] = set()
+    todo = [x for x in core.inputs if graph.derived(x)]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen or node is graph.input:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Op) and not node.additive:
+            if any(not graph.derived(x) and graph.depends_on_context(x) for x in node.inputs):
+                return node
+        if isinstance(node, Op) and node.additive:
+            continue  # a residual join: the segment before it is another one
+        todo.extend(x for x in node.inputs if graph.derived(x))
+    return None
 
 
 def _sink_cores(graph: FlowGraph, core_calls: list[Call]) -> list[str]:

@@ -292,7 +292,11 @@ def analyze_loop(
             break
 
     before = list(
-        dict.fromkeys(child for stmt in body[:position] for child, _ in _child_calls(stmt, known))
+        dict.fromkeys(
+            child
+            for stmt in body[:position]
+            for child in _calls_through_methods(index, cls, stmt, known)
+        )
     )
     after = list(
         dict.fromkeys(
@@ -339,6 +343,27 @@ def _child_calls(stmt: cst.CSTNode, children: set[str]):
             name = dotted(node.func)
             if name and name.startswith("self.") and name[5:] in children:
                 yield name[5:], node
+
+
+def _calls_through_methods(index: SourceIndex, cls: type, stmt, children: set[str], depth=0):
+    """The children `stmt` calls, directly or in a method of the same class that it calls
+    (Gemma 4's `self.get_per_layer_inputs(input_ids)` looks up `self.embed_tokens_per_layer`
+    before the loop), in source order; methods are followed a few levels deep."""
+    for node in _walk(stmt):
+        if not isinstance(node, cst.Call):
+            continue
+        name = dotted(node.func)
+        if not name or not name.startswith("self.") or "." in name[5:]:
+            continue
+        if name[5:] in children:
+            yield name[5:]
+        elif depth < 3 and callable(getattr(cls, name[5:], None)):
+            try:
+                _, _, func = index.find_method(cls, name[5:])
+            except InferenceError:
+                continue
+            for inner in func.body.body:
+                yield from _calls_through_methods(index, cls, inner, children, depth + 1)
 
 
 def _mentions_stack(node: cst.CSTNode, stack_attr: str) -> bool:

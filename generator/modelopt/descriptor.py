@@ -51,6 +51,7 @@ class ModeloptView:
     dummy_attributes: tuple[str, ...]
     rebuild_buffers: bool  # write _rebuild_buffers into the module
     pass_residual: bool  # write PassResidual into the module
+    projected_zeros: bool  # write ProjectedZeros into the module
     list_of_size: bool  # write return_list_of_size into the module
     tuple_carrying: bool  # write return_tuple_carrying into the module
     move_to_sole_subblock: bool  # write _move_to_sole_subblock into the module
@@ -111,6 +112,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
         dummy_attributes=attributes,
         rebuild_buffers=has_rebuild,
         pass_residual=pass_residual,
+        projected_zeros="ProjectedZeros" in no_op_stand_ins(spec),
         list_of_size="return_list_of_size" in no_op_names(spec),
         tuple_carrying="return_tuple_carrying" in no_op_names(spec),
         move_to_sole_subblock=bool(spec.predicates.followers),
@@ -126,6 +128,7 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
             {
                 "rebuild_buffers",
                 "PassResidual",
+                "ProjectedZeros",
                 "return_list_of_size",
                 "return_tuple_carrying",
                 "move_to_sole_subblock",

@@ -34,7 +34,8 @@ def kind_cores(kind, which: str) -> list[str]:
     sb = kind.subblock(which)
     if sb is None:
         return []
-    return [r.attr for r in sb.replacements if r.replacement in ("MatchingZeros", "PassResidual")]
+    zeros = ("MatchingZeros", "PassResidual", "ProjectedZeros")
+    return [r.attr for r in sb.replacements if r.replacement in zeros]
 
 
 def kind_weight_modules(kind, which: str) -> tuple[str, ...]:

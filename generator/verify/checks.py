@@ -508,10 +508,16 @@ def check_stages(s: Subject) -> str:
             _, hidden = layer_io(
                 first, first.get_submodule(d.layer_block_name(k - 1)), ref.input_ids, whole=True
             )
-            embeds = torch.zeros(*ref.input_ids.shape, hidden.shape[-1])
+            # a stage whose layers read inputs the model computes from the token ids (Gemma 4's
+            # per-layer inputs) is given the token ids too; either way its first layer reads
+            # the previous stage's hidden states
+            if d.stages_need_token_ids():
+                inputs = {"input_ids": ref.input_ids}
+            else:
+                inputs = {"inputs_embeds": torch.zeros(*ref.input_ids.shape, hidden.shape[-1])}
             entry = second.get_submodule(d.layer_block_name(k))
             with replace_layer_input(entry, hidden), torch.no_grad():
-                out = second(inputs_embeds=embeds).logits
+                out = second(**inputs).logits
             expect(
                 torch.equal(out, ref.logits),
                 f"stages [0, {k}) + [{k}, {s.n}): logits differ from the original "

@@ -8,7 +8,8 @@ the reference model (the causal LM of the same config, built without the patcher
   layer 0 starts; after the last layer, those that run after it ends (final norm, head);
 - inside a layer, the *cores* are the children holding matrices; an attention core is one called
   with context besides the hidden states (a cache, position embeddings, a mask), an FFN core one
-  called on hidden states alone; a chain of such children (one called on another's output) is
+  called on hidden states alone (first asked: does it mix tokens? Gemma 4's per-layer input gate
+  and projection do not, so that segment is FFN, as the generator's data flow says); a chain of such children (one called on another's output) is
   one core, its last child, judged by that child, or, where that child is the identity with its
   weights zeroed (it refines its input: Inkling's short convolutions), by the child feeding it;
 - every other child with weights (a norm) belongs to the subblock whose cores make it matter:

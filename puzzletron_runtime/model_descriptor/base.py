@@ -74,6 +74,14 @@ class ModelDescriptor(ABC):
         return False
 
     @staticmethod
+    def stages_need_token_ids() -> bool:
+        """Whether the layers read an input the model computes from the token ids before its
+        layer loop (Gemma 4's per-layer inputs), besides the hidden states: a pipeline stage
+        without block 0 then keeps the input embedding (and the rest of the embeddings group)
+        and is given the token ids as well as the previous stage's hidden states."""
+        return False
+
+    @staticmethod
     def uses_autocast() -> bool:
         """Whether the model runs correctly under torch.autocast."""
         return True

@@ -3,6 +3,7 @@
 from .no_op import (
     MatchingZeros,
     PassResidual,
+    ProjectedZeros,
     Same,
     return_list_of_size,
     return_tuple_carrying,
@@ -13,6 +14,7 @@ from .patcher import deci_x_patcher
 __all__ = [
     "MatchingZeros",
     "PassResidual",
+    "ProjectedZeros",
     "Same",
     "deci_x_patcher",
     "return_list_of_size",

@@ -1,7 +1,9 @@
 """Stand-ins that turn a subblock into a no-op.
 
 `Same` passes its input through (norms around a removed subblock); `MatchingZeros` returns zeros
-shaped like its input (the module whose output is added to the residual); `PassResidual`
+shaped like its input (the module whose output is added to the residual); `ProjectedZeros`
+returns zeros of another last dimension (a projection between widths inside a removed subblock:
+Gemma 4's per-layer input gate and projection); `PassResidual`
 returns the residual a module adds to its own output (`self.mlp(x, residual)`: Bloom, MPT); and
 `return_tuple_of_size` wraps either for call sites that unpack a tuple
 (`hidden_states, _ = self.self_attn(...)`), `return_list_of_size` for modules that return a
@@ -22,6 +24,7 @@ from torch import nn
 __all__ = [
     "MatchingZeros",
     "PassResidual",
+    "ProjectedZeros",
     "Same",
     "find_hidden_states",
     "passed_argument",
@@ -75,6 +78,23 @@ class MatchingZeros(nn.Module):
 
     def forward(self, *args, **kwargs):
         return torch.zeros_like(find_hidden_states(args, kwargs))
+
+
+class ProjectedZeros(nn.Module):
+    """Returns zeros like its input but `width` wide in the last dimension: the no-op of a
+    projection from one width to another (`nn.Linear(a, b)` gives `b`), where zeros like its
+    input would have the wrong width for what reads its output."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = int(width)
+
+    def forward(self, *args, **kwargs):
+        x = find_hidden_states(args, kwargs)
+        return x.new_zeros(*x.shape[:-1], self.width)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}"
 
 
 class PassResidual(nn.Module):
