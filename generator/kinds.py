@@ -101,7 +101,9 @@ def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -
         full_values = getattr(full_text, name, None)
         if not (_strings(tiny_values) and _strings(full_values)):
             continue
-        for value in vocabulary:
+        # the tiny config's own values too: transformers before 5.15 has no vocabulary (Model
+        # Optimizer's range), and a tiny config that ends in another kind names that kind
+        for value in dict.fromkeys((*vocabulary, *tiny_values)):
             if value in full_values:
                 continue  # the probed stack has it: a kind already grouped
             if value in tiny_values:  # the tiny config builds it already

@@ -600,3 +600,13 @@ def test_the_oracle_checks_a_kind_decided_child_layer_by_layer():
         result = run_check(mutated, check)
         assert not result.ok, mutant.__name__
         assert f"layer {wrong_layer}'s" in result.detail, result.detail
+
+
+def test_a_kind_only_the_tiny_config_builds_is_found_without_transformers_vocabulary(monkeypatch):
+    """transformers before 5.15 (Model Optimizer's range) lists no allowed layer types: Bamba's
+    default stack is all Mamba, its tiny config ends in an attention layer (from
+    attn_layer_indices), and that value of the tiny config's own `layer_types` is tried."""
+    monkeypatch.setattr(kinds, "_layer_type_vocabularies", lambda: {"layer_types": ()})
+    spec = infer("bamba")
+    children = [set(k.children) for k in spec.kinds]
+    assert any("self_attn" in c for c in children) and any("mamba" in c for c in children)
