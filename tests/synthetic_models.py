@@ -790,6 +790,8 @@ class FreshStateLayer(RecurrentStateLayer):
     def __init__(self, config, layer_idx=0):
         super().__init__(config, layer_idx)
         self.mixer = FreshStateMixer(config)
+
+
 class PerLayerInputLayer(PreNormLayer):
     """Gemma 4: after the MLP, a second position-wise segment gates the stream by a per-layer
     input the layer is passed (`act(gate(h)) * per_layer_input`), projects it back to the

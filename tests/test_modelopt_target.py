@@ -1047,3 +1047,22 @@ def test_expert_removal_needs_one_router_with_a_logit_per_expert(monkeypatch):
     p = modelopt.infer_pruning(spec_of("mixtral"))
     assert p.experts is None
     assert "one logit per expert" in p.experts_reason
+
+
+def test_expert_removal_finds_the_expert_core_among_several_ffn_cores():
+    """GraniteMoE-Hybrid's FFN subblock has two cores, its experts (`block_sparse_moe`) and a
+    shared MLP beside them: the expert-removal descriptor is that of the core the expert count
+    resizes. The shapes are read from built models here, not from the generator."""
+    spec = spec_of("granitemoehybrid")
+    model, config = modelopt.tiny_model(spec)
+    text = config.get_text_config()
+    more, _ = modelopt.tiny_model(spec, num_local_experts=text.num_local_experts + 2)
+    layer, grown = model.model.layers[0], more.model.layers[0]
+    assert layer.shared_mlp.state_dict().keys() == grown.shared_mlp.state_dict().keys()
+    assert all(
+        v.shape == grown.shared_mlp.state_dict()[k].shape
+        for k, v in layer.shared_mlp.state_dict().items()
+    )
+    p = modelopt.infer_pruning(spec)
+    assert p.experts is not None, p.experts_reason
+    assert p.experts.moe_prefix_name == "model.layers.{layer_idx}.block_sparse_moe"

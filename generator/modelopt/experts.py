@@ -3,9 +3,18 @@ layer kind with experts, from a probe build with more experts and a traced forwa
 
 from __future__ import annotations
 
-from .kind_reads import kind_override
+from .kind_reads import kind_cores, kind_override
 from .pruning_layers import ExpertsLayer
 from .traced import single_core, tiny_model
+
+
+def _resizes(model, more, path: str) -> bool:
+    """Does module `path` of `more` hold tensors shaped otherwise than in `model`?"""
+    shapes = [
+        {k: tuple(v.shape) for k, v in m.get_submodule(path).state_dict().items()}
+        for m in (model, more)
+    ]
+    return shapes[0] != shapes[1]
 
 
 def experts_layer(spec, kind, model, config, index):
@@ -23,20 +32,32 @@ def experts_layer(spec, kind, model, config, index):
     import torch
     from torch import nn
 
-    core_attr = single_core(kind, "ffn")
     count = kind_override(kind, "ffn.moe.num_local_experts")
-    if core_attr is None or count is None:
-        return None, "the FFN subblock has no single core module with an expert-count override"
+    if count is None:
+        return None, "the FFN subblock has no expert-count override"
     text = config.get_text_config()
     field = count.config_field
     experts = getattr(text, field)
     stack = spec.layer_stack
-    path = f"{stack}.{index}.{core_attr}"
-    core = model.get_submodule(path)
     try:
         more, _ = tiny_model(spec, **{field: experts + 2})
     except Exception as exc:
         return None, f"a tiny model with another {field} does not build: {exc}"
+    # the FFN core whose tensors the expert count resizes: the only core, or the one of several
+    # (GraniteMoE-Hybrid's experts beside a shared MLP, each a core of the FFN subblock)
+    core_attr = single_core(kind, "ffn")
+    if core_attr is None:
+        resized = [
+            c for c in kind_cores(kind, "ffn") if _resizes(model, more, f"{stack}.{index}.{c}")
+        ]
+        if len(resized) != 1:
+            return None, (
+                f"config.{field} resizes {len(resized)} of the FFN subblock's cores "
+                f"({', '.join(kind_cores(kind, 'ffn'))}), not one"
+            )
+        (core_attr,) = resized
+    path = f"{stack}.{index}.{core_attr}"
+    core = model.get_submodule(path)
     before = {k: tuple(v.shape) for k, v in core.state_dict().items()}
     after = {k: tuple(v.shape) for k, v in more.get_submodule(path).state_dict().items()}
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
