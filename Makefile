@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_weight_groups.py
 	$(PY) bench/bench_jobs.py
 	$(PY) bench/bench_load_model.py
+	$(PY) bench/bench_oracle.py
 
 clean-venv:
 	rm -rf $(VENV)
