@@ -414,6 +414,28 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+def _unit(layer: nn.Module, name: str) -> nn.Module | None:
+    """The layer's unit `name`: a child, or a container's child (`norm_attn_norm.attn`)."""
+    module = layer
+    for part in name.split("."):
+        module = getattr(module, part, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return module
+
+
+def layer_units(layer: nn.Module, flow: LayerFlow) -> dict[str, nn.Module]:
+    """The units the layer's forward was read in: its children, and in place of a child whose
+    forward was read through (a container), that child's children at their dotted paths."""
+    out: dict[str, nn.Module] = {}
+    for name, child in layer.named_children():
+        if name in flow.containers:
+            out.update({f"{name}.{n}": c for n, c in child.named_children()})
+        else:
+            out[name] = child
+    return out
+
+
 # -- layer kinds ------------------------------------------------------------------------------
 def _tiny_model(ctx: _Context) -> nn.Module:
     try:
@@ -599,7 +621,7 @@ def _weight_modules(layer_kinds: list[LayerKind], modules: list[nn.Module]):
             for name in sb.weight_modules if sb is not None else ():
                 roles.setdefault(name, {}).setdefault(sb.kind, []).append(k)
         for name in k.shared_modules:
-            if _has_params(getattr(layer, name)):
+            if _has_params(_unit(layer, name)):
                 roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
         for name in k.own_tensors:
             roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
@@ -643,7 +665,7 @@ def _below(name: str, layer_kinds, layer_of) -> set[tuple[str, bool]]:
     in layers of `layer_kinds`."""
     out = set()
     for k in layer_kinds:
-        child = getattr(layer_of[id(k)], name)
+        child = _unit(layer_of[id(k)], name)
         out |= {(f"{name}.{n}", False) for n, c in child.named_children() if _has_params(c)}
         out |= {(f"{name}.{n}", True) for n, _ in child.named_parameters(recurse=False)}
     return out
@@ -656,9 +678,10 @@ def _confirm_calls(
     """Compare the static calls with a traced forward of a tiny model; return tuple sizes, and
     the children whose traced call returned a list rather than a tuple (OpenAI-GPT's attention:
     its block does `[h] + outputs[1:]`, so a no-op stand-in must return a list too)."""
-    trace = ctx.probe.trace_layer(layer_path)
     layer = ctx.probe.module(layer_path)
-    weighted = {n for n, c in layer.named_children() if _has_params(c)}
+    units = layer_units(layer, flow)
+    trace = ctx.probe.trace_layer(layer_path, tuple(units))
+    weighted = {n for n, c in units.items() if _has_params(c)}
     static_called = set(flow.called) & weighted
     traced_called = set(trace) & weighted
     if static_called != traced_called:
@@ -738,7 +761,7 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
     weight_modules = tuple(
         n
         for n in sb.members
-        if any(_has_params(getattr(each, n)) for each in layers if hasattr(each, n))
+        if any(_has_params(m) for each in layers if (m := _unit(each, n)) is not None)
     )
     ctx.fact(
         f"{kind} subblock",
@@ -763,7 +786,7 @@ def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
     assigned = set(flow.shared)
     for sb in subblocks.values():
         assigned |= {r.attr for r in sb.replacements}
-    lost = [n for n, c in layer.named_children() if _has_params(c) and n not in assigned]
+    lost = [n for n, c in layer_units(layer, flow).items() if _has_params(c) and n not in assigned]
     if lost:
         raise InferenceError(
             f"the subblock of {', '.join(lost)}",

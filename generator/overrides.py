@@ -65,10 +65,20 @@ EXPERT_WIDTH, SHARED_WIDTH = (
 )
 
 
+def _member_of(key: str, members) -> str:
+    """The subblock member a tensor or attribute below the layer (`a.attn.Wqkv.weight`) sits
+    in: the member it is under (members may be dotted: a container's children), else its
+    first component."""
+    for m in sorted(members, key=len, reverse=True):
+        if key == m or key.startswith(m + "."):
+            return m
+    return key.split(".")[0]
+
+
 def _subblock_classes(layer: nn.Module, members) -> list[type]:
     classes = [type(layer)]
     for name in members:
-        for module in getattr(layer, name).modules():
+        for module in layer.get_submodule(name).modules():
             if type(module) not in classes and type(module).__module__.startswith(
                 ("transformers", "transformers_modules")
             ):
@@ -118,7 +128,7 @@ class _Run:
 
     def _diff(self, changes):
         diff = self.probe.shape_diff(changes, self.layer_path)
-        return diff, {k.split(".")[0] for k in diff}
+        return diff, {_member_of(k, self.members) for k in diff}
 
     def _inside(self, changed) -> bool:
         # a core, or the core a refining core refines (Inkling's attention before its
@@ -229,7 +239,7 @@ class _Run:
             held = sorted(
                 k
                 for k, (old, new) in moved.items()
-                if (old, new) == (current, value) and k.split(".")[0] in self.members
+                if (old, new) == (current, value) and _member_of(k, self.members) in self.members
             )
             if held and self._accept(
                 "ffn.moe.num_experts_per_tok",

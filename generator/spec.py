@@ -397,7 +397,12 @@ def check_renderable(spec: "DescriptorSpec") -> None:
             if sb is None:
                 continue
             for r in sb.replacements:
-                ident(r.attr, f"the {sb.kind} child")
+                # a child, or a child of a container the layer's forward reads through
+                need(
+                    isinstance(r.attr, str) and is_dotted_path(r.attr),
+                    f"the {sb.kind} child",
+                    r.attr,
+                )
                 need(r.replacement in REPLACEMENTS, "the no-op replacement", r.replacement)
                 need(
                     r.tuple_size is None or (type(r.tuple_size) is int and 0 < r.tuple_size < 100),
@@ -408,7 +413,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                 if r.residual_keyword is not None:
                     ident(r.residual_keyword, "the residual argument")
                 if r.refines is not None:
-                    ident(r.refines, "the core a refining core refines")
+                    path(r.refines, "the core a refining core refines")
                 need(
                     r.residual_position is None
                     or (type(r.residual_position) is int and 0 <= r.residual_position < 100),
@@ -416,7 +421,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                     r.residual_position,
                 )
             for name in sb.weight_modules:
-                ident(name, f"the {sb.kind} weight module")
+                path(name, f"the {sb.kind} weight module")
     for o in spec.overrides:
         ident(o.config_field, "the config field")
         need(

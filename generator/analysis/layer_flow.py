@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import InferenceError
-from .dataflow import Call, FlowGraph, FlowInterpreter, Input, Item, Node, Op, Phi
+from .dataflow import Call, FlowGraph, FlowInterpreter, Input, Item, Node, Op, Phi, Scope
 from .source_index import SourceIndex, param_names
 
 ATTENTION, FFN = "attention", "ffn"
@@ -71,6 +71,20 @@ class LayerFlow:
     evidence: list[str]
 
 
+def child_infos(module, prefix: str = "") -> dict[str, ChildInfo]:
+    """What the probe knows about each direct child of `module`, named `prefix` + its name."""
+    out = {}
+    for name, child in module.named_children():
+        params = list(child.parameters())
+        out[prefix + name] = ChildInfo(
+            name=prefix + name,
+            class_name=type(child).__name__,
+            has_params=bool(params),
+            has_matrix=any(p.dim() >= 2 for p in params),
+        )
+    return out
+
+
 def analyze_layer(
     cls: type, instance: object, children: dict[str, ChildInfo], index: SourceIndex
 ) -> LayerFlow:
@@ -80,6 +94,16 @@ def analyze_layer(
     fact = f"residual segments of {cls.__name__}.forward ({parsed.where(func)})"
     if graph.returned is None:
         raise InferenceError(fact, "forward returns nothing")
+    containers = _containers(graph, instance, children, index)
+    if containers:
+        # read each container's forward in place of its call: its children become units
+        children = dict(children)
+        for name, scope in containers.items():
+            del children[name]
+            children.update(child_infos(scope.instance, name + "."))
+        graph = _interpreter(instance, set(children), index, parsed, containers).run(func)
+        if graph.returned is None:
+            raise InferenceError(fact, "forward returns nothing")
 
     memo: dict[tuple[str, int | str], str | None] = {}
 
@@ -89,10 +113,53 @@ def analyze_layer(
             memo[key] = _adds_argument(instance, call.target, slot, index)
         return memo[key]
 
-    return _segments(cls.__name__, graph, children, fact, adds_argument)
+    flow = _segments(cls.__name__, graph, children, fact, adds_argument)
+    flow.containers = tuple(containers)
+    for name in containers:
+        flow.evidence.insert(
+            0,
+            f"{flow.sites.get(name) or name}: {name} hands on more than one value carrying the "
+            "hidden states (part of a segment and its join): its forward is read in place of "
+            "its call",
+        )
+    return flow
 
 
-def _interpreter(instance: object, children: set[str], index: SourceIndex, parsed):
+def _containers(graph: FlowGraph, instance, children, index: SourceIndex) -> dict[str, Scope]:
+    """Children whose call hands more than one value carrying the hidden states on to what the
+    layer returns (`residual, x = self.norm_attn_norm(x)`, both used after): each part of a
+    segment and its join rather than a core. Their Scope, to read their forward in place."""
+    needed = graph.ancestors(graph.returned) | {id(graph.returned)}
+    items: dict[str, set] = {}
+    stack, seen = [graph.returned], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(node.inputs)
+        if isinstance(node, Item) and node.inputs and isinstance(node.inputs[0], Call):
+            call = node.inputs[0]
+            if call.target in children and graph.derived(call) and id(node) in needed:
+                items.setdefault(call.target, set()).add(repr(node.index))
+    out: dict[str, Scope] = {}
+    for name, indices in items.items():
+        if len(indices) < 2:
+            continue
+        module = getattr(instance, name, None)
+        grand = child_infos(module) if module is not None else {}
+        if not any(c.has_params for c in grand.values()):
+            continue
+        try:
+            parsed, _, func = index.find_method(type(module), "forward")
+        except InferenceError:
+            continue
+        is_child, method_source = _scope_answers(module, set(grand), index)
+        out[name] = Scope(module, parsed, func, is_child, method_source)
+    return out
+
+
+def _scope_answers(instance: object, children: set[str], index: SourceIndex):
     def is_child(path: str) -> bool:
         return path.split(".")[0] in children
 
@@ -105,7 +172,16 @@ def _interpreter(instance: object, children: set[str], index: SourceIndex, parse
             return None
         return p, f
 
-    return FlowInterpreter(parsed, instance, is_child, method_source)
+    return is_child, method_source
+
+
+def _interpreter(instance: object, children: set[str], index: SourceIndex, parsed, containers=None):
+    """`children` are the layer's units: direct children, and the children of a container at
+    their dotted paths; a call of a container (`containers`: name -> Scope) is read in place."""
+    tops = {c.split(".")[0] for c in children}
+    is_child, method_source = _scope_answers(instance, tops, index)
+    containers = containers or {}
+    return FlowInterpreter(parsed, instance, is_child, method_source, containers.get)
 
 
 def _adds_argument(instance: object, target: str, slot: int | str, index: SourceIndex):
@@ -142,7 +218,7 @@ def _adds_argument(instance: object, target: str, slot: int | str, index: Source
 
 
 def _top(call: Call) -> str:
-    return call.target.split(".")[0]
+    return call.unit or call.target.split(".")[0]
 
 
 def _as_join(graph: FlowGraph, op: Op) -> tuple[Node, Node] | None:

@@ -6,6 +6,11 @@ the reference model (the causal LM of the same config, built without the patcher
 - the layer stack is the ModuleList of the text config's layer count whose layers run in order;
 - the modules a pipeline stage needs before layer 0 are those that run, start to end, before
   layer 0 starts; after the last layer, those that run after it ends (final norm, head);
+- a child whose output holds more than one tensor shaped like the hidden states it was called on
+  hands on the residual stream and a value computed from it (DBRX's `norm_attn_norm`: the
+  attention's join, then the FFN's norm): it is part of two subblocks, so its children with
+  weights, at their dotted paths, stand in its place as the layer's *units*; "child" below means
+  unit;
 - inside a layer, the *cores* are the children holding matrices; an attention core is one called
   with context besides the hidden states (a cache, position embeddings, a mask), an FFN core one
   called on hidden states alone; a chain of such children (one called on another's output) is
@@ -209,6 +214,7 @@ class Reference:
         self.paths = {id(m): n for n, m in self.model.named_modules()}
         # per-layer facts, computed on first use (each costs forwards of the reference)
         self._roles: dict[int, LayerRoles] = {}
+        self._units: dict[int, list[tuple[str, nn.Module]]] = {}
         self._cores: dict[int, dict[str, str]] = {}
         self._adds: dict[tuple[int, str], Any] = {}
         self._runs: dict[str, bool] = {}
@@ -360,13 +366,47 @@ class Reference:
         return out
 
     # -- roles inside a layer -------------------------------------------------------------------
+    def units(self, i: int) -> list[tuple[str, nn.Module]]:
+        """The children of layer i, each child that hands on several hidden-states tensors
+        (a tuple output with more than one tensor shaped like its input) replaced by its own
+        children at their dotted paths, when some of those hold weights."""
+        if i not in self._units:
+            layer = self.layer(i)
+            several: set[str] = set()
+            handles = []
+            for name, child in layer.named_children():
+                if not any(_params(c) for c in child.children()):
+                    continue
+
+                def post(_m, args, kwargs, output, name=name):
+                    x = call_input(args, kwargs)
+                    if x is None or not isinstance(output, (tuple, list)):
+                        return
+                    alike = [
+                        t for t in output if isinstance(t, torch.Tensor) and t.shape == x.shape
+                    ]
+                    if len(alike) > 1:
+                        several.add(name)
+
+                handles.append(child.register_forward_hook(post, with_kwargs=True))
+            with hooks(*handles):
+                logits(self.model, self.input_ids)
+            units = []
+            for name, child in layer.named_children():
+                if name in several:
+                    units.extend((f"{name}.{n}", c) for n, c in child.named_children())
+                else:
+                    units.append((name, child))
+            self._units[i] = units
+        return self._units[i]
+
     def roles(self, i: int) -> LayerRoles:
         if i not in self._roles:
             self._roles[i] = self._compute_roles(i)
         return self._roles[i]
 
     def _compute_roles(self, i: int) -> LayerRoles:
-        children = {n for n, m in self.layer(i).named_children() if _params(m)}
+        children = {n for n, m in self.units(i) if _params(m)}
         cores = self.roles_cores(i)
         members = {k: {n for n, kind in cores.items() if kind == k} for k in KINDS}
         shared, unused = set(), set()
@@ -429,7 +469,7 @@ class Reference:
             child.register_forward_hook(
                 lambda m, a, k, o, name=name: hook(m, a, k, o, name), with_kwargs=True
             )
-            for name, child in layer.named_children()
+            for name, child in self.units(i)
         ]
         return hooks(*handles)
 
@@ -485,7 +525,7 @@ class Reference:
             layer = self.layer(i)
             context: dict[str, bool] = {}
             handles = []
-            chain = [(n, c) for n, c in layer.named_children() if _params(c) and _is_core(c)]
+            chain = [(n, c) for n, c in self.units(i) if _params(c) and _is_core(c)]
             # a child with matrices whose output another one reads (AXK2's gated input norm,
             # feeding the attention) is part of a chain, not a core: the chain's last one is
             feeds = self._feeding(chain)
