@@ -247,3 +247,34 @@ def test_a_block_holding_its_own_residual_is_not_judged_by_the_block_before_it()
     layer = ref.layer(0)
     assert ref._refines(layer.ffn) and ref._refines(layer.self_att)
     assert ref.roles_cores(0)["ffn"] == "ffn"
+
+
+def test_oracle_reads_through_a_child_handing_on_two_streams():
+    """A child that returns the residual stream and the FFN's normed input (DBRX's
+    norm_attn_norm) is part of both subblocks: the oracle takes its children as the layer's
+    units, so its first norm goes with the attention and its second with the FFN. Without the
+    rule the whole child is one core, of neither subblock alone."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import synthetic_models as sm
+
+    config = sm.make_config(vocab_size=16)
+    config.get_text_config = lambda: config
+    torch.manual_seed(0)
+    model = sm.NestedReference(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # norms off 1, so scaling them shows
+    ref = Reference(config, model=model)
+    assert [n for n, _ in ref.units(0)] == [
+        "norm_attn_norm.norm_1",
+        "norm_attn_norm.attn",
+        "norm_attn_norm.norm_2",
+        "ffn",
+    ]
+    roles = ref.roles(0)
+    assert roles.cores == {"norm_attn_norm.attn": "attention", "ffn": "ffn"}
+    assert roles.members["attention"] == {"norm_attn_norm.norm_1", "norm_attn_norm.attn"}
+    assert roles.members["ffn"] == {"norm_attn_norm.norm_2", "ffn"}
+    assert roles.shared == frozenset()

@@ -205,11 +205,12 @@ def _stream_value(where, args: tuple, kwargs: dict):
 class Reference:
     """The reference model of `config` and the facts the oracle reads off it."""
 
-    def __init__(self, config: Any, seed: int = 0):
+    def __init__(self, config: Any, seed: int = 0, model: nn.Module | None = None):
+        """`model`: an already built reference of `config` (tests build synthetic ones)."""
         self.config = config
         self.text = config.get_text_config()
         self.num_layers = int(self.text.num_hidden_layers)
-        self.model = reference_model(config, seed=seed)
+        self.model = model if model is not None else reference_model(config, seed=seed)
         self.input_ids = sample_input(config)
         self.paths = {id(m): n for n, m in self.model.named_modules()}
         # per-layer facts, computed on first use (each costs forwards of the reference)
