@@ -129,6 +129,10 @@ NO_CONVERTER = {
     # Mamba-form sizes
     "recurrent_gemma": "no config field sets attention.num_key_value_heads of "
     "RecurrentGemmaDecoderLayer with temporal_block: RecurrentGemmaRecurrentBlock",
+    # DBRX's FFN width lives in a sub-config (ffn_config.ffn_hidden_size), which no override
+    # reads; its experts' width is no multiple of the hidden size that holds at every size
+    "dbrx": "no config field sets ffn.intermediate_size of DbrxBlock and no rule for it could be "
+    "confirmed on tiny and default-size models: 8 * text_config.hidden_size is not the FFN width",
 }
 
 
