@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from puzzletron_runtime.puzzformer.patcher import set_config_field
+
 from .analysis.layer_flow import ChildInfo, child_infos
 from .errors import InferenceError, StaticGap
 from .source import ModelSource
@@ -290,7 +292,7 @@ class Probe:
         changed_config = self.tiny_config()
         target = changed_config.get_text_config()
         for field, value in changes.items():
-            setattr(target, field, value)
+            set_config_field(target, field, value)
         try:
             changed = build_model(self.source.causal_lm_cls, changed_config)
         except Exception:
@@ -319,7 +321,7 @@ class Probe:
         changed_config = self.tiny_config()
         target = changed_config.get_text_config()
         for field, value in changes.items():
-            setattr(target, field, value)
+            set_config_field(target, field, value)
         try:
             changed = build_model(self.source.causal_lm_cls, changed_config)
         except Exception:

@@ -423,7 +423,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
             for name in sb.weight_modules:
                 path(name, f"the {sb.kind} weight module")
     for o in spec.overrides:
-        ident(o.config_field, "the config field")
+        path(o.config_field, "the config field")
         need(
             o.block_config_attr in BLOCK_CONFIG_ATTRS,
             "the block config attribute",

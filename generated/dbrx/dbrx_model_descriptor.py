@@ -11,6 +11,14 @@ Evidence (line numbers in transformers 5.23.0):
   norm_attn_norm.attn returns a tuple of 2, so its no-op stand-in does too.
 - FFN subblock, in data-flow order: norm_attn_norm.norm_2 -> ffn;
   residual join at modeling_dbrx.py:424.
+- config.attn_config.kv_n_heads <- block_config.attention.num_key_value_heads: read at
+  modeling_dbrx.py:178; a probe build confirmed it changes only attention weight shapes.
+- config.ffn_config.moe_num_experts <- block_config.ffn.moe.num_local_experts: read at
+  modeling_dbrx.py:332; a probe build confirmed it changes only ffn weight shapes.
+- config.ffn_config.moe_top_k <- block_config.ffn.moe.num_experts_per_tok: read at
+  modeling_dbrx.py:332; a probe build confirmed it changes only ffn weights (it is kept by a module).
+- config.ffn_config.ffn_hidden_size <- block_config.ffn.moe.expert_intermediate_dim: read at
+  modeling_dbrx.py:332; a probe build confirmed it changes only ffn weight shapes.
 - Final norm: transformer.norm_f, called after the layer loop (modeling_dbrx.py:531).
 - Buffers outside the state dict, left empty by a meta-device build and rebuilt on the target
   device by the owning model's own _init_weights (a tiny model confirmed they come back equal):
@@ -43,7 +51,18 @@ class DbrxModelDescriptor(ModelDescriptor):
 
     @staticmethod
     def block_config_to_layer_overrides(block_config: BlockConfig) -> dict[str, Any]:
-        return {}
+        overrides = {
+            "attn_config.kv_n_heads": block_config.attention.num_key_value_heads,
+        }
+        if block_config.ffn.moe is not None:
+            overrides.update(
+                {
+                    "ffn_config.moe_num_experts": block_config.ffn.moe.num_local_experts,
+                    "ffn_config.moe_top_k": block_config.ffn.moe.num_experts_per_tok,
+                    "ffn_config.ffn_hidden_size": block_config.ffn.moe.expert_intermediate_dim,
+                }
+            )
+        return overrides
 
     @staticmethod
     def attn_no_op_post_init(decoder_layer: DbrxBlock) -> None:

@@ -29,6 +29,7 @@ from .models import (
     shapes,
     under,
 )
+from ..heterogeneous import config_value
 from ..kinds import settable
 from ..tiny import default_config
 from .oracle import KINDS, Reference, set_size
@@ -317,7 +318,7 @@ def _check_top_k(s: Subject) -> str | None:
     field, experts = ref.top_k_field, ref.size_fields.get("ffn.moe.num_local_experts")
     if field is None or experts is None:
         return None
-    value = getattr(ref.text, field)
+    value = config_value(ref.text, field)
     fewer = value - 1 if value > 1 else None
     if fewer is None:
         return None

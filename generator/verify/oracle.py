@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..heterogeneous import config_value
+from puzzletron_runtime.puzzformer.patcher import set_config_field
+
+from ..heterogeneous import config_value, field_names
 from .models import (
     call_input,
     replace_call_input,
@@ -65,6 +67,7 @@ SIZE_FIELDS: dict[str, tuple[str, ...]] = {
         "multi_query_group_num",
         "n_head_kv",
         "num_key_value_groups",
+        "kv_n_heads",
     ),
     # a Mamba mixer in the attention's place: state size, heads, head width, groups; a gated
     # delta-rule linear attention in the same form (key head width, value heads and their
@@ -662,7 +665,7 @@ class Reference:
     # -- sizes ----------------------------------------------------------------------------------
     @cached_property
     def top_k(self) -> int | None:
-        for name in TOP_K_FIELDS:
+        for name in [n for f in TOP_K_FIELDS for n in field_names(self.text, f)]:
             value = config_value(self.text, name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
@@ -670,7 +673,7 @@ class Reference:
 
     @cached_property
     def top_k_field(self) -> str | None:
-        for name in TOP_K_FIELDS:
+        for name in [n for f in TOP_K_FIELDS for n in field_names(self.text, f)]:
             value = config_value(self.text, name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return name
@@ -700,7 +703,9 @@ class Reference:
         expert_tensors: set[str] = set()
         for size, fields in SIZE_FIELDS.items():
             kind = size.split(".")[0]
-            for name in fields:
+            # a field of the config itself, or of a sub-config holding it (DBRX's
+            # attn_config.kv_n_heads): the patcher writes either
+            for name in [n for f in fields for n in field_names(self.text, f)]:
                 value = config_value(self.text, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                     continue
@@ -717,14 +722,16 @@ class Reference:
                         expert_tensors = changed
                     break
         moe_layers = {self._first_layer({t}) for t in expert_tensors}
-        for name in WIDTH_FIELDS:
+        for name in [n for f in WIDTH_FIELDS for n in field_names(self.text, f)]:
             value = config_value(self.text, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                 continue
             changed = self._changed(base, {name: value // 2})
             if not changed or not changed <= allowed["ffn"]:
                 continue
-            if not self._verbatim(base, {name: value // 2}, changed, value // 2):
+            experts = found.get("ffn.moe.num_local_experts")
+            stacked = (changed & expert_tensors, experts.value) if experts else None
+            if not self._verbatim(base, {name: value // 2}, changed, value // 2, stacked):
                 continue  # the model transforms it (halves, rounds): not a width to write
             layers = {self._first_layer({t}) for t in changed}
             if changed & expert_tensors:
@@ -749,13 +756,19 @@ class Reference:
                 found["ffn.intermediate_size"] = other
         return found
 
-    def _verbatim(self, base: dict, changes: dict[str, Any], changed: set[str], value) -> bool:
+    def _verbatim(
+        self, base: dict, changes: dict[str, Any], changed: set[str], value, stacked=None
+    ) -> bool:
         """Whether the model builds the width it is given: some changed tensor has `value` at
-        a dimension the change moved (RecurrentGemma halves intermediate_size first)."""
+        a dimension the change moved (RecurrentGemma halves intermediate_size first), or, for
+        `stacked` = (expert tensors, expert count), an expert tensor holding every expert's
+        rows in one dimension (DBRX's `w1`) has `value` times the count there."""
         resized = self.meta_shapes(self.with_fields(changes))
+        tensors, count = stacked if stacked else (set(), 0)
         for name in changed:
             old, new = base.get(name, ()), resized.get(name, ())
-            if len(old) == len(new) and any(a != b and b == value for a, b in zip(old, new)):
+            want = {value, value * count} if name in tensors else {value}
+            if len(old) == len(new) and any(a != b and b in want for a, b in zip(old, new)):
                 return True
         return False
 
@@ -826,7 +839,7 @@ class Reference:
         config = copy.deepcopy(self.config)
         text = config.get_text_config()
         for k, v in overrides.items():
-            setattr(text, k, v)
+            set_config_field(text, k, v)
         return config
 
     @staticmethod
