@@ -10,13 +10,7 @@ from torch import nn
 from ..puzzformer.no_op import find_hidden_states
 from .hollow import HollowModule, carry_structure
 
-__all__ = [
-    "DummyBlock",
-    "DummyInputEmbedding",
-    "DummyOutputHead",
-    "HollowModule",
-    "carry_structure",
-]
+__all__ = ["DummyBlock", "DummyInputEmbedding", "DummyOutputHead", "HollowModule", "carry_structure"]
 
 
 class DummyBlock(nn.Module):
