@@ -278,3 +278,15 @@ def test_oracle_reads_through_a_child_handing_on_two_streams():
     assert roles.members["attention"] == {"norm_attn_norm.norm_1", "norm_attn_norm.attn"}
     assert roles.members["ffn"] == {"norm_attn_norm.norm_2", "ffn"}
     assert roles.shared == frozenset()
+
+
+def test_oracle_finds_sizes_in_sub_configs_and_stacked_expert_widths():
+    """DBRX keeps its sizes in attn_config / ffn_config, and its expert tensors stack every
+    expert's rows (w1: experts x width): the oracle offers sub-config fields and takes a width
+    built as width x experts. Without either it finds no KV-head field and no expert width."""
+    from transformers import DbrxConfig
+
+    sizes = Reference(verification_config(DbrxConfig)).size_fields
+    assert sizes["attention.num_key_value_heads"].field == "attn_config.kv_n_heads"
+    assert sizes["ffn.moe.num_local_experts"].field == "ffn_config.moe_num_experts"
+    assert sizes["ffn.moe.expert_intermediate_dim"].field == "ffn_config.ffn_hidden_size"
