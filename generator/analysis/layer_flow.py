@@ -25,22 +25,13 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import InferenceError
-from .dataflow import Call, FlowGraph, FlowInterpreter, Input, Item, Node, Op, Phi, Scope
+from .containers import ChildInfo, child_infos, containers, scope_answers
+from .dataflow import Call, FlowGraph, FlowInterpreter, Input, Item, Node, Op, Phi
 from .source_index import SourceIndex, param_names
 
 ATTENTION, FFN = "attention", "ffn"
 _MIXER_NAME = re.compile(r"attn|attention|mixer|mamba|ssm|retention|time_?mix|conv", re.I)
 _FFN_NAME = re.compile(r"mlp|ffn|feed_?forward|moe|expert|channel_?mix", re.I)
-
-
-@dataclass(frozen=True)
-class ChildInfo:
-    """What the probe knows about one direct child module of the decoder layer."""
-
-    name: str
-    class_name: str
-    has_params: bool
-    has_matrix: bool  # owns a parameter with two or more dimensions (a projection)
 
 
 @dataclass
@@ -69,20 +60,9 @@ class LayerFlow:
     sites: dict[str, str]  # child -> "file:line `code`" of its first call
     returns_tuple: bool
     evidence: list[str]
-
-
-def child_infos(module, prefix: str = "") -> dict[str, ChildInfo]:
-    """What the probe knows about each direct child of `module`, named `prefix` + its name."""
-    out = {}
-    for name, child in module.named_children():
-        params = list(child.parameters())
-        out[prefix + name] = ChildInfo(
-            name=prefix + name,
-            class_name=type(child).__name__,
-            has_params=bool(params),
-            has_matrix=any(p.dim() >= 2 for p in params),
-        )
-    return out
+    # children whose forward was read in place of their call (containers.py): their children
+    # are units of the layer, at dotted paths
+    containers: tuple[str, ...] = ()
 
 
 def analyze_layer(
@@ -94,14 +74,14 @@ def analyze_layer(
     fact = f"residual segments of {cls.__name__}.forward ({parsed.where(func)})"
     if graph.returned is None:
         raise InferenceError(fact, "forward returns nothing")
-    containers = _containers(graph, instance, children, index)
-    if containers:
+    found = containers(graph, instance, children, index)
+    if found:
         # read each container's forward in place of its call: its children become units
         children = dict(children)
-        for name, scope in containers.items():
+        for name, scope in found.items():
             del children[name]
             children.update(child_infos(scope.instance, name + "."))
-        graph = _interpreter(instance, set(children), index, parsed, containers).run(func)
+        graph = _interpreter(instance, set(children), index, parsed, found).run(func)
         if graph.returned is None:
             raise InferenceError(fact, "forward returns nothing")
 
@@ -114,8 +94,8 @@ def analyze_layer(
         return memo[key]
 
     flow = _segments(cls.__name__, graph, children, fact, adds_argument)
-    flow.containers = tuple(containers)
-    for name in containers:
+    flow.containers = tuple(found)
+    for name in found:
         flow.evidence.insert(
             0,
             f"{flow.sites.get(name) or name}: {name} hands on more than one value carrying the "
@@ -125,63 +105,12 @@ def analyze_layer(
     return flow
 
 
-def _containers(graph: FlowGraph, instance, children, index: SourceIndex) -> dict[str, Scope]:
-    """Children whose call hands more than one value carrying the hidden states on to what the
-    layer returns (`residual, x = self.norm_attn_norm(x)`, both used after): each part of a
-    segment and its join rather than a core. Their Scope, to read their forward in place."""
-    needed = graph.ancestors(graph.returned) | {id(graph.returned)}
-    items: dict[str, set] = {}
-    stack, seen = [graph.returned], set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.extend(node.inputs)
-        if isinstance(node, Item) and node.inputs and isinstance(node.inputs[0], Call):
-            call = node.inputs[0]
-            if call.target in children and graph.derived(call) and id(node) in needed:
-                items.setdefault(call.target, set()).add(repr(node.index))
-    out: dict[str, Scope] = {}
-    for name, indices in items.items():
-        if len(indices) < 2:
-            continue
-        module = getattr(instance, name, None)
-        grand = child_infos(module) if module is not None else {}
-        if not any(c.has_params for c in grand.values()):
-            continue
-        try:
-            parsed, _, func = index.find_method(type(module), "forward")
-        except InferenceError:
-            continue
-        is_child, method_source = _scope_answers(module, set(grand), index)
-        out[name] = Scope(module, parsed, func, is_child, method_source)
-    return out
-
-
-def _scope_answers(instance: object, children: set[str], index: SourceIndex):
-    def is_child(path: str) -> bool:
-        return path.split(".")[0] in children
-
-    def method_source(name: str):
-        if name in children or not callable(getattr(type(instance), name, None)):
-            return None
-        try:
-            p, _, f = index.find_method(type(instance), name)
-        except InferenceError:
-            return None
-        return p, f
-
-    return is_child, method_source
-
-
-def _interpreter(instance: object, children: set[str], index: SourceIndex, parsed, containers=None):
+def _interpreter(instance: object, children: set[str], index: SourceIndex, parsed, found=None):
     """`children` are the layer's units: direct children, and the children of a container at
-    their dotted paths; a call of a container (`containers`: name -> Scope) is read in place."""
+    their dotted paths; a call of a container (`found`: name -> Scope) is read in place."""
     tops = {c.split(".")[0] for c in children}
-    is_child, method_source = _scope_answers(instance, tops, index)
-    containers = containers or {}
-    return FlowInterpreter(parsed, instance, is_child, method_source, containers.get)
+    is_child, method_source = scope_answers(instance, tops, index)
+    return FlowInterpreter(parsed, instance, is_child, method_source, (found or {}).get)
 
 
 def _adds_argument(instance: object, target: str, slot: int | str, index: SourceIndex):
