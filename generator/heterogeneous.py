@@ -41,9 +41,20 @@ def sub_configs(config: Any) -> tuple[str, ...]:
     return tuple(sorted(k for k, v in vars(config).items() if isinstance(v, PretrainedConfig)))
 
 
+def has_field(config: Any, name: str) -> bool:
+    """Whether `config` has field `name`, a per-layer one included (whose global read a
+    heterogeneous config refuses)."""
+    if name in per_layer_fields(config):
+        return True
+    try:
+        return hasattr(config, name)
+    except Exception:  # a config refusing the read still has the field
+        return True
+
+
 def field_names(config: Any, name: str) -> tuple[str, ...]:
     """Where `config` holds field `name`: itself (`name`), else each sub-config that has it
     (`ffn_config.name`); none when neither does."""
-    if hasattr(config, name):
+    if has_field(config, name):
         return (name,)
-    return tuple(f"{s}.{name}" for s in sub_configs(config) if hasattr(getattr(config, s), name))
+    return tuple(f"{s}.{name}" for s in sub_configs(config) if has_field(getattr(config, s), name))

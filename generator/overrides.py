@@ -23,7 +23,7 @@ from torch import nn
 
 from .analysis import model_structure
 from .analysis.layer_flow import ATTENTION
-from .heterogeneous import config_value, field_names, sub_configs
+from .heterogeneous import config_value, field_names, has_field, sub_configs
 from .spec import ConfigOverride, is_identifier
 
 # Config fields that may carry each block-config size, in order of preference; the model's own
@@ -112,7 +112,7 @@ def _through_sub_configs(reads: dict[str, str], text) -> dict[str, str]:
             for name in getattr(text, field).to_dict():
                 if name.isidentifier():
                     out.setdefault(f"{field}.{name}", where)
-        elif not hasattr(text, field) and field_names(text, field):
+        elif not has_field(text, field) and field_names(text, field):
             del out[field]
             for name in field_names(text, field):
                 out.setdefault(name, where)

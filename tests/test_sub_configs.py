@@ -35,3 +35,20 @@ def test_reads_through_a_sub_config_become_its_dotted_fields():
     assert out["ffn_config.moe_num_experts"] == "a.py:2"
     assert "moe_num_experts" not in out  # not a field of the text config itself
     assert out["hidden_size"] == "a.py:3"
+
+
+def test_a_per_layer_field_counts_as_the_config_s_own():
+    """A heterogeneous config refuses the global read of a per-layer field (hasattr raises):
+    the field is still the config's own, not looked for in sub-configs."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        per_layer_config={1: {"num_key_value_heads": 1}},
+    )
+    assert field_names(config, "num_key_value_heads") == ("num_key_value_heads",)
+    reads = {"num_key_value_heads": "a.py:1"}
+    assert _through_sub_configs(reads, config) == reads
