@@ -680,7 +680,12 @@ def _confirm_calls(
     its block does `[h] + outputs[1:]`, so a no-op stand-in must return a list too)."""
     layer = ctx.probe.module(layer_path)
     units = layer_units(layer, flow)
-    trace = ctx.probe.trace_layer(layer_path, tuple(units))
+    # a container's children are traced in its place (DBRX's norm_attn_norm.attn)
+    trace = (
+        ctx.probe.trace_layer(layer_path, tuple(units))
+        if flow.containers
+        else ctx.probe.trace_layer(layer_path)
+    )
     weighted = {n for n, c in units.items() if _has_params(c)}
     static_called = set(flow.called) & weighted
     traced_called = set(trace) & weighted

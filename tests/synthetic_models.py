@@ -755,3 +755,32 @@ class NestedReference(nn.Module):
         for layer in self.layers:
             x = layer(x, attention_mask=mask)
         return SimpleNamespace(logits=self.lm_head(self.norm(x)))
+
+
+class BiasReturningAttention(Attention):
+    """GPT-NeoX-Japanese: the attention returns its output and its output bias, added later."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.out_bias = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        return self.o(self.q(hidden_states)), self.out_bias
+
+
+class BiasAddedLaterLayer(PreNormLayer):
+    """Both values of the attention's call reach the output, but only one carries the hidden
+    states: the attention is a core, not a container to read through."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__(config, layer_idx)
+        self.self_attn = BiasReturningAttention(config)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        attn_output, attn_bias = self.self_attn(hidden_states, attention_mask=attention_mask)
+        hidden_states = residual + (attn_output + attn_bias)
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states

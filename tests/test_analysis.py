@@ -264,3 +264,13 @@ def test_a_child_handing_on_two_streams_is_read_through():
     assert ffn.cores == ["ffn"]
     assert flow.arity["norm_attn_norm.attn"] == 2
     assert flow.shared == []
+
+
+def test_a_child_handing_on_one_stream_and_a_parameter_is_a_core():
+    """GPT-NeoX-Japanese: `out, bias = self.attention(x)`, both added to the residual. Only the
+    output is computed from the attention's input, so the attention stays a core (read through,
+    its projections would be split into two subblocks)."""
+    flow = flow_of(sm.BiasAddedLaterLayer)
+    assert flow.containers == ()
+    assert flow.subblocks[ATTENTION].cores == ["self_attn"]
+    assert members(flow, FFN) == ["post_attention_layernorm", "mlp"]

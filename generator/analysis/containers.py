@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InferenceError
-from .dataflow import Call, FlowGraph, Item, Scope
+from .dataflow import Call, FlowGraph, FlowInterpreter, Item, Pack, Scope
 from .source_index import SourceIndex
 
 
@@ -45,7 +45,7 @@ def containers(graph: FlowGraph, instance, children, index: SourceIndex) -> dict
     layer returns (`residual, x = self.norm_attn_norm(x)`, both used after): each part of a
     segment and its join rather than a core. Their Scope, to read their forward in place."""
     needed = graph.ancestors(graph.returned) | {id(graph.returned)}
-    items: dict[str, set] = {}
+    items: dict[str, set[int]] = {}
     stack, seen = [graph.returned], set()
     while stack:
         node = stack.pop()
@@ -56,7 +56,8 @@ def containers(graph: FlowGraph, instance, children, index: SourceIndex) -> dict
         if isinstance(node, Item) and node.inputs and isinstance(node.inputs[0], Call):
             call = node.inputs[0]
             if call.target in children and graph.derived(call) and id(node) in needed:
-                items.setdefault(call.target, set()).add(repr(node.index))
+                if isinstance(node.index, int):
+                    items.setdefault(call.target, set()).add(node.index)
     out: dict[str, Scope] = {}
     for name, indices in items.items():
         if len(indices) < 2:
@@ -70,8 +71,28 @@ def containers(graph: FlowGraph, instance, children, index: SourceIndex) -> dict
         except InferenceError:
             continue
         is_child, method_source = scope_answers(module, set(grand), index)
+        if len(indices & _stream_positions(module, parsed, func, is_child, method_source)) < 2:
+            continue  # one stream and another value (GPT-NeoX-Japanese's attention bias)
         out[name] = Scope(module, parsed, func, is_child, method_source)
     return out
+
+
+def _stream_positions(module, parsed, func, is_child, method_source) -> set[int]:
+    """The positions of the tuple `module.forward` returns that are computed from its input
+    (DBRX's norm_attn_norm: both; an attention returning its output and its bias: one)."""
+    interp = FlowInterpreter(parsed, module, is_child, method_source)
+    try:
+        graph = interp.run(func)
+    except InferenceError:
+        return set()
+    packs = [r for r in interp.returns if isinstance(r, Pack)]
+    if not packs or len(packs) != len(interp.returns):
+        return set()
+    return {
+        i
+        for i in range(min(len(p.inputs) for p in packs))
+        if all(graph.derived(p.inputs[i]) for p in packs)
+    }
 
 
 def scope_answers(instance: object, children: set[str], index: SourceIndex):

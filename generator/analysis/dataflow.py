@@ -174,6 +174,7 @@ class FlowInterpreter:
         self.method_source = method_source
         self.enter = enter
         self.calls: list[Call] = []
+        self.returns: list[Node] = []
         self._depth = 0
         self._prefix = ""  # the dotted path of the child whose forward is being read
 
@@ -237,6 +238,7 @@ class FlowInterpreter:
             self._block(func.body.body, state)
         except _Return:
             pass
+        self.returns = list(returns)  # every value the body returns, tuples whole
         if not returns:
             return None, False
         firsts = [self._first(r) for r in returns]
