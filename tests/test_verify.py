@@ -290,3 +290,16 @@ def test_oracle_finds_sizes_in_sub_configs_and_stacked_expert_widths():
     assert sizes["attention.num_key_value_heads"].field == "attn_config.kv_n_heads"
     assert sizes["ffn.moe.num_local_experts"].field == "ffn_config.moe_num_experts"
     assert sizes["ffn.moe.expert_intermediate_dim"].field == "ffn_config.ffn_hidden_size"
+
+
+def test_a_config_refusing_tied_embeddings_has_no_tied_variant():
+    """DbrxConfig validates tie_word_embeddings away: the checks run without a tied variant and
+    say why, instead of failing to build the subject at all."""
+    from transformers import DbrxConfig
+
+    from generator.verify import make_subject
+
+    s = make_subject(None, DbrxConfig)
+    assert s.tied_config is None
+    assert "tie_word_embeddings is not supported" in s.tied_refused
+    assert s.config.tie_word_embeddings is False
