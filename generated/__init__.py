@@ -31,6 +31,7 @@ _DESCRIPTORS = {
     "cohere_compass_text": ("cohere_compass_text", "CohereCompassModelDescriptor"),
     "ctrl": ("ctrl", "CTRLModelDescriptor"),
     "cwm": ("cwm", "CwmModelDescriptor"),
+    "dbrx": ("dbrx", "DbrxModelDescriptor"),
     "deepseek_v2": ("deepseek_v2", "DeepseekV2ModelDescriptor"),
     "deepseek_v3": ("deepseek_v3", "DeepseekV3ModelDescriptor"),
     "deepseek_v32": ("deepseek_v32", "DeepseekV32ModelDescriptor"),

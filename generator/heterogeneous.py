@@ -21,7 +21,40 @@ def per_layer_fields(config: Any) -> frozenset[str]:
 
 def config_value(config: Any, name: str, default: Any = None) -> Any:
     """`getattr(config, name, default)`, but `default` for a per-layer field of a
-    heterogeneous config (one value for the whole model does not exist)."""
+    heterogeneous config (one value for the whole model does not exist). A dotted name reads a
+    field of a sub-config (`ffn_config.moe_num_experts`)."""
     if name in per_layer_fields(config):
         return default
-    return getattr(config, name, default)
+    *path, last = name.split(".")
+    for part in path:
+        config = getattr(config, part, None)
+        if config is None:
+            return default
+    return getattr(config, last, default)
+
+
+def sub_configs(config: Any) -> tuple[str, ...]:
+    """The attributes of `config` that hold configs of their own (DBRX's `attn_config`,
+    `ffn_config`): a size may live there rather than on the config itself."""
+    from transformers import PretrainedConfig
+
+    return tuple(sorted(k for k, v in vars(config).items() if isinstance(v, PretrainedConfig)))
+
+
+def has_field(config: Any, name: str) -> bool:
+    """Whether `config` has field `name`, a per-layer one included (whose global read a
+    heterogeneous config refuses)."""
+    if name in per_layer_fields(config):
+        return True
+    try:
+        return hasattr(config, name)
+    except Exception:  # a config refusing the read still has the field
+        return True
+
+
+def field_names(config: Any, name: str) -> tuple[str, ...]:
+    """Where `config` holds field `name`: itself (`name`), else each sub-config that has it
+    (`ffn_config.name`); none when neither does."""
+    if has_field(config, name):
+        return (name,)
+    return tuple(f"{s}.{name}" for s in sub_configs(config) if has_field(getattr(config, s), name))

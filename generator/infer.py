@@ -23,7 +23,7 @@ from .checkpoint import check_checkpoint, origin_fields
 from .descriptor_view import layer_ranges
 from .errors import InferenceError, ProbeMismatch
 from .probe import Probe, build_model, layer_children
-from .layer_weights import weight_modules, with_disk_children
+from .layer_weights import layer_unit, weight_modules, with_disk_children
 from .static_returns import carried_arguments
 from .overrides import infer_overrides
 from .variants import variant_children
@@ -437,6 +437,18 @@ def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
+def layer_units(layer: nn.Module, flow: LayerFlow) -> dict[str, nn.Module]:
+    """The units the layer's forward was read in: its children, and in place of a child whose
+    forward was read through (a container), that child's children at their dotted paths."""
+    out: dict[str, nn.Module] = {}
+    for name, child in layer.named_children():
+        if name in flow.containers:
+            out.update({f"{name}.{n}": c for n, c in child.named_children()})
+        else:
+            out[name] = child
+    return out
+
+
 # -- layer kinds ------------------------------------------------------------------------------
 def _tiny_model(ctx: _Context) -> nn.Module:
     try:
@@ -636,9 +648,15 @@ def _confirm_calls(
     """Compare the static calls with a traced forward of a tiny model; return tuple sizes, and
     the children whose traced call returned a list rather than a tuple (OpenAI-GPT's attention:
     its block does `[h] + outputs[1:]`, so a no-op stand-in must return a list too)."""
-    trace = ctx.probe.trace_layer(layer_path)
     layer = ctx.probe.module(layer_path)
-    weighted = {n for n, c in layer.named_children() if _has_params(c)}
+    units = layer_units(layer, flow)
+    # a container's children are traced in its place (DBRX's norm_attn_norm.attn)
+    trace = (
+        ctx.probe.trace_layer(layer_path, tuple(units))
+        if flow.containers
+        else ctx.probe.trace_layer(layer_path)
+    )
+    weighted = {n for n, c in units.items() if _has_params(c)}
     static_called = set(flow.called) & weighted
     traced_called = set(trace) & weighted
     if static_called != traced_called:
@@ -748,7 +766,7 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
     weight_modules = tuple(
         n
         for n in sb.members
-        if any(_has_params(getattr(each, n)) for each in layers if hasattr(each, n))
+        if any(_has_params(m) for each in layers if (m := layer_unit(each, n)) is not None)
     )
     ctx.fact(
         f"{kind} subblock",
@@ -809,7 +827,7 @@ def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
     assigned = set(flow.shared)
     for sb in subblocks.values():
         assigned |= {r.attr for r in sb.replacements}
-    lost = [n for n, c in layer.named_children() if _has_params(c) and n not in assigned]
+    lost = [n for n, c in layer_units(layer, flow).items() if _has_params(c) and n not in assigned]
     if lost:
         raise InferenceError(
             f"the subblock of {', '.join(lost)}",

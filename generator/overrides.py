@@ -27,12 +27,18 @@ from torch import nn
 
 from .analysis import model_structure
 from .analysis.layer_flow import ATTENTION
-from .heterogeneous import config_value
+from .heterogeneous import config_value, field_names, has_field, sub_configs
 from .spec import ConfigOverride, is_identifier
 
 # Config fields that may carry each block-config size, in order of preference; the model's own
 # __init__ reads decide which one applies, and a probe build confirms it changes the right shapes.
-KV_HEAD_FIELDS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
+KV_HEAD_FIELDS = (
+    "num_key_value_heads",
+    "num_kv_heads",
+    "n_head_kv",
+    "multi_query_group_num",
+    "kv_n_heads",
+)
 FFN_WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "d_ff")
 EXPERT_COUNT_FIELDS = (
     "num_local_experts",
@@ -71,10 +77,20 @@ EXPERT_WIDTH, SHARED_WIDTH = (
 )
 
 
+def _member_of(key: str, members) -> str:
+    """The subblock member a tensor or attribute below the layer (`a.attn.Wqkv.weight`) sits
+    in: the member it is under (members may be dotted: a container's children), else its
+    first component."""
+    for m in sorted(members, key=len, reverse=True):
+        if key == m or key.startswith(m + "."):
+            return m
+    return key.split(".")[0]
+
+
 def _subblock_classes(layer: nn.Module, members) -> list[type]:
     classes = [type(layer)]
     for name in members:
-        for module in getattr(layer, name).modules():
+        for module in layer.get_submodule(name).modules():
             if type(module) not in classes and type(module).__module__.startswith(
                 ("transformers", "transformers_modules")
             ):
@@ -88,6 +104,25 @@ def _reads(index, classes) -> dict[str, str]:
         for field, where in model_structure.config_reads(index, cls):
             reads.setdefault(field, where)
     return reads
+
+
+def _through_sub_configs(reads: dict[str, str], text) -> dict[str, str]:
+    """The reads as fields of the text config: a sub-config read whole (`config.attn_config`,
+    then `attn_config.kv_n_heads`) reads each of its fields, and a field the text config lacks,
+    read by a module built with a sub-config (`DbrxExperts(config.ffn_config)` reads
+    `config.moe_num_experts`), is that sub-config's: both as dotted fields (`ffn_config.X`)."""
+    out = dict(reads)
+    subs = sub_configs(text)
+    for field, where in reads.items():
+        if field in subs:
+            for name in getattr(text, field).to_dict():
+                if name.isidentifier():
+                    out.setdefault(f"{field}.{name}", where)
+        elif not has_field(text, field) and field_names(text, field):
+            del out[field]
+            for name in field_names(text, field):
+                out.setdefault(name, where)
+    return out
 
 
 def _number(value) -> bool:
@@ -129,13 +164,20 @@ class _Run:
             ]
         self.probe = ctx.probe
         self.tiny_text = self.probe.tiny_config().get_text_config()
+        self.reads = _through_sub_configs(reads, self.tiny_text)
         self.members = set(sb.members)
         self.found: list[ConfigOverride] = []
         self.refused: list[str] = []  # fields whose per-layer change does not build
 
+    def _named(self, fields) -> list[str]:
+        """The fields read among `fields`: each by its name, or as a sub-config's field
+        (`attn_config.kv_n_heads` for `kv_n_heads`)."""
+        out = [r for f in fields for r in self.reads if r == f or r.endswith("." + f)]
+        return list(dict.fromkeys(out))
+
     def _diff(self, changes):
         diff = self.probe.shape_diff(changes, self.layer_path)
-        return diff, {k.split(".")[0] for k in diff}
+        return diff, {_member_of(k, self.members) for k in diff}
 
     def _inside(self, changed) -> bool:
         # a core, or the core a refining core refines (Inkling's attention before its
@@ -185,9 +227,7 @@ class _Run:
 
         tried = []
         paths = [p for p, _ in self.kind_layers]
-        for field in fields:
-            if field not in self.reads:
-                continue
+        for field in self._named(fields):
             value = new_value(config_value(self.tiny_text, field, None), self.tiny_text)
             if value is None:
                 continue
@@ -227,9 +267,9 @@ class _Run:
     def experts(self) -> set[str]:
         """Map the expert count; returns the expert tensors (those the count resizes)."""
         tried = []
-        for field in EXPERT_COUNT_FIELDS:
+        for field in self._named(EXPERT_COUNT_FIELDS):
             current = config_value(self.tiny_text, field, None)
-            if field not in self.reads or not _number(current) or current < 1:
+            if not _number(current) or current < 1:
                 continue
             value = current + 2
             diff, changed = self._diff({field: value})
@@ -260,16 +300,16 @@ class _Run:
     def top_k(self) -> None:
         """The experts a token is routed to change no shape: the field counts when a module of
         the subblock keeps the changed value (a router's `top_k`)."""
-        for field in TOP_K_FIELDS:
+        for field in self._named(TOP_K_FIELDS):
             current = config_value(self.tiny_text, field, None)
-            if field not in self.reads or not _number(current):
+            if not _number(current):
                 continue
             value = current - 1 if current > 1 else current + 1
             moved = self.probe.attribute_diff({field: value}, self.layer_path)
             held = sorted(
                 k
                 for k, (old, new) in moved.items()
-                if (old, new) == (current, value) and k.split(".")[0] in self.members
+                if (old, new) == (current, value) and _member_of(k, self.members) in self.members
             )
             if held and self._accept(
                 "ffn.moe.num_experts_per_tok",
@@ -288,7 +328,9 @@ class _Run:
     def widths(self, experts: set[str]) -> None:
         """FFN widths: dense, or (with experts) the routed experts' and the shared expert's."""
         sizes = (EXPERT_WIDTH, SHARED_WIDTH) if experts else ("ffn.intermediate_size",)
-        named = EXPERT_WIDTH_FIELDS + FFN_WIDTH_FIELDS if experts else FFN_WIDTH_FIELDS
+        named = tuple(
+            self._named(EXPERT_WIDTH_FIELDS + FFN_WIDTH_FIELDS if experts else FFN_WIDTH_FIELDS)
+        )
         # after the usual names, any other number the FFN modules read (a width under another
         # name, or a ratio the model multiplies: then refused below, with the reason)
         others = tuple(
@@ -318,7 +360,7 @@ class _Run:
             if not changed and field not in named:
                 continue
             flag = None
-            if not any(value in shape for shape in diff.values()):
+            if not self._builds(diff, value, experts):
                 # the model transforms the field before use (rounds it, scales it): find a flag
                 # read beside it that makes the model use it verbatim, else refuse
                 hidden = config_value(self.tiny_text, "hidden_size", None)
@@ -368,6 +410,18 @@ class _Run:
                 self._none(
                     size, tried or [f"the {self.kind} modules read none of {', '.join(named)}"]
                 )
+
+    def _builds(self, diff, value, experts: set[str]) -> bool:
+        """Whether the changed shapes hold width `value`: as a dimension, or, in an expert
+        tensor that stacks every expert's rows in one dimension (DBRX's `w1`: experts x width
+        rows), as that many widths."""
+        if any(value in shape for shape in diff.values()):
+            return True
+        count = next(
+            (o for o in self.found if o.block_config_attr == "ffn.moe.num_local_experts"), None
+        )
+        n = config_value(self.tiny_text, count.config_field, None) if count else None
+        return _number(n) and any(value * n in diff[k] for k in set(diff) & experts)
 
     def _verbatim_when_small(self, field, flag) -> bool:
         changes = {field: 6, **({flag[0]: flag[1]} if flag else {})}

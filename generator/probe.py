@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .analysis.layer_flow import ChildInfo
+from puzzletron_runtime.puzzformer.patcher import set_config_field
+
+from .analysis.layer_flow import ChildInfo, child_infos
 from .errors import InferenceError, StaticGap
 from .source import ModelSource
 from .tiny import default_config, tiny_config, tiny_overrides
@@ -60,16 +62,7 @@ def text_config_attr(config: Any) -> str | None:
 
 
 def layer_children(layer: nn.Module) -> dict[str, ChildInfo]:
-    out = {}
-    for name, child in layer.named_children():
-        params = list(child.parameters())
-        out[name] = ChildInfo(
-            name=name,
-            class_name=type(child).__name__,
-            has_params=bool(params),
-            has_matrix=any(p.dim() >= 2 for p in params),
-        )
-    return out
+    return child_infos(layer)
 
 
 @dataclass(frozen=True)
@@ -185,9 +178,9 @@ class Probe:
         torch.manual_seed(seed)
         return build_model(self.source.causal_lm_cls, config or self.tiny_config(), "cpu")
 
-    def trace_layer(self, layer_path: str) -> dict[str, CallTrace]:
-        """Run a tiny model and record how often each child of `layer_path` is called and what
-        it returns."""
+    def trace_layer(self, layer_path: str, units=None) -> dict[str, CallTrace]:
+        """Run a tiny model and record how often each child of `layer_path` (or each of the
+        dotted `units` below it) is called and what it returns."""
         try:
             model = self.tiny_model()
         except Exception as exc:
@@ -198,7 +191,12 @@ class Probe:
         layer = model.get_submodule(layer_path)
         seen: dict[str, list[tuple[int | None, bool]]] = {}
         hooks = []
-        for name, child in layer.named_children():
+        named = (
+            [(u, layer.get_submodule(u)) for u in units]
+            if units is not None
+            else list(layer.named_children())
+        )
+        for name, child in named:
 
             def hook(_mod, _args, output, name=name):
                 size = len(output) if isinstance(output, (tuple, list)) else None
@@ -298,7 +296,7 @@ class Probe:
         changed_config = self.tiny_config()
         target = changed_config.get_text_config()
         for field, value in changes.items():
-            setattr(target, field, value)
+            set_config_field(target, field, value)
         try:
             changed = build_model(self.source.causal_lm_cls, changed_config)
         except Exception:
@@ -330,7 +328,7 @@ class Probe:
         changed_config = self.tiny_config()
         target = changed_config.get_text_config()
         for field, value in changes.items():
-            setattr(target, field, value)
+            set_config_field(target, field, value)
         try:
             changed = build_model(self.source.causal_lm_cls, changed_config)
         except Exception:

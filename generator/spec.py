@@ -465,7 +465,12 @@ def check_renderable(spec: "DescriptorSpec") -> None:
             if sb is None:
                 continue
             for r in sb.replacements:
-                ident(r.attr, f"the {sb.kind} child")
+                # a child, or a child of a container the layer's forward reads through
+                need(
+                    isinstance(r.attr, str) and is_dotted_path(r.attr),
+                    f"the {sb.kind} child",
+                    r.attr,
+                )
                 need(r.replacement in REPLACEMENTS, "the no-op replacement", r.replacement)
                 need(
                     (r.width_attr is not None) == (r.replacement == "ProjectedZeros")
@@ -483,7 +488,7 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                 if r.residual_keyword is not None:
                     ident(r.residual_keyword, "the residual argument")
                 if r.refines is not None:
-                    ident(r.refines, "the core a refining core refines")
+                    path(r.refines, "the core a refining core refines")
                 need(
                     r.residual_position is None
                     or (type(r.residual_position) is int and 0 <= r.residual_position < 100),
@@ -491,9 +496,9 @@ def check_renderable(spec: "DescriptorSpec") -> None:
                     r.residual_position,
                 )
             for name in sb.weight_modules:
-                ident(name, f"the {sb.kind} weight module")
+                path(name, f"the {sb.kind} weight module")
     for o in spec.overrides:
-        ident(o.config_field, "the config field")
+        path(o.config_field, "the config field")
         need(
             o.block_config_attr in BLOCK_CONFIG_ATTRS,
             "the block config attribute",

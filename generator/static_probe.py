@@ -340,7 +340,7 @@ class StaticProbe(Probe):
         return {name: name for name in model.state_dict()}
 
     # -- calls ------------------------------------------------------------------------------
-    def trace_layer(self, layer_path: str) -> dict[str, CallTrace]:
+    def trace_layer(self, layer_path: str, units=None) -> dict[str, CallTrace]:
         """What a traced forward would report, read statically: every child the layer's forward
         calls, returning what its own forward's returns say (a tuple literal's length, a
         tensor); where they say nothing, the call site's unpacking stands, unless the call site
@@ -349,7 +349,7 @@ class StaticProbe(Probe):
         flow = layer_flow.analyze_layer(type(layer), layer, layer_children(layer), self.index)
         out = {}
         for name in flow.called:
-            child = getattr(layer, name, None)
+            child = layer.get_submodule(name) if name in dict(layer.named_modules()) else None
             size = returned_size(child, self.index) if isinstance(child, nn.Module) else UNSET
             if size is UNSET:
                 if flow.indexed.get(name) and flow.arity.get(name) is None:

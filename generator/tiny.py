@@ -177,8 +177,13 @@ FIXUPS: dict[str, Fixup] = {
     ),
     "dbrx": Fixup(
         "the attention reads attn_config.rope_theta, which DbrxAttentionConfig does not define, "
-        "and clamps q/k/v by clip_qkv, None by default (DBRX's: 500000 and 8)",
-        build={"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8}},
+        "and clamps q/k/v by clip_qkv, None by default (DBRX's: 500000 and 8); the defaults' "
+        "one KV head and top-1 routing leave no smaller KV-head count or top-k to prove an "
+        "override on (DBRX's: 8 KV heads, 16 experts, top-4)",
+        build={
+            "attn_config": {"rope_theta": 500000.0, "clip_qkv": 8, "kv_n_heads": 8},
+            "ffn_config": {"moe_num_experts": 16, "moe_top_k": 4},
+        },
     ),
     "dots1": Fixup(
         "expert fields default to None, which the MoE layer sizes its tensors by "

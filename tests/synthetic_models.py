@@ -875,3 +875,103 @@ class PerLayerInputModel(nn.Module):
             hidden_states = decoder_layer(hidden_states, per_layer_inputs[..., i * 4 : i * 4 + 4])
         hidden_states = self.norm(hidden_states)
         return hidden_states
+
+
+class NormAttentionNorm(nn.Module):
+    """DBRX's norm_attn_norm: the attention's pre-norm, the attention, its residual join, then
+    the FFN's pre-norm; it hands on both the residual stream and the FFN's normed input."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm_1 = Norm(config.hidden_size)
+        self.attn = MixingAttention(config)
+        self.norm_2 = Norm(config.hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        residual_states = hidden_states
+        hidden_states = self.norm_1(hidden_states)
+        hidden_states, _ = self.attn(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings
+        )
+        hidden_states = hidden_states + residual_states
+        residual_states = hidden_states
+        hidden_states = self.norm_2(hidden_states)
+        return residual_states, hidden_states
+
+
+class MixingAttention(Attention):
+    """An attention that mixes positions (a causal mean under its mask), so the oracle sees a
+    token mixer."""
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        mixed = attention_mask @ self.q(hidden_states) / attention_mask.sum(-1, keepdim=True)
+        return self.o(mixed), None
+
+
+class NestedSegmentLayer(nn.Module):
+    """DBRX: a child holds the attention segment, its join and the FFN's norm; the layer runs
+    the FFN on the child's second value and joins it to the first."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.norm_attn_norm = NormAttentionNorm(config)
+        self.ffn = MLP(config)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        resid_states, hidden_states = self.norm_attn_norm(
+            hidden_states, attention_mask=attention_mask, position_embeddings=position_embeddings
+        )
+        hidden_states = self.ffn(hidden_states)
+        hidden_states = resid_states + hidden_states
+        return hidden_states
+
+
+class NestedReference(nn.Module):
+    """A model around NestedSegmentLayer, in the form the oracle reads (embedding, layer stack
+    run in order, final norm, head; a causal mask the attention receives as context)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(16, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [NestedSegmentLayer(config) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = Norm(config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, 16, bias=False)
+
+    def forward(self, input_ids, **kwargs):
+        x = self.embed_tokens(input_ids)
+        mask = torch.ones(x.shape[1], x.shape[1]).tril()
+        for layer in self.layers:
+            x = layer(x, attention_mask=mask)
+        return SimpleNamespace(logits=self.lm_head(self.norm(x)))
+
+
+class BiasReturningAttention(Attention):
+    """GPT-NeoX-Japanese: the attention returns its output and its output bias, added later."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.out_bias = nn.Parameter(torch.zeros(config.hidden_size))
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        return self.o(self.q(hidden_states)), self.out_bias
+
+
+class BiasAddedLaterLayer(PreNormLayer):
+    """Both values of the attention's call reach the output, but only one carries the hidden
+    states: the attention is a core, not a container to read through."""
+
+    def __init__(self, config, layer_idx=0):
+        super().__init__(config, layer_idx)
+        self.self_attn = BiasReturningAttention(config)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        attn_output, attn_bias = self.self_attn(hidden_states, attention_mask=attention_mask)
+        hidden_states = residual + (attn_output + attn_bias)
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states

@@ -288,3 +288,28 @@ def test_construction_of_a_child():
 def test_config_reads_follow_a_layer_s_view_of_a_heterogeneous_config():
     reads = dict(model_structure.config_reads(SourceIndex(), sm.PerLayerConfigAttention))
     assert "num_key_value_heads" in reads and "hidden_size" in reads
+
+
+def test_a_child_handing_on_two_streams_is_read_through():
+    """DBRX: `resid, x = self.norm_attn_norm(x)` runs the attention segment, its join and the
+    FFN's norm inside one child. Without the rule the main stream stops at that call; with it
+    the child's children are units at their dotted paths, its second norm in the FFN."""
+    flow = flow_of(sm.NestedSegmentLayer)
+    assert flow.containers == ("norm_attn_norm",)
+    attn, ffn = flow.subblocks[ATTENTION], flow.subblocks[FFN]
+    assert attn.members == ["norm_attn_norm.norm_1", "norm_attn_norm.attn"]
+    assert attn.cores == ["norm_attn_norm.attn"]
+    assert ffn.members == ["norm_attn_norm.norm_2", "ffn"]
+    assert ffn.cores == ["ffn"]
+    assert flow.arity["norm_attn_norm.attn"] == 2
+    assert flow.shared == []
+
+
+def test_a_child_handing_on_one_stream_and_a_parameter_is_a_core():
+    """GPT-NeoX-Japanese: `out, bias = self.attention(x)`, both added to the residual. Only the
+    output is computed from the attention's input, so the attention stays a core (read through,
+    its projections would be split into two subblocks)."""
+    flow = flow_of(sm.BiasAddedLaterLayer)
+    assert flow.containers == ()
+    assert flow.subblocks[ATTENTION].cores == ["self_attn"]
+    assert members(flow, FFN) == ["post_attention_layernorm", "mlp"]

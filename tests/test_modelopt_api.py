@@ -84,6 +84,10 @@ atexit.register(shutil.rmtree, OUT, True)
 def tree(model_type):
     """Generate `model_type` for Model Optimizer (tree layout) and import it the way a pull
     request's `from .<name> import *` in models/__init__.py would."""
+    if any("." in o.config_field for o in spec_of(model_type).overrides):
+        # DBRX: Model Optimizer's patcher (config.update) cannot set a sub-config's field;
+        # tests/test_modelopt_target.py checks that generate refuses it with that reason
+        pytest.skip("its overrides set sub-config fields: no Model Optimizer descriptor")
     args = ["generate", model_type, "--target", "modelopt", "--layout", "modelopt-tree"]
     if main([*args, "--out", str(OUT)]) != 0:
         broken = own_forward_fails(model_type)

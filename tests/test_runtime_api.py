@@ -628,3 +628,34 @@ def test_a_layer_built_from_another_decoder_layer_is_refused_naming_both():
     with pytest.raises(ValueError, match="_Wrapper is built from _Inner layer 0 .*'inner'"):
         with deci_x_patcher(_WrappingDescriptor, [block(), block()]):
             _Wrapper(_Inner(config, layer_idx=0), nn.Linear(4, 4))
+
+
+class SubConfigLayer(nn.Module):
+    """DBRX-like: the layer reads its width from a sub-config of its config."""
+
+    def __init__(self, config, layer_id=None):
+        super().__init__()
+        self.width = config.ffn_config.width
+        self.layer_id = layer_id
+
+
+class SubConfigDescriptor(ToyDescriptor):
+    @staticmethod
+    def decoder_layer_cls():
+        return [SubConfigLayer]
+
+    @staticmethod
+    def block_config_to_layer_overrides(block_config):
+        return {"ffn_config.width": block_config.ffn.intermediate_size}
+
+
+def test_a_dotted_override_sets_the_layer_s_own_copy_of_a_sub_config():
+    """Without the rule the patcher sets an attribute named "ffn_config.width" on the config
+    and every layer keeps the sub-config's width."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(ffn_config=SimpleNamespace(width=1))
+    with deci_x_patcher(SubConfigDescriptor, [block(width=10), block(width=20)]):
+        layers = [SubConfigLayer(config, 0), SubConfigLayer(config, 1)]
+    assert [layer.width for layer in layers] == [10, 20]
+    assert config.ffn_config.width == 1  # the caller's sub-config is untouched

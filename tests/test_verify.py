@@ -268,3 +268,59 @@ def test_a_forward_run_through_a_layer_stops_there_and_sees_what_a_whole_one_see
         whole = layer_io(ref.model, ref.layer(1), ref.input_ids, whole=True)
         assert calls == [1]
     assert torch.equal(stopped[0], whole[0]) and torch.equal(stopped[1], whole[1])
+
+
+def test_oracle_reads_through_a_child_handing_on_two_streams():
+    """A child that returns the residual stream and the FFN's normed input (DBRX's
+    norm_attn_norm) is part of both subblocks: the oracle takes its children as the layer's
+    units, so its first norm goes with the attention and its second with the FFN. Without the
+    rule the whole child is one core, of neither subblock alone."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import synthetic_models as sm
+
+    config = sm.make_config(vocab_size=16)
+    config.get_text_config = lambda: config
+    torch.manual_seed(0)
+    model = sm.NestedReference(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # norms off 1, so scaling them shows
+    ref = Reference(config, model=model)
+    assert [n for n, _ in ref.units(0)] == [
+        "norm_attn_norm.norm_1",
+        "norm_attn_norm.attn",
+        "norm_attn_norm.norm_2",
+        "ffn",
+    ]
+    roles = ref.roles(0)
+    assert roles.cores == {"norm_attn_norm.attn": "attention", "ffn": "ffn"}
+    assert roles.members["attention"] == {"norm_attn_norm.norm_1", "norm_attn_norm.attn"}
+    assert roles.members["ffn"] == {"norm_attn_norm.norm_2", "ffn"}
+    assert roles.shared == frozenset()
+
+
+def test_oracle_finds_sizes_in_sub_configs_and_stacked_expert_widths():
+    """DBRX keeps its sizes in attn_config / ffn_config, and its expert tensors stack every
+    expert's rows (w1: experts x width): the oracle offers sub-config fields and takes a width
+    built as width x experts. Without either it finds no KV-head field and no expert width."""
+    from transformers import DbrxConfig
+
+    sizes = Reference(verification_config(DbrxConfig)).size_fields
+    assert sizes["attention.num_key_value_heads"].field == "attn_config.kv_n_heads"
+    assert sizes["ffn.moe.num_local_experts"].field == "ffn_config.moe_num_experts"
+    assert sizes["ffn.moe.expert_intermediate_dim"].field == "ffn_config.ffn_hidden_size"
+
+
+def test_a_config_refusing_tied_embeddings_has_no_tied_variant():
+    """DbrxConfig validates tie_word_embeddings away: the checks run without a tied variant and
+    say why, instead of failing to build the subject at all."""
+    from transformers import DbrxConfig
+
+    from generator.verify import make_subject
+
+    s = make_subject(None, DbrxConfig)
+    assert s.tied_config is None
+    assert "tie_word_embeddings is not supported" in s.tied_refused
+    assert s.config.tie_word_embeddings is False

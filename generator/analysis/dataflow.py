@@ -4,7 +4,9 @@ Values are graph nodes: the hidden-states input, other forward arguments (contex
 child modules (`self.mlp(x)`), operators and function calls, tuple packing and item access, and
 phi nodes where an undecidable `if` merges two branches. Nothing is executed: conditions are
 decided by an `Evaluator` over the probed instance where possible, and both branches are followed
-otherwise. Helper methods of the same class (`self._ff_block(x)`) are inlined.
+otherwise. Helper methods of the same class (`self._ff_block(x)`) are inlined, and so is the
+forward of a child the caller names (`enter`): its own calls then become calls of its children,
+at their dotted paths below the module (`self.norm_attn_norm.attn`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Call(Node):
     """A call of a child module of `self` (target is its dotted path below the module)."""
 
     target: str = ""
+    unit: str = ""  # the layer unit called: the child, or a container's child (`a.attn`)
     unpacked: int | None = None  # `a, b = self.x(...)` -> 2
     indexed: bool = False  # `out = self.x(...); out[0]`
     # per input: its positional index, or its keyword (None for *args / **kwargs)
@@ -136,11 +139,25 @@ class FlowGraph:
         return self._ctx[key]
 
 
+@dataclass(frozen=True)
+class Scope:
+    """A child module whose forward is read in place of a call of it: the module, its forward,
+    and the `is_child` / `method_source` answers for `self` bound to it."""
+
+    instance: object
+    parsed: ParsedFile
+    func: cst.FunctionDef
+    is_child: Callable[[str], bool]
+    method_source: Callable[[str], tuple[ParsedFile, cst.FunctionDef] | None]
+
+
 class FlowInterpreter:
     """Interprets `func` of class `class_name` in `parsed`, with `self` bound to `instance`.
 
     `is_child(path)` says whether `self.<path>` is a child module (a call of it becomes a Call
-    node); `method_source(name)` returns (ParsedFile, FunctionDef) for a helper method to inline.
+    node); `method_source(name)` returns (ParsedFile, FunctionDef) for a helper method to inline;
+    `enter(path)` returns the Scope of a child (its dotted path below the module) whose forward
+    is read in place of its call, or None.
     """
 
     def __init__(
@@ -149,13 +166,17 @@ class FlowInterpreter:
         instance: object,
         is_child: Callable[[str], bool],
         method_source: Callable[[str], tuple[ParsedFile, cst.FunctionDef] | None],
+        enter: Callable[[str], Scope | None] | None = None,
     ):
         self.parsed = parsed
         self.instance = instance
         self.is_child = is_child
         self.method_source = method_source
+        self.enter = enter
         self.calls: list[Call] = []
+        self.returns: list[Node] = []
         self._depth = 0
+        self._prefix = ""  # the dotted path of the child whose forward is being read
 
     # -- entry point -------------------------------------------------------------------------
     def run(self, func: cst.FunctionDef, input_param: str | None = None) -> FlowGraph:
@@ -217,6 +238,7 @@ class FlowInterpreter:
             self._block(func.body.body, state)
         except _Return:
             pass
+        self.returns = list(returns)  # every value the body returns, tuples whole
         if not returns:
             return None, False
         firsts = [self._first(r) for r in returns]
@@ -420,11 +442,15 @@ class FlowInterpreter:
         all_inputs = tuple(args) + tuple(kwargs.values()) + tuple(extra)
         if name is not None and name.startswith("self.") and name.count(".") >= 1:
             path = name[len("self.") :]
+            scope = self.enter(self._prefix + path) if self.enter and self.is_child(path) else None
+            if scope is not None and self._depth < _MAX_INLINE_DEPTH:
+                return self._enter(scope, self._prefix + path + ".", args, dict(kwargs))
             if self.is_child(path):
                 slots = (*range(len(args)), *kwargs, *([None] * len(extra)))
                 call = Call(
                     inputs=all_inputs,
-                    target=path,
+                    target=self._prefix + path,
+                    unit=self._prefix + path.split(".")[0],
                     where=where,
                     code=self.parsed.code(node),
                     slots=slots,
@@ -467,6 +493,16 @@ class FlowInterpreter:
         finally:
             self._depth -= 1
             self.parsed = saved
+
+    def _enter(self, scope: Scope, prefix: str, args, kwargs) -> Node:
+        """Read a child's forward in place of its call, `self` bound to the child."""
+        saved = (self.instance, self.is_child, self.method_source, self._prefix)
+        self.instance, self.is_child = scope.instance, scope.is_child
+        self.method_source, self._prefix = scope.method_source, prefix
+        try:
+            return self._inline((scope.parsed, scope.func), args, kwargs)
+        finally:
+            self.instance, self.is_child, self.method_source, self._prefix = saved
 
 
 @dataclass

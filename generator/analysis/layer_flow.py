@@ -32,22 +32,13 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import InferenceError
+from .containers import ChildInfo, child_infos, containers, scope_answers
 from .dataflow import Call, FlowGraph, FlowInterpreter, Input, Item, Node, Op, Phi
 from .source_index import SourceIndex, param_names
 
 ATTENTION, FFN = "attention", "ffn"
 _MIXER_NAME = re.compile(r"attn|attention|mixer|mamba|ssm|retention|time_?mix|conv", re.I)
 _FFN_NAME = re.compile(r"mlp|ffn|feed_?forward|moe|expert|channel_?mix", re.I)
-
-
-@dataclass(frozen=True)
-class ChildInfo:
-    """What the probe knows about one direct child module of the decoder layer."""
-
-    name: str
-    class_name: str
-    has_params: bool
-    has_matrix: bool  # owns a parameter with two or more dimensions (a projection)
 
 
 @dataclass
@@ -79,6 +70,9 @@ class LayerFlow:
     sites: dict[str, str]  # child -> "file:line `code`" of its first call
     returns_tuple: bool
     evidence: list[str]
+    # children whose forward was read in place of their call (containers.py): their children
+    # are units of the layer, at dotted paths
+    containers: tuple[str, ...] = ()
 
 
 def analyze_layer(
@@ -90,6 +84,16 @@ def analyze_layer(
     fact = f"residual segments of {cls.__name__}.forward ({parsed.where(func)})"
     if graph.returned is None:
         raise InferenceError(fact, "forward returns nothing")
+    found = containers(graph, instance, children, index)
+    if found:
+        # read each container's forward in place of its call: its children become units
+        children = dict(children)
+        for name, scope in found.items():
+            del children[name]
+            children.update(child_infos(scope.instance, name + "."))
+        graph = _interpreter(instance, set(children), index, parsed, found).run(func)
+        if graph.returned is None:
+            raise InferenceError(fact, "forward returns nothing")
 
     memo: dict[tuple[str, int | str], str | None] = {}
 
@@ -99,23 +103,24 @@ def analyze_layer(
             memo[key] = _adds_argument(instance, call.target, slot, index)
         return memo[key]
 
-    return _segments(cls.__name__, graph, children, fact, adds_argument)
+    flow = _segments(cls.__name__, graph, children, fact, adds_argument)
+    flow.containers = tuple(found)
+    for name in found:
+        flow.evidence.insert(
+            0,
+            f"{flow.sites.get(name) or name}: {name} hands on more than one value carrying the "
+            "hidden states (part of a segment and its join): its forward is read in place of "
+            "its call",
+        )
+    return flow
 
 
-def _interpreter(instance: object, children: set[str], index: SourceIndex, parsed):
-    def is_child(path: str) -> bool:
-        return path.split(".")[0] in children
-
-    def method_source(name: str):
-        if name in children or not callable(getattr(type(instance), name, None)):
-            return None
-        try:
-            p, _, f = index.find_method(type(instance), name)
-        except InferenceError:
-            return None
-        return p, f
-
-    return FlowInterpreter(parsed, instance, is_child, method_source)
+def _interpreter(instance: object, children: set[str], index: SourceIndex, parsed, found=None):
+    """`children` are the layer's units: direct children, and the children of a container at
+    their dotted paths; a call of a container (`found`: name -> Scope) is read in place."""
+    tops = {c.split(".")[0] for c in children}
+    is_child, method_source = scope_answers(instance, tops, index)
+    return FlowInterpreter(parsed, instance, is_child, method_source, (found or {}).get)
 
 
 def _adds_argument(instance: object, target: str, slot: int | str, index: SourceIndex):
@@ -152,7 +157,7 @@ def _adds_argument(instance: object, target: str, slot: int | str, index: Source
 
 
 def _top(call: Call) -> str:
-    return call.target.split(".")[0]
+    return call.unit or call.target.split(".")[0]
 
 
 def _as_join(graph: FlowGraph, op: Op) -> tuple[Node, Node] | None:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from ..descriptor_view import sort_names
 from ..errors import PuzzleGenError
+from ..heterogeneous import config_value
 from ..spec import DescriptorSpec, is_dotted_path, is_identifier
 from .kind_reads import kind_condition, kind_overrides, kind_where, selector_classes
 from .names import MODELOPT, PACKAGE, PUZZLETRON, module_for, names_for
@@ -77,7 +78,8 @@ def kind_blocks(spec: DescriptorSpec, target: str = PUZZLETRON) -> tuple[KindBlo
         fields_of: dict[str, tuple] = {}
         for o in kind_overrides(kind):
             path = tuple(o.block_config_attr.split("."))
-            if not all(is_identifier(p) for p in path) or not is_identifier(o.config_field):
+            # a sub-config's field (DBRX's ffn_config.ffn_hidden_size) is a dotted path
+            if not all(is_identifier(p) for p in path) or not is_dotted_path(o.config_field):
                 raise PuzzleGenError(f"refusing to render the override {o}")
             os_, _ = fields_of.get(o.block_config_attr, ((), path))
             fields_of[o.block_config_attr] = ((*os_, o), path)
@@ -212,7 +214,7 @@ def _default_holds(spec: DescriptorSpec, field: str) -> bool:
             text = default_config(resolve(spec.model_type).config_cls).get_text_config()
     except Exception:
         return True  # nothing to measure: the field is read as it is
-    value = getattr(text, field, None)
+    value = config_value(text, field)  # dotted: a sub-config's field
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -66,6 +66,16 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
     from ..render import Target
 
     check_pruning_names(pruning)
+    nested = [o.config_field for o in spec.overrides if "." in o.config_field]
+    if nested:
+        # Model Optimizer's patcher applies overrides with `config.update(overrides)`, which
+        # sets an attribute named "attn_config.kv_n_heads": the layer would silently keep the
+        # sub-config's value. Our runtime's patcher sets the sub-config's field.
+        raise PuzzleGenError(
+            f"{spec.model_type}: no Model Optimizer descriptor: its overrides set sub-config "
+            f"fields ({', '.join(nested)}), which Model Optimizer's deci_x_patcher "
+            "(config.update) cannot set"
+        )
     names = names_for(spec, MODELOPT)
     first: dict[str, frozenset[str]] = {}
     exports = []

@@ -3,6 +3,7 @@ layer kind with experts, from a probe build with more experts and a traced forwa
 
 from __future__ import annotations
 
+from ..heterogeneous import config_value
 from .kind_reads import kind_cores, kind_override
 from .pruning_layers import ExpertsLayer
 from .traced import single_core, tiny_model
@@ -37,7 +38,7 @@ def experts_layer(spec, kind, model, config, index):
         return None, "the FFN subblock has no expert-count override"
     text = config.get_text_config()
     field = count.config_field
-    experts = getattr(text, field)
+    experts = config_value(text, field)  # dotted: a sub-config field
     stack = spec.layer_stack
     try:
         more, _ = tiny_model(spec, **{field: experts + 2})

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from puzzletron_runtime.puzzformer.patcher import set_config_field
+
 from ..errors import PuzzleGenError
 from ..spec import DescriptorSpec, is_identifier
 from .kind_reads import kind_holds, kind_weight_modules
@@ -44,7 +46,7 @@ class SizeProbe:
             config = self._tiny_config(self.source.config_cls)
         text = config.get_text_config()
         for field, value in changes.items():
-            setattr(text, field, value)
+            set_config_field(text, field, value)
         return config
 
     def model(self, config, device="meta"):
@@ -139,7 +141,7 @@ class SizeProbe:
         import copy
 
         changed = copy.deepcopy(config)
-        setattr(changed.get_text_config(), field, value)
+        set_config_field(changed.get_text_config(), field, value)
         return changed
 
     def kv_heads_rule(self, kind) -> tuple[str, str]:

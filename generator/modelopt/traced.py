@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from puzzletron_runtime.puzzformer.patcher import set_config_field
+
+from ..heterogeneous import config_value
 from ..spec import DescriptorSpec
 from .kind_reads import kind_cores, kind_override
 from .pruning_layers import FFNLayer, KVHeadsLayer
@@ -70,7 +73,7 @@ def tiny_model(spec: DescriptorSpec, **extra):
         config = tiny_config(source.config_cls)
     text = config.get_text_config()
     for field, value in extra.items():  # on the text config, as the override probes set them
-        setattr(text, field, value)
+        set_config_field(text, field, value)
     import torch
 
     torch.manual_seed(0)
@@ -83,7 +86,7 @@ def ffn_layer(spec, kind, model, text, vocab, index):
     if core_attr is None or width is None:
         return None, "the FFN subblock has no single core module with a width override"
     width_field = width.config_field
-    width = getattr(text, width_field, None)
+    width = config_value(text, width_field)
     layer_path = f"{spec.layer_stack}.{index}"
     core = model.get_submodule(f"{layer_path}.{core_attr}")
     flow = Flow(model, core, vocab)
@@ -168,7 +171,7 @@ def kv_layer(spec, kind, model, text, vocab, index):
     o = producers[0]
     kv_field = kv_override.config_field
     heads = getattr(text, "num_attention_heads", None)
-    kv = getattr(text, kv_field, None)
+    kv = config_value(text, kv_field)
     smaller = [d for d in range(1, (heads or 0) + 1) if heads % d == 0 and d != kv]
     if not smaller:
         return None, f"cannot change config.{kv_field} to tell q from k and v"

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from puzzletron_runtime.puzzformer.patcher import set_config_field
+
 from ..probe import quiet_transformers
 
 
@@ -97,7 +99,7 @@ def layer_change_fails(
         return None
     whole = copy.deepcopy(config)
     for field, value in changes.items():
-        setattr(whole.get_text_config(), field, value)
+        set_config_field(whole.get_text_config(), field, value)
     try:
         with quiet_transformers():
             runs_whole = _forward_fails(model_cls(whole).eval(), whole) is None

@@ -6,6 +6,11 @@ the reference model (the causal LM of the same config, built without the patcher
 - the layer stack is the ModuleList of the text config's layer count whose layers run in order;
 - the modules a pipeline stage needs before layer 0 are those that run, start to end, before
   layer 0 starts; after the last layer, those that run after it ends (final norm, head);
+- a child whose output holds more than one tensor shaped like the hidden states it was called on
+  hands on the residual stream and a value computed from it (DBRX's `norm_attn_norm`: the
+  attention's join, then the FFN's norm): it is part of two subblocks, so its children with
+  weights, at their dotted paths, stand in its place as the layer's *units*; "child" below means
+  unit;
 - inside a layer, the *cores* are the children holding matrices; an attention core is one called
   with context besides the hidden states (a cache, position embeddings, a mask), an FFN core one
   called on hidden states alone (first asked: does it mix tokens? Gemma 4's per-layer input gate
@@ -32,7 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..heterogeneous import config_value
+from puzzletron_runtime.puzzformer.patcher import set_config_field
+
+from ..heterogeneous import config_value, field_names
 from .models import (
     call_input,
     replace_call_input,
@@ -62,6 +69,7 @@ SIZE_FIELDS: dict[str, tuple[str, ...]] = {
         "multi_query_group_num",
         "n_head_kv",
         "num_key_value_groups",
+        "kv_n_heads",
     ),
     # a Mamba mixer in the attention's place: state size, heads, head width, groups; a gated
     # delta-rule linear attention in the same form (key head width, value heads and their
@@ -202,16 +210,18 @@ def _stream_value(where, args: tuple, kwargs: dict):
 class Reference:
     """The reference model of `config` and the facts the oracle reads off it."""
 
-    def __init__(self, config: Any, seed: int = 0):
+    def __init__(self, config: Any, seed: int = 0, model: nn.Module | None = None):
+        """`model`: an already built reference of `config` (tests build synthetic ones)."""
         self.config = config
         self.text = config.get_text_config()
         self.num_layers = int(self.text.num_hidden_layers)
-        self.model = reference_model(config, seed=seed)
+        self.model = model if model is not None else reference_model(config, seed=seed)
         self.input_ids = sample_input(config)
         self.paths = {id(m): n for n, m in self.model.named_modules()}
         # per-layer facts, computed on first use (each costs forwards of the reference)
         self._roles: dict[int, LayerRoles] = {}
         self._zeroed_out: dict[tuple[int, str], torch.Tensor] = {}
+        self._units: dict[int, list[tuple[str, nn.Module]]] = {}
         self._cores: dict[int, dict[str, str]] = {}
         self._adds: dict[tuple[int, str], Any] = {}
         self._runs: dict[str, bool] = {}
@@ -367,13 +377,47 @@ class Reference:
         """A forward that stops once layer i returns: the questions below are about layer i."""
         run_through(self.model, self.layer(i), self.input_ids)
 
+    def units(self, i: int) -> list[tuple[str, nn.Module]]:
+        """The children of layer i, each child that hands on several hidden-states tensors
+        (a tuple output with more than one tensor shaped like its input) replaced by its own
+        children at their dotted paths, when some of those hold weights."""
+        if i not in self._units:
+            layer = self.layer(i)
+            several: set[str] = set()
+            handles = []
+            for name, child in layer.named_children():
+                if not any(_params(c) for c in child.children()):
+                    continue
+
+                def post(_m, args, kwargs, output, name=name):
+                    x = call_input(args, kwargs)
+                    if x is None or not isinstance(output, (tuple, list)):
+                        return
+                    alike = [
+                        t for t in output if isinstance(t, torch.Tensor) and t.shape == x.shape
+                    ]
+                    if len(alike) > 1:
+                        several.add(name)
+
+                handles.append(child.register_forward_hook(post, with_kwargs=True))
+            with hooks(*handles):
+                self.run_through(i)
+            units = []
+            for name, child in layer.named_children():
+                if name in several:
+                    units.extend((f"{name}.{n}", c) for n, c in child.named_children())
+                else:
+                    units.append((name, child))
+            self._units[i] = units
+        return self._units[i]
+
     def roles(self, i: int) -> LayerRoles:
         if i not in self._roles:
             self._roles[i] = self._compute_roles(i)
         return self._roles[i]
 
     def _compute_roles(self, i: int) -> LayerRoles:
-        children = {n for n, m in self.layer(i).named_children() if _params(m)}
+        children = {n for n, m in self.units(i) if _params(m)}
         cores = self.roles_cores(i)
         members = {k: {n for n, kind in cores.items() if kind == k} for k in KINDS}
         shared, unused = set(), set()
@@ -440,7 +484,7 @@ class Reference:
             child.register_forward_hook(
                 lambda m, a, k, o, name=name: hook(m, a, k, o, name), with_kwargs=True
             )
-            for name, child in layer.named_children()
+            for name, child in self.units(i)
         ]
         return hooks(*handles)
 
@@ -496,7 +540,7 @@ class Reference:
             layer = self.layer(i)
             context: dict[str, bool] = {}
             handles = []
-            chain = [(n, c) for n, c in layer.named_children() if _params(c) and _is_core(c)]
+            chain = [(n, c) for n, c in self.units(i) if _params(c) and _is_core(c)]
             # a child with matrices whose output another one reads (AXK2's gated input norm,
             # feeding the attention) is part of a chain, not a core: the chain's last one is
             feeds = self._feeding(i, chain)
@@ -632,7 +676,7 @@ class Reference:
     # -- sizes ----------------------------------------------------------------------------------
     @cached_property
     def top_k(self) -> int | None:
-        for name in TOP_K_FIELDS:
+        for name in [n for f in TOP_K_FIELDS for n in field_names(self.text, f)]:
             value = config_value(self.text, name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
@@ -640,7 +684,7 @@ class Reference:
 
     @cached_property
     def top_k_field(self) -> str | None:
-        for name in TOP_K_FIELDS:
+        for name in [n for f in TOP_K_FIELDS for n in field_names(self.text, f)]:
             value = config_value(self.text, name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return name
@@ -670,7 +714,9 @@ class Reference:
         expert_tensors: set[str] = set()
         for size, fields in SIZE_FIELDS.items():
             kind = size.split(".")[0]
-            for name in fields:
+            # a field of the config itself, or of a sub-config holding it (DBRX's
+            # attn_config.kv_n_heads): the patcher writes either
+            for name in [n for f in fields for n in field_names(self.text, f)]:
                 value = config_value(self.text, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                     continue
@@ -687,14 +733,16 @@ class Reference:
                         expert_tensors = changed
                     break
         moe_layers = {self._first_layer({t}) for t in expert_tensors}
-        for name in WIDTH_FIELDS:
+        for name in [n for f in WIDTH_FIELDS for n in field_names(self.text, f)]:
             value = config_value(self.text, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 2:
                 continue
             changed = self._changed(base, {name: value // 2})
             if not changed or not changed <= allowed["ffn"]:
                 continue
-            if not self._verbatim(base, {name: value // 2}, changed, value // 2):
+            experts = found.get("ffn.moe.num_local_experts")
+            stacked = (changed & expert_tensors, experts.value) if experts else None
+            if not self._verbatim(base, {name: value // 2}, changed, value // 2, stacked):
                 continue  # the model transforms it (halves, rounds): not a width to write
             layers = {self._first_layer({t}) for t in changed}
             if changed & expert_tensors:
@@ -719,13 +767,19 @@ class Reference:
                 found["ffn.intermediate_size"] = other
         return found
 
-    def _verbatim(self, base: dict, changes: dict[str, Any], changed: set[str], value) -> bool:
+    def _verbatim(
+        self, base: dict, changes: dict[str, Any], changed: set[str], value, stacked=None
+    ) -> bool:
         """Whether the model builds the width it is given: some changed tensor has `value` at
-        a dimension the change moved (RecurrentGemma halves intermediate_size first)."""
+        a dimension the change moved (RecurrentGemma halves intermediate_size first), or, for
+        `stacked` = (expert tensors, expert count), an expert tensor holding every expert's
+        rows in one dimension (DBRX's `w1`) has `value` times the count there."""
         resized = self.meta_shapes(self.with_fields(changes))
+        tensors, count = stacked if stacked else (set(), 0)
         for name in changed:
             old, new = base.get(name, ()), resized.get(name, ())
-            if len(old) == len(new) and any(a != b and b == value for a, b in zip(old, new)):
+            want = {value, value * count} if name in tensors else {value}
+            if len(old) == len(new) and any(a != b and b in want for a, b in zip(old, new)):
                 return True
         return False
 
@@ -796,7 +850,7 @@ class Reference:
         config = copy.deepcopy(self.config)
         text = config.get_text_config()
         for k, v in overrides.items():
-            setattr(text, k, v)
+            set_config_field(text, k, v)
         return config
 
     @staticmethod

@@ -24,7 +24,7 @@ from torch import nn
 from ..block_config import BlockConfig, maybe_cast_block_configs
 from ..utils.hollow import carry_structure
 
-__all__ = ["LAYER_INDEX_ARGUMENTS", "BuiltLayers", "deci_x_patcher"]
+__all__ = ["LAYER_INDEX_ARGUMENTS", "BuiltLayers", "deci_x_patcher", "set_config_field"]
 
 # constructor argument names that carry a decoder layer's index, in order of preference
 LAYER_INDEX_ARGUMENTS = ("layer_idx", "layer_id", "layer_index", "layer_number", "idx")
@@ -108,11 +108,20 @@ def _layer_index(cls: type, bound: inspect.BoundArguments) -> int:
     )
 
 
+def set_config_field(config: Any, field: str, value: Any) -> None:
+    """`config.<field> = value`; a dotted field sets a field of a sub-config the config holds
+    (DBRX's `ffn_config.moe_num_experts`: the experts read their sizes from `config.ffn_config`)."""
+    *path, last = field.split(".")
+    for part in path:
+        config = getattr(config, part)
+    setattr(config, last, value)
+
+
 def _layer_config(config: Any, overrides: dict[str, Any]) -> Any:
-    layer_config = copy.deepcopy(config)
+    layer_config = copy.deepcopy(config)  # sub-configs included: a layer's own copies
     for key, value in overrides.items():
         if value is not None:
-            setattr(layer_config, key, value)
+            set_config_field(layer_config, key, value)
     return layer_config
 
 
@@ -201,7 +210,11 @@ def _hollow_out(layer: nn.Module, before: dict[str, nn.Module]) -> None:
     (RWKV's `_rescale_layers` divides `block.attention.output.weight` in place)."""
     for name, old in before.items():
         new = getattr(layer, name, None)
-        if isinstance(new, nn.Module) and new is not old and not any(True for _ in new.parameters()):
+        if (
+            isinstance(new, nn.Module)
+            and new is not old
+            and not any(True for _ in new.parameters())
+        ):
             carry_structure(new, old)
 
 
