@@ -68,9 +68,11 @@ if not _SAMPLE:  # verified types this transformers does not have: reported as s
 # MoE types whose experts Model Optimizer's expert removal cannot rank under this transformers,
 # each with the reason the generated pruning_mixins docstring gives
 NO_EXPERT_REMOVAL = {
-    # transformers 5.14's router returns (top_k_index, top_k_weights, router_logits): the voting
-    # hooks read the first output as the logits (5.23's returns the logits first)
+    # transformers 5.14's Granite routers return (top_k_index, top_k_weights, router_logits): the
+    # voting hooks read the first output as the logits (5.23's return the logits first)
+    "granitemoe": "read its input and output one logit per expert, not one router",
     "granitemoehybrid": "read its input and output one logit per expert, not one router",
+    "granitemoeshared": "read its input and output one logit per expert, not one router",
 }
 HAND_WRITTEN = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral_small"}
 # what Model Optimizer registered before any generated module was imported
@@ -211,22 +213,39 @@ def test_package_layout_imports_with_absolute_imports(tmp_path):
 # -- Model Optimizer's deci_x_patcher finds a layer's index by name in the calling frames -------
 
 
-def loop_variable(model_type) -> str | None:
-    """The variable the modeling code's layer-stack construction iterates with (read from the
-    line the spec cites), e.g. `layer_idx` in `[LlamaDecoderLayer(config, layer_idx) for
-    layer_idx in range(...)]`."""
-    spec = spec_of(model_type)
-    file, line = spec.layer_stack_at.rsplit(":", 1)
-    module = sys.modules[resolve(model_type).causal_lm_cls.__module__]
-    lines = Path(module.__file__).read_text().splitlines()
-    text = " ".join(lines[int(line) - 1 : int(line) + 3])
-    found = re.search(r"for (\w+) in ", text)
-    return found.group(1) if found else None
-
-
+@lru_cache(maxsize=None)
 def patcher_finds_the_index(model_type) -> bool:
-    """Model Optimizer's patcher looks for a variable named layer_idx or idx up the stack."""
-    return loop_variable(model_type) in ("layer_idx", "idx")
+    """Model Optimizer's patcher takes a layer's index from the first variable named layer_idx
+    or idx up the stack of the layer's construction. Whether there is one is read here while
+    transformers builds the tiny model (no patcher): at each decoder layer's construction, the
+    frames that call it are searched for such a variable."""
+    import inspect
+
+    classes = converted(model_type).descriptor.decoder_layer_cls()
+    classes = classes if isinstance(classes, list) else [classes]
+    originals = {cls: cls.__init__ for cls in classes}
+    found = []
+
+    def watch(original):
+        def init(self, *args, **kwargs):
+            frame = inspect.currentframe().f_back
+            names = set()
+            while frame is not None:
+                names |= set(frame.f_locals)
+                frame = frame.f_back
+            found.append(bool(names & {"layer_idx", "idx"}))
+            original(self, *args, **kwargs)
+
+        return init
+
+    for cls, original in originals.items():
+        cls.__init__ = watch(original)
+    try:
+        build_model(resolve(model_type).causal_lm_cls, tiny(model_type), "meta")
+    finally:
+        for cls, original in originals.items():
+            cls.__init__ = original
+    return bool(found) and all(found)
 
 
 def expect_patcher(model_type):
@@ -557,8 +576,11 @@ def test_expert_removal_with_model_optimizers_mixin(model_type, tmp_path):
     child_moe = child_blocks[layer]["ffn"]["moe"]
     child_moe["num_local_experts"] = experts - 1
     child_moe["num_experts_per_tok"] = min(moe["num_experts_per_tok"], experts - 1)
-    with deci_x_patcher(t.descriptor, [BlockConfig(**b) for b in child_blocks]):
-        child = tiny_model(model_type, config)
+    with expect_patcher(model_type):
+        with deci_x_patcher(t.descriptor, [BlockConfig(**b) for b in child_blocks]):
+            child = tiny_model(model_type, config)
+    if not patcher_finds_the_index(model_type):
+        return
     child_state = child.state_dict()
     resized = {
         k
