@@ -236,7 +236,7 @@ class _Run:
                 if len(paths) > 1
                 else {paths[0]: self.probe.shape_diff({field: value}, paths[0])}
             )
-            changed_at = {p: {k.split(".")[0] for k in d} for p, d in diffs.items()}
+            changed_at = {p: {_member_of(k, self.members) for k in d} for p, d in diffs.items()}
             changed = changed_at[self.layer_path]
             tried.append(f"{field}={value} changes {sorted(changed) or 'nothing'}")
             reading = [p for p in paths if changed_at[p]]

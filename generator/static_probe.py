@@ -242,6 +242,11 @@ class StaticProbe(Probe):
         b = {k: tuple(v.shape) for k, v in changed.get_submodule(layer_path).named_parameters()}
         return {k: b.get(k, ()) for k in set(a) | set(b) if a.get(k) != b.get(k)}
 
+    def shape_diffs(self, changes: dict[str, Any], layer_paths) -> dict[str, dict[str, tuple]]:
+        """`shape_diff` for each of several layers (each a parsed build, checked for what the
+        parse cannot compute the way `shape_diff` checks it)."""
+        return {p: self.shape_diff(changes, p) for p in layer_paths}
+
     def _built(self, layer_path: str, fact: str) -> nn.Module:
         """The build at the probe's config, computed by the parse alone: what a changed build is
         compared with (the headers confirmed its shapes where the parse computes them)."""

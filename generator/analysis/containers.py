@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InferenceError
-from .dataflow import Call, FlowGraph, FlowInterpreter, Item, Pack, Scope
+from .dataflow import Call, FlowGraph, FlowInterpreter, Item, Op, Pack, Scope
 from .source_index import SourceIndex
 
 
@@ -86,13 +86,32 @@ def _stream_positions(module, parsed, func, is_child, method_source) -> set[int]
     except InferenceError:
         return set()
     packs = [r for r in interp.returns if isinstance(r, Pack)]
-    if not packs or len(packs) != len(interp.returns):
+    if not packs or len(packs) != len(interp.returns) or not _joins(graph, packs):
         return set()
     return {
         i
         for i in range(min(len(p.inputs) for p in packs))
         if all(graph.derived(p.inputs[i]) for p in packs)
     }
+
+
+def _joins(graph: FlowGraph, packs) -> bool:
+    """Does the forward hold a residual join: an addition of a value that went through one of
+    its children to one carrying the input that did not (DBRX's `residual + attn(...)`)? A
+    router handing on its probabilities and its choices from one input holds none."""
+    calls = {id(c) for c in graph.calls}
+    stack, seen = list(packs), set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(node.inputs)
+        if isinstance(node, Op) and node.additive and len(node.inputs) == 2:
+            through = [bool(calls & (graph.ancestors(x) | {id(x)})) for x in node.inputs]
+            if any(through) and not all(through) and all(map(graph.derived, node.inputs)):
+                return True
+    return False
 
 
 def scope_answers(instance: object, children: set[str], index: SourceIndex):
