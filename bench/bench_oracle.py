@@ -38,9 +38,9 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from generator.probe import quiet_transformers
     from generator.source import resolve
-    from generator.verify import models, oracle
+    from generator.verify import models, roles
 
-    stop = oracle.run_through
+    stop = roles.run_through
 
     def whole(model, _layer, input_ids):
         models.logits(model, input_ids)
@@ -49,11 +49,11 @@ def main() -> int:
     for model_type in args.types:
         config_cls = resolve(model_type).config_cls
         with quiet_transformers():
-            oracle.run_through = models.run_through = whole
+            roles.run_through = models.run_through = whole
             try:
                 base, base_answers = answers(config_cls)
             finally:
-                oracle.run_through = models.run_through = stop
+                roles.run_through = models.run_through = stop
             fast, fast_answers = answers(config_cls)
         if base_answers != fast_answers:
             print(f"{model_type}: the answers differ", file=sys.stderr)
