@@ -23,7 +23,7 @@ from .checkpoint import check_checkpoint, origin_fields
 from .descriptor_view import layer_ranges
 from .errors import InferenceError, ProbeMismatch
 from .probe import Probe, build_model, layer_children
-from .layer_weights import layer_unit, weight_modules, with_disk_children
+from .layer_weights import has_params, layer_unit, weight_modules, with_disk_children
 from .static_returns import carried_arguments
 from .overrides import infer_overrides
 from .variants import variant_children
@@ -177,7 +177,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         return [
             _join(owner_path, n)
             for n in names
-            if n in optional or _has_params(probe.module(_join(owner_path, n)))
+            if n in optional or has_params(probe.module(_join(owner_path, n)))
         ]
 
     embeddings = _unique([input_embedding] + weighted(loop.before_loop))
@@ -192,7 +192,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     for path, child in _outside_language_model(probe.model, owner_path):
         if any(p == path or p.startswith(path + ".") for p in embeddings + lm_head):
             continue
-        if not _has_params(child):
+        if not has_params(child):
             continue
         # asked only here: a static build (parsed code) cannot run a forward to tell
         if path not in probe.called_modules(path):
@@ -433,10 +433,6 @@ def _outside_language_model(model: nn.Module, owner_path: str):
                 yield _join(parent, name), child
 
 
-def _has_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters())
-
-
 def layer_units(layer: nn.Module, flow: LayerFlow) -> dict[str, nn.Module]:
     """The units the layer's forward was read in: its children, and in place of a child whose
     forward was read through (a container), that child's children at their dotted paths."""
@@ -656,7 +652,7 @@ def _confirm_calls(
         if flow.containers
         else ctx.probe.trace_layer(layer_path)
     )
-    weighted = {n for n, c in units.items() if _has_params(c)}
+    weighted = {n for n, c in units.items() if has_params(c)}
     static_called = set(flow.called) & weighted
     traced_called = set(trace) & weighted
     if static_called != traced_called:
@@ -766,7 +762,7 @@ def _subblock(ctx, flow: LayerFlow, kind: str, arity, lists, stack_path: str, gr
     weight_modules = tuple(
         n
         for n in sb.members
-        if any(_has_params(m) for each in layers if (m := layer_unit(each, n)) is not None)
+        if any(has_params(m) for each in layers if (m := layer_unit(each, n)) is not None)
     )
     ctx.fact(
         f"{kind} subblock",
@@ -827,7 +823,7 @@ def _check_coverage(ctx, flow: LayerFlow, layer: nn.Module, subblocks) -> None:
     assigned = set(flow.shared)
     for sb in subblocks.values():
         assigned |= {r.attr for r in sb.replacements}
-    lost = [n for n, c in layer_units(layer, flow).items() if _has_params(c) and n not in assigned]
+    lost = [n for n, c in layer_units(layer, flow).items() if has_params(c) and n not in assigned]
     if lost:
         raise InferenceError(
             f"the subblock of {', '.join(lost)}",

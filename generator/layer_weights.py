@@ -38,7 +38,7 @@ def layer_unit(layer: nn.Module, name: str) -> nn.Module | None:
     return module
 
 
-def _has_params(module: nn.Module) -> bool:
+def has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
@@ -64,7 +64,7 @@ def weight_modules(layer_kinds: list[LayerKind], modules: list[nn.Module]):
             for name in sb.weight_modules if sb is not None else ():
                 roles.setdefault(name, {}).setdefault(sb.kind, []).append(k)
         for name in k.shared_modules:
-            if _has_params(layer_unit(layer, name)):
+            if has_params(layer_unit(layer, name)):
                 roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
         for name in k.own_tensors:
             roles.setdefault(name, {}).setdefault(ATTENTION, []).append(k)
@@ -116,7 +116,7 @@ def _below(name: str, layer_kinds, layer_of) -> set[tuple[str, bool]]:
     out = set()
     for k in layer_kinds:
         child = layer_unit(layer_of[id(k)], name)
-        out |= {(f"{name}.{n}", False) for n, c in child.named_children() if _has_params(c)}
+        out |= {(f"{name}.{n}", False) for n, c in child.named_children() if has_params(c)}
         out |= {(f"{name}.{n}", True) for n, _ in child.named_parameters(recurse=False)}
     return out
 
