@@ -20,6 +20,7 @@ from .analysis import layer_flow, model_structure
 from .analysis.layer_flow import ATTENTION, FFN, LayerFlow
 from .analysis.source_index import SourceIndex
 from .checkpoint import check_checkpoint, origin_fields
+from .checkpoint_renames import prefix_renames
 from .descriptor_view import layer_ranges
 from .errors import InferenceError, ProbeMismatch
 from .probe import Probe, build_model, layer_children
@@ -119,7 +120,9 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     analysed: list[tuple[kinds.KindGroup, LayerKind]] = []
     overrides: dict[tuple[str, str], ConfigOverride] = {}
     variants: list[ConfigVariant] = []
-    for group in groups:
+    pending = list(groups)
+    while pending:
+        group = pending.pop(0)
         label = kinds.label(group, groups)
         ctx.scope = f"{label}: " if len(groups) > 1 else ""
         ctx.probe = probe.variant(group.tiny_changes) if group.built_by else probe
@@ -139,6 +142,9 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
             # Qwen3-Next layer typed "conv" has no token mixer at all): not described
             ctx.scope = ""
             ctx.fact(f"layers built by {group.built_by}", "not a layer kind", [str(exc)])
+            alternative = kinds.next_alternative(group)
+            if alternative is not None:  # another value that builds the same kind
+                pending.insert(0, alternative)
             continue
         analysed.append((group, kind))
         variants.extend(v for v in kind_variants if v not in variants)
@@ -279,7 +285,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
     predicates.validate(preds, probe.state_keys, probe.num_layers, "the default model's state dict")
     tiny_layers = int(tiny.config.get_text_config().num_hidden_layers)
     predicates.validate(preds, tiny.state_dict().keys(), tiny_layers, "the tiny model's state dict")
-    on_disk = probe.checkpoint_names(tiny)
+    on_disk = {**_untied_checkpoint_names(probe, tiny), **probe.checkpoint_names(tiny)}
     preds, renamed = predicates.with_checkpoint_names(preds, on_disk, tiny_layers)
     if by_kind:
         by_kind, kind_children = with_disk_children(
@@ -288,6 +294,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         preds = dataclasses.replace(preds, by_kind=by_kind, kind_children=kind_children)
     if renamed:
         ctx.fact("checkpoint names", "grouped with the modules they load into", renamed)
+    renames = prefix_renames(on_disk)
     predicates.validate(preds, on_disk, tiny_layers, "the names save_pretrained writes")
     if source.checkpoint is not None:
         check_checkpoint(source.checkpoint, preds, probe)
@@ -320,6 +327,7 @@ def infer(model_type: str | ModelSource) -> DescriptorSpec:
         predicates=preds,
         facts=tuple(ctx.facts),
         config_variants=tuple(variants),
+        checkpoint_renames=renames,
         **origin_fields(source),
     )
     return probe.restate(spec)
@@ -446,6 +454,24 @@ def layer_units(layer: nn.Module, flow: LayerFlow) -> dict[str, nn.Module]:
 
 
 # -- layer kinds ------------------------------------------------------------------------------
+def _untied_checkpoint_names(probe, tiny: nn.Module) -> dict[str, str]:
+    """A tied model's checkpoint holds no head tensor: the names an untied model of the type
+    writes, so that the head's name on disk is known too (transformers 5.14 writes Gemma 3's as
+    `language_model.lm_head.weight`). {} where the model is untied or cannot be."""
+    if probe.is_static or not _ties(tiny):
+        return {}
+    try:
+        untied = probe.tiny_model(probe.tiny_config(tie_word_embeddings=False))
+    except Exception:  # a config that only ties
+        return {}
+    return {} if _ties(untied) else probe.checkpoint_names(untied)
+
+
+def _ties(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
 def _tiny_model(ctx: _Context) -> nn.Module:
     try:
         return ctx.probe.tiny_model()

@@ -18,6 +18,7 @@ checked here against every probed layer.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -41,6 +42,10 @@ class KindGroup:
     modules: list[nn.Module] = field(default_factory=list)  # the layer objects
     built_by: str = ""  # `layer_types[i] = 'conv'`: how other configs build this kind
     tiny_changes: dict = field(default_factory=dict)  # the tiny config change that builds it
+    # the same kind built by later values, each a callable giving its group (or None): tried in
+    # turn where this value's layers cannot be analysed (LFM2 under transformers 5.14 takes
+    # 'sliding_attention' and builds its convolution layer, whose forward then wants a window)
+    alternatives: list = field(default_factory=list)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -77,8 +82,10 @@ def group_layers(stack: nn.ModuleList) -> list[KindGroup]:
 def _layer_type_vocabularies() -> dict[str, tuple[str, ...]]:
     from transformers import configuration_utils as cu
 
+    # transformers before 5.15 (Model Optimizer's range) keeps one list for both
+    attention = getattr(cu, "ALLOWED_ATTN_LAYER_TYPES", getattr(cu, "ALLOWED_LAYER_TYPES", ()))
     return {
-        "layer_types": tuple(getattr(cu, "ALLOWED_ATTN_LAYER_TYPES", ())),
+        "layer_types": tuple(attention),
         "mlp_layer_types": tuple(getattr(cu, "ALLOWED_MLP_LAYER_TYPES", ())),
     }
 
@@ -93,7 +100,7 @@ def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -
     `attn_layer_indices`) cannot be set: the kind is then analysed on the tiny layer (the
     analysis reads structure only). `build(config)` builds a model on the meta device."""
     known = {(g.layer_class, g.children) for g in groups}
-    found: list[KindGroup] = []
+    found: dict[tuple, KindGroup] = {}  # by signature
     tiny_text = probe.tiny_config().get_text_config()
     full_text = probe.config.get_text_config()
     for name, vocabulary in _layer_type_vocabularies().items():
@@ -118,18 +125,42 @@ def other_config_kinds(probe, stack_path: str, groups: list[KindGroup], build) -
                 continue  # a value this model does not take
             tiny_layer = tiny_stack[position % len(tiny_stack)]
             sig = signature(tiny_layer)
+            make = functools.partial(
+                _hidden_group, probe, stack_path, name, full_values, value, changes, tiny_layer, build
+            )
+            if sig in found:
+                found[sig].alternatives.append(make)
+                continue
             if sig in known:
                 continue
-            layer = _full_size_layer(probe, stack_path, name, full_values, value, build)
-            if layer is None:
-                layer = tiny_layer
-            elif signature(layer) != sig:
-                continue
-            known.add(sig)
-            found.append(
-                KindGroup(sig[0], sig[1], [], [layer], f"{name}[i] = {value!r}", dict(changes))
-            )
-    return found
+            group = make()
+            if group is not None:
+                found[sig] = group
+    return list(found.values())
+
+
+def _hidden_group(probe, stack_path, name, full_values, value, changes, tiny_layer, build):
+    """The group of a kind that `name`[i] = `value` builds (`tiny_layer` in the tiny stack),
+    analysed on a layer at the probed config's size where the field can be set there; None
+    where that layer is of another kind."""
+    sig = signature(tiny_layer)
+    layer = _full_size_layer(probe, stack_path, name, full_values, value, build)
+    if layer is None:
+        layer = tiny_layer
+    elif signature(layer) != sig:
+        return None
+    return KindGroup(sig[0], sig[1], [], [layer], f"{name}[i] = {value!r}", dict(changes))
+
+
+def next_alternative(group: KindGroup) -> KindGroup | None:
+    """The first of `group`'s alternatives that builds its kind (carrying the rest), or None."""
+    rest = list(group.alternatives)
+    while rest:
+        candidate = rest.pop(0)()
+        if candidate is not None:
+            candidate.alternatives = rest
+            return candidate
+    return None
 
 
 def _full_size_layer(probe, stack_path, name, values, value, build) -> nn.Module | None:

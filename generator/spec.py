@@ -259,6 +259,9 @@ class DescriptorSpec:
     code_origin: str = "transformers"
     source_argument: str | None = None  # the checkpoint directory as typed; None: a model type
     config_variants: tuple[ConfigVariant, ...] = ()
+    # (checkpoint-name prefix, module-name prefix), longest first: what save_pretrained renames
+    # (generator/checkpoint_renames.py); Model Optimizer's converter undoes them by name
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
@@ -425,6 +428,18 @@ def check_renderable(spec: "DescriptorSpec") -> None:
     path(spec.input_embedding, "the input embedding path")
     path(spec.output_embedding, "the output embedding path")
     path(spec.final_norm, "the final norm path", optional=True)
+    for pair in spec.checkpoint_renames:
+        need(
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and all(
+                isinstance(p, str) and (p == "" or is_dotted_path(p[:-1], allow_digits=True))
+                and (p == "" or p.endswith("."))
+                for p in pair
+            ),
+            "a checkpoint rename",
+            pair,
+        )
     need(bool(spec.kinds), "the layer kinds", spec.kinds)
     for k in spec.kinds:
         need(isinstance(k.label, str) and bool(_LABEL.match(k.label)), "the kind label", k.label)

@@ -561,7 +561,7 @@ def tiny_overrides(default_config: Any) -> dict[str, Any]:
     # nested configs (text, vision, audio): shrunk alike, passed back as dicts
     for key, value in vars(default_config).items():
         if _is_config(value):
-            overrides[key] = {**value.to_dict(), **tiny_overrides(value)}
+            overrides[key] = {**value.to_diff_dict(), **tiny_overrides(value)}
     return overrides
 
 

@@ -610,3 +610,45 @@ def test_a_kind_only_the_tiny_config_builds_is_found_without_transformers_vocabu
     spec = infer("bamba")
     children = [set(k.children) for k in spec.kinds]
     assert any("self_attn" in c for c in children) and any("mamba" in c for c in children)
+
+
+
+class _WindowedBlock(sm.TypedBlock):
+    """LFM2 under transformers 5.14: a second value ('windowed', listed first) builds the same
+    layer as 'attention'; a stack typed so cannot run where the config has no window."""
+
+    MIXERS = {**sm.TypedBlock.MIXERS, "windowed": sm.Attention}
+
+
+class _WindowedModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [_WindowedBlock(config, i) for i in range(config.num_hidden_layers)]
+        )
+
+
+def test_a_kind_two_values_build_keeps_the_later_value_to_try(monkeypatch):
+    """transformers 5.14's single layer-type list puts 'sliding_attention' before 'conv', and
+    LFM2 builds its short convolution for both; the first value's stack cannot run (LFM2's
+    config has no window), so inference tries the next value that builds the kind."""
+    monkeypatch.setattr(
+        kinds, "_layer_type_vocabularies", lambda: {"layer_types": ("windowed", "attention")}
+    )
+
+    class Probe:
+        config = _TypedConfig(["mamba"] * 6)
+
+        @staticmethod
+        def tiny_config(**changes):
+            return _TypedConfig(changes.get("layer_types", ["mamba"] * 3))
+
+    groups = kinds.group_layers(_WindowedModel(Probe.config).layers)
+    (found,) = kinds.other_config_kinds(Probe, "layers", groups, _WindowedModel)
+    assert found.built_by == "layer_types[i] = 'windowed'"
+    later = kinds.next_alternative(found)
+    assert later.built_by == "layer_types[i] = 'attention'"
+    assert later.tiny_changes == {"layer_types": ["mamba", "mamba", "attention"]}
+    (layer,) = later.modules
+    assert isinstance(layer.mixer, sm.Attention) and layer.block_type == "attention"
+    assert kinds.next_alternative(later) is None

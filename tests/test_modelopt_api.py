@@ -41,6 +41,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from generator import modelopt  # noqa: E402
 from generator.cli import main  # noqa: E402
+from generator.errors import InferenceError  # noqa: E402
 from generator.infer import infer  # noqa: E402
 from generator.probe import build_model, quiet_transformers  # noqa: E402
 from generator.source import known_model_types, resolve  # noqa: E402
@@ -87,7 +88,7 @@ atexit.register(shutil.rmtree, OUT, True)
 def tree(model_type):
     """Generate `model_type` for Model Optimizer (tree layout) and import it the way a pull
     request's `from .<name> import *` in models/__init__.py would."""
-    if any("." in o.config_field for o in spec_of(model_type).overrides):
+    if sub_config_overrides(model_type):
         # DBRX: Model Optimizer's patcher (config.update) cannot set a sub-config's field;
         # tests/test_modelopt_target.py checks that generate refuses it with that reason
         pytest.skip("its overrides set sub-config fields: no Model Optimizer descriptor")
@@ -113,6 +114,15 @@ def tree(model_type):
         descriptor=ModelDescriptorFactory.get(name),
         converter=ConverterFactory.get(name) if has_converter else None,
     )
+
+
+def sub_config_overrides(model_type) -> bool:
+    """Whether the descriptor's overrides set a sub-config's field (False where inference
+    itself fails under this transformers: generate then says why)."""
+    try:
+        return any("." in o.config_field for o in spec_of(model_type).overrides)
+    except InferenceError:
+        return False
 
 
 def converted(model_type):
@@ -267,16 +277,18 @@ class _nothing:
 
 def _load_converted(descriptor, out_dir, unplaced=None):
     """Load a converted checkpoint as Model Optimizer's sharded loader does for one rank owning
-    every block: built on the meta device through its deci_x_patcher with the block configs of
-    config.json, the subblock tensors assigned, tied weights re-tied, then the buffers rebuilt
+    every block: built on the meta device (its init_model_from_config: the class the config's
+    architectures name) through its deci_x_patcher with the block configs of config.json, the subblock tensors assigned, tied weights re-tied, then the buffers rebuilt
     through the descriptor's init_rotary_embedding."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from modelopt.torch.puzzletron.tools.checkpoint_utils_hf import init_model_from_config
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(out_dir)
     block_configs = config.block_configs
     with quiet_transformers():
         with deci_x_patcher(descriptor, block_configs), torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            # the class config.architectures names, as Model Optimizer's sharded loader builds
+            model = init_model_from_config(config)
     index = json.loads((Path(out_dir) / "model.safetensors.index.json").read_text())
     state = {}
     for file in sorted(set(index["weight_map"].values())):

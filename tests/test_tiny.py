@@ -348,3 +348,34 @@ def test_tiny_only_fixups_are_needed(model_type, monkeypatch):
         with quiet_transformers():
             config = tiny_config(source.config_cls)
         runs(model_type, config)
+
+
+def test_a_sub_config_gets_only_the_fields_its_class_would_not_set_itself():
+    """transformers 5.14's DBRX sub-configs refuse keyword arguments they do not know, and a
+    sub-config's full `to_dict()` carries the base class's (`_name_or_path`,
+    `output_attentions`): the tiny config passes each nested config only what differs from
+    its class's defaults, shrunk."""
+    from transformers import PretrainedConfig
+
+    class StrictInner(PretrainedConfig):
+        model_type = "strict_inner"
+
+        def __init__(self, hidden_size=4096, clip_qkv=8.0, **kwargs):
+            unknown = set(kwargs) - {"model_type", "transformers_version"}
+            if unknown:
+                raise ValueError(f"unknown {sorted(unknown)}")
+            self.hidden_size, self.clip_qkv = hidden_size, clip_qkv
+            super().__init__()
+
+    class Outer(PretrainedConfig):
+        model_type = "strict_outer"
+        sub_configs = {"inner": StrictInner}
+
+        def __init__(self, inner=None, hidden_size=4096, **kwargs):
+            self.inner = StrictInner(**inner) if isinstance(inner, dict) else StrictInner()
+            self.hidden_size = hidden_size
+            super().__init__(**kwargs)
+
+    config = tiny_config(Outer)
+    assert config.inner.hidden_size == config.hidden_size < 4096
+    assert config.inner.clip_qkv == 8.0  # a default of the class: left to it

@@ -110,6 +110,7 @@ class Gemma3ModelDescriptor(ModelDescriptor):
                 ^(?:
                     model\.language_model\.norm\..+
                   | lm_head\..+
+                  | language_model\.lm_head\..+
                   | language_model\.model\.norm\..+
                 )$
                 """,

@@ -106,6 +106,7 @@ class GotOcr2ModelDescriptor(ModelDescriptor):
                 ^(?:
                     model\.language_model\.norm\..+
                   | lm_head\..+
+                  | language_model\.lm_head\..+
                   | language_model\.model\.norm\..+
                 )$
                 """,

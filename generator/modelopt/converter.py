@@ -257,6 +257,7 @@ class ConverterView:
     registration_name: str
     converter_base: bool  # a registered Model Optimizer Converter (else a plain class)
     imports: tuple[str, ...]
+    renames: tuple[tuple[str, str], ...] = ()  # checkpoint-name prefix -> module-name prefix
 
     @property
     def several(self) -> bool:
@@ -358,6 +359,7 @@ def render_converter(
         registration_name=names.registration,
         converter_base=target == MODELOPT,
         imports=tuple(lines),
+        renames=spec.checkpoint_renames if target == MODELOPT else (),
     )
     cmd = command_line or render.spec_command(spec, out)
     env = render._env()
