@@ -25,7 +25,8 @@ TEMPLATE_NAMES = {
     "group_by_layer_kind",
     # the Model Optimizer target's (templates/modelopt_descriptor.py.j2)
     "PreTrainedModel", "dataclass", "field", "_rebuild_buffers", "_TupleDummyBlock",
-    "_move_to_sole_subblock", "_group_by_layer_kind", "_split_roles",
+    "_move_to_sole_subblock", "_group_by_layer_kind", "_split_roles", "_carry_plain_attributes",
+    "_copy_plain_attributes", "_Hollow", "_carry_structure", "before", "dummy",
 }  # fmt: skip
 TITLES = {"attention": "Attention", "ffn": "FFN"}
 METHODS = {"attention": "attn_no_op_post_init", "ffn": "mlp_no_op_post_init"}

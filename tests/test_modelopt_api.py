@@ -67,9 +67,11 @@ if not _SAMPLE:  # verified types this transformers does not have: reported as s
         if t not in KNOWN
     ]
 # the hand-written Model Optimizer descriptor of the same model (the name it registers under)
-# MoE types whose experts Model Optimizer's expert removal cannot rank under this transformers,
-# each with the reason the generated pruning_mixins docstring gives
+# MoE types whose experts Model Optimizer's expert removal cannot rank or cut under this
+# transformers, each with the reason the generated pruning_mixins docstring gives
 NO_EXPERT_REMOVAL = {
+    # a (1, experts) score-correction bias below the router: sliced by the first dimension
+    "ernie4_5_moe": "has the experts along dimension 1, and Model Optimizer's expert removal",
     # transformers 5.14's Granite routers return (top_k_index, top_k_weights, router_logits): the
     # voting hooks read the first output as the logits (5.23's return the logits first)
     "granitemoe": "read its input and output one logit per expert, not one router",
@@ -483,8 +485,8 @@ def test_dummy_blocks_pass_the_hidden_states_through_the_model_loop(model_type):
     def entered(_m, args, kwargs):
         seen.setdefault("in", args[0] if args else kwargs["hidden_states"])
 
-    def left(_m, args):
-        seen.setdefault("out", args[0])
+    def left(_m, args):  # its last call: NanoChat runs the same norm before the loop too
+        seen["out"] = args[0]
 
     hooks = [
         stack[0].register_forward_pre_hook(entered, with_kwargs=True),

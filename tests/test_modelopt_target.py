@@ -751,6 +751,10 @@ def test_inline_rebuild_refuses_to_leave_a_buffer_unset():
 
 
 MODELOPT_ONLY = {
+    "_carry_plain_attributes",
+    "_carry_structure",
+    "_copy_plain_attributes",
+    "_Hollow",
     "_rebuild_buffers",
     "_TupleDummyBlock",
     "_move_to_sole_subblock",
@@ -780,6 +784,13 @@ def _comparable(text, modelopt_target):
                     and n.name in ("pruning_mixins", "create_dummy_block")
                 )
             ]
+            for method in node.body:  # the no-ops' attribute carrying (Model Optimizer only)
+                if isinstance(method, ast.FunctionDef) and method.name.endswith("no_op_post_init"):
+                    method.body = [
+                        n
+                        for n in method.body
+                        if "before" not in {x.id for x in ast.walk(n) if isinstance(x, ast.Name)}
+                    ]
         if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "__all__":
             continue
         body.append(node)
@@ -886,7 +897,7 @@ def test_modelopt_target_dummy_blocks():
     assert (
         "        dummy = DummyBlock(block_index=block_index)\n"
         "        dummy.attention_type = original_layer.attention_type\n"
-        "        return dummy\n"
+        "        return _carry_structure(dummy, original_layer)\n"
     ) in text
     default = render.render_descriptor(reads)
     assert '"attention_type": original_layer.attention_type' in default  # our runtime's kwargs
@@ -1088,3 +1099,60 @@ def test_expert_removal_finds_the_expert_core_among_several_ffn_cores():
     p = modelopt.infer_pruning(spec)
     assert p.experts is not None, p.experts_reason
     assert p.experts.moe_prefix_name == "model.layers.{layer_idx}.block_sparse_moe"
+
+
+def _inline_helpers(text, *names):
+    """The named top-level functions and classes of a rendered Model Optimizer module, compiled
+    together on their own (the module imports Model Optimizer, which is not installed here)."""
+    tree = ast.parse(text)
+    nodes = [
+        n
+        for n in tree.body
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names
+    ]
+    assert {n.name for n in nodes} == set(names)
+    scope = {"nn": nn}
+    exec(compile(ast.Module(nodes, []), "<helpers>", "exec"), scope)
+    return [scope[n] for n in names]
+
+
+def test_inline_dummy_structure_lets_model_code_read_into_an_unowned_layer():
+    """Model Optimizer's DummyBlock has nothing of the layer it stands for; the Model Optimizer
+    target's create_dummy_block gives it the layer's weightless structure, as our runtime's
+    does: RWKV's _rescale_layers divides each block's attention.output.weight in place, and
+    nothing joins the state dict."""
+    from puzzletron_runtime.utils.hollow import carry_structure
+
+    text = render_modelopt(spec_of("rwkv"))
+    assert "return _carry_structure(dummy, original_layer)" in text
+    (carry,) = _inline_helpers(text, "_copy_plain_attributes", "_Hollow", "_carry_structure")[2:]
+    source = resolve("rwkv")
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    layer = build_model(source.causal_lm_cls, config, "cpu").rwkv.blocks[1]
+    dummy = carry(nn.Module(), layer)
+    assert dict(dummy.state_dict()) == {} and not list(dummy.parameters())
+    dummy.attention.output.weight.div_(2)  # what _rescale_layers does
+    assert dummy.layer_id == layer.layer_id
+    ours = carry_structure(nn.Module(), layer)  # the runtime's, for the same names
+    assert {n for n, _ in dummy.named_modules()} == {n for n, _ in ours.named_modules()}
+
+
+def test_inline_no_op_keeps_the_plain_attributes_of_what_it_replaces():
+    """Gemma 4's model reads every layer's self_attn.is_kv_shared_layer as it is built: the
+    Model Optimizer target's no-ops give each stand-in the plain attributes of the child it
+    replaces (Model Optimizer's patcher does not), and leave modules and tensors behind."""
+    text = render_modelopt(spec_of("gemma4_text"))
+    carry, _ = _inline_helpers(text, "_carry_plain_attributes", "_copy_plain_attributes")
+    source = resolve("gemma4_text")
+    with quiet_transformers():
+        config = tiny_config(source.config_cls)
+    layer = build_model(source.causal_lm_cls, config, "meta").model.layers[0]
+    before = dict(layer.named_children())
+    layer.self_attn = nn.Identity()
+    carry(layer, before)
+    assert layer.self_attn.is_kv_shared_layer == before["self_attn"].is_kv_shared_layer
+    assert not list(layer.self_attn.children()) and not list(layer.self_attn.parameters())
+    method = text.split("def attn_no_op_post_init", 1)[1].split("def ", 1)[0]
+    assert "before = dict(decoder_layer.named_children())" in method
+    assert "_carry_plain_attributes(decoder_layer, before)" in method

@@ -77,7 +77,8 @@ def descriptor_target(spec: DescriptorSpec, layout: str, pruning: Pruning, comma
             "(config.update) cannot set"
         )
     names = names_for(spec, MODELOPT)
-    first: dict[str, frozenset[str]] = {}
+    # every dummy block carries the layer's weightless structure (the template's _carry_structure)
+    first: dict[str, frozenset[str]] = {"utils.dummy_modules": frozenset({"DummyBlock"})}
     exports = []
     if pruning.ffn:
         exports.append(f"{names.prefix}FFNIntermediateLayerDescriptor")

@@ -151,6 +151,16 @@ def experts_layer(spec, kind, model, config, index):
         fused: list[str] = []
         shape = "per expert"
     else:
+        # Model Optimizer slices the router's tensors and fused expert tensors by their first
+        # dimension: a tensor with the experts along another (ERNIE-4.5's score-correction bias
+        # of shape (1, experts) below the router) cannot be cut
+        for k in others:
+            grown = [i for i, (a, b) in enumerate(zip(before[k], after.get(k, ()))) if a != b]
+            if grown and grown != [0]:
+                return None, (
+                    f"{core_attr}: {k} {before[k]} has the experts along dimension "
+                    f"{grown[0]}, and Model Optimizer's expert removal slices the first"
+                )
         holders = {k.rpartition(".")[0] for k in others}
         if len(holders) != 1:
             return None, f"{core_attr}: no single module holds the experts as fused tensors"
