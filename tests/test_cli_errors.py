@@ -327,8 +327,13 @@ def test_ctrl_c_of_a_real_process_exits_130_with_one_line(out, tmp_path):
     before = snapshot(out)
     proc = subprocess.Popen(
         # several types, so that the work cannot be over before the signal arrives on a loaded
-        # machine (a SIGINT during interpreter shutdown is another case: CI saw one once)
-        [sys.executable, "-m", "generator.cli", "generate", *TYPES_TO_INTERRUPT, "--out", str(out)],
+        # machine (a SIGINT during interpreter shutdown is another case: CI saw one once); one
+        # job, so that the first progress line comes before the first type's inference (with
+        # workers it comes after, when the rest may be done too: CI saw that once as well)
+        [
+            sys.executable, "-m", "generator.cli", "generate", *TYPES_TO_INTERRUPT,
+            "--jobs", "1", "--out", str(out),
+        ],  # fmt: skip
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,

@@ -10,7 +10,8 @@ from generator.analysis.layer_flow import ATTENTION, FFN, LayerFlow, analyze_lay
 from generator.analysis.model_structure import StackFinding
 from generator.analysis.source_index import SourceIndex
 from generator.errors import InferenceError, ProbeMismatch, UnknownModelType
-from generator.infer import _confirm_calls, _other_layer_unit, infer
+from generator.infer import _other_layer_unit, infer
+from generator.layer_kind import _confirm_calls
 
 from generator.probe import CallTrace, Probe, layer_children
 from generator.source import resolve
@@ -228,7 +229,7 @@ def test_a_linear_between_widths_in_a_removed_subblock_gets_zeros_of_its_output_
     (or any other module) keeps the plain stand-ins."""
     from torch import nn as tnn
 
-    from generator.infer import _width_changing_linear
+    from generator.layer_kind import _width_changing_linear
 
     layer = tnn.Module()
     layer.gate = tnn.Linear(8, 3)

@@ -358,7 +358,7 @@ def test_a_kind_whose_type_list_cannot_be_set_is_analysed_on_the_tiny_layer(monk
 def test_a_persistent_buffer_of_the_layer_itself_is_one_of_its_tensors():
     """Gemma 4 (unified) multiplies each layer's output by `layer_scalar`, a buffer the layer
     holds itself and saves: without it the groups miss one tensor per layer."""
-    from generator.infer import own_tensors
+    from generator.layer_kind import own_tensors
 
     layer = sm.PreNormLayer(sm.make_config())
     layer.register_buffer("layer_scalar", torch.ones(1))
