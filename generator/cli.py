@@ -16,11 +16,14 @@ and the files already in the output directory stay byte-identical on any failure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import os
+import signal
 import sys
 import textwrap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +33,45 @@ DEFAULT_OUT = "generated"
 
 
 def _progress(message: str) -> None:
+    _stop_if_interrupted()
     print(message, file=sys.stderr, flush=True)
+
+
+# Ctrl-C raises KeyboardInterrupt wherever the interpreter is, and one raised inside a __del__
+# or a weakref callback (a temporary directory or a tensor being freed) is printed and dropped:
+# the work would go on and write its files. The handler also records it, and every progress
+# line and every write checks the record first.
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _stop_if_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sticky_interrupts():
+    """Install `_on_sigint` while the CLI runs, where Ctrl-C has Python's default handler (not
+    where the caller chose to ignore it, or off the main thread)."""
+    global _interrupted
+    _interrupted = False
+    installed = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if installed:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _out_arg(out: str) -> str | None:
@@ -290,6 +331,7 @@ def cmd_generate(args) -> int:
         if not changed:
             _progress("no changes")
         return 0
+    _stop_if_interrupted()
     write_files(changed)
     for path in gone:
         path.unlink()
@@ -575,6 +617,7 @@ def _verify_all(out_dir: Path, jobs: int | None, only: list[str] | None = None) 
 
     version = transformers.__version__
     flag = _out_arg(str(out_dir))
+    _stop_if_interrupted()
     render.write_atomic(out_dir / coverage.COVERAGE_JSON, coverage.dumps(rows, version))
     render.write_atomic(
         out_dir / "COVERAGE.md",
@@ -714,8 +757,9 @@ def _one_line(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
+        with _sticky_interrupts():
+            args = build_parser().parse_args(argv)
+            return args.func(args)
     except PuzzleGenError as exc:
         print(f"puzzle-gen: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code

@@ -392,3 +392,33 @@ def test_output_directory_that_cannot_be_written(capsys, out, monkeypatch):
         1,
         f"cannot write into output directory {out}: Permission denied",
     )
+
+
+def test_ctrl_c_dropped_inside_a_finalizer_still_stops_before_anything_is_written(
+    monkeypatch, tmp_path, capsys
+):
+    """A KeyboardInterrupt raised while a __del__ runs (a temporary directory or a tensor being
+    freed during inference) is printed and dropped by the interpreter, and the work would go on
+    to write its files (CI saw a real Ctrl-C end in exit 0 that way). The CLI's handler records
+    the interrupt; the next progress line stops the run."""
+    import generator.infer as infer_module
+
+    real = infer_module.infer
+
+    class FreedMidInference:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives while this finalizer runs
+
+    def fake(model_type):
+        spec = real(model_type)
+        FreedMidInference()  # freed at once: the interrupt is raised in its __del__
+        return spec
+
+    monkeypatch.setattr(infer_module, "infer", fake)
+    out = tmp_path / "out"
+    code = cli.main(["generate", "llama", "gpt2", "--jobs", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == "puzzle-gen: interrupted; nothing was written"
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
