@@ -323,6 +323,10 @@ def test_ctrl_c_while_renaming_restores_every_file(capsys, out, monkeypatch):
 TYPES_TO_INTERRUPT = ("llama", "qwen3", "mistral", "gemma2", "phi3", "olmo2")
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_of_a_real_process_exits_130_with_one_line(out, tmp_path):
     before = snapshot(out)
     proc = subprocess.Popen(
@@ -337,6 +341,9 @@ def test_ctrl_c_of_a_real_process_exits_130_with_one_line(out, tmp_path):
         cwd=REPO,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a suite run as a background job (`make test &`) ignores SIGINT,
+        # and the child would inherit that
+        preexec_fn=_default_sigint,
     )
     first = proc.stderr.readline()  # "[1/6] llama: inferring": past argument parsing
     assert "inferring" in first
@@ -416,9 +423,15 @@ def test_ctrl_c_dropped_inside_a_finalizer_still_stops_before_anything_is_writte
 
     monkeypatch.setattr(infer_module, "infer", fake)
     out = tmp_path / "out"
-    code = cli.main(["generate", "llama", "gpt2", "--jobs", "1", "--out", str(out)])
+    # Python's own handler, as a terminal's process has it (a suite run as a background job
+    # ignores SIGINT, and the CLI leaves an ignored SIGINT alone)
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = cli.main(["generate", "llama", "gpt2", "--jobs", "1", "--out", str(out)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, saved)
     err = capsys.readouterr().err
     assert code == 130, err
     assert err.strip().splitlines()[-1] == "puzzle-gen: interrupted; nothing was written"
     assert not out.exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
