@@ -433,8 +433,8 @@ def check_renderable(spec: "DescriptorSpec") -> None:
             isinstance(pair, tuple)
             and len(pair) == 2
             and all(
-                isinstance(p, str) and (p == "" or is_dotted_path(p[:-1], allow_digits=True))
-                and (p == "" or p.endswith("."))
+                isinstance(p, str)
+                and (p == "" or (p.endswith(".") and is_dotted_path(p[:-1], allow_digits=True)))
                 for p in pair
             ),
             "a checkpoint rename",

@@ -95,3 +95,16 @@ def test_gemma3_renames_come_from_what_save_pretrained_writes():
         on_disk = probe.checkpoint_names(model)
         for disk, module in on_disk.items():
             assert rename(disk, spec.checkpoint_renames) == module, disk
+
+
+def test_a_rename_that_is_not_a_dotted_prefix_is_refused_before_rendering():
+    """The renames reach generated code: a spec read back from JSON could carry anything."""
+    import pytest
+
+    from generator.spec import SpecError, check_renderable
+
+    spec = infer("llama")
+    check_renderable(dataclasses.replace(spec, checkpoint_renames=(("language_model.", ""),)))
+    for bad in (("a", "b."), ('a.b"', "c."), (1, "c."), ("x.",)):
+        with pytest.raises(SpecError, match="checkpoint rename"):
+            check_renderable(dataclasses.replace(spec, checkpoint_renames=(bad,)))
